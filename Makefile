@@ -1,0 +1,50 @@
+# One set of commands for developers, CI and users. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help install up down status topics demo test test-unit test-integration bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP) ## create .venv and install the project with its dev tools
+
+up: install ## provision (once) and start Kafka, PostgreSQL, immudb and anvil on 127.0.0.1
+	$(BIN)/sardis-ledger dev up
+
+down: install ## stop the dev servers the harness started
+	$(BIN)/sardis-ledger dev down
+
+status: install ## show the dev servers and their health
+	$(BIN)/sardis-ledger dev status
+
+demo: install ## the main job: stack up, ledger worker, a scripted workload, balances and roots
+	$(BIN)/sardis-ledger demo
+
+test: install ## the whole suite: unit tests, then integration tests against the real servers
+	$(BIN)/python -m pytest tests
+
+test-unit: install ## unit tests only (no servers)
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: install ## integration tests only (starts the servers it needs)
+	$(BIN)/python -m pytest tests/integration
+
+bench: install ## end-to-end benchmarks (see README: Benchmarks)
+	$(BIN)/sardis-ledger bench
+
+lint: install ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/mypy streams schemas sinks infra
+
+clean: ## remove the virtual environment and caches (not the provisioned servers)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

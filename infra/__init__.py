@@ -1,0 +1,1 @@
+"""Provisioning and lifecycle of the local dev servers (Kafka, PostgreSQL, immudb, anvil)."""

@@ -1,0 +1,1 @@
+"""Avro contracts of sardis-ledger (the .avsc files beside this module) and their wire codec."""

@@ -1,0 +1,1 @@
+"""Sink consumers that copy committed entries into PostgreSQL and immudb."""

@@ -1,0 +1,117 @@
+"""Settings of every sardis-ledger process, read from SARDIS_* environment variables in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from streams.errors import ConfigError
+
+# Loopback defaults of the local dev harness (`sardis-ledger dev up`). The dev-only credentials
+# below apply only while the matching address is left at its default; pointing a setting at an
+# external server requires its credentials from the environment.
+KAFKA_BOOTSTRAP_DEFAULT = "127.0.0.1:9092"
+PG_PORT_DEFAULT = 5432
+PG_DSN_DEFAULT = f"postgresql://sardis@127.0.0.1:{PG_PORT_DEFAULT}/sardis"
+IMMUDB_ADDR_DEFAULT = "127.0.0.1:3322"
+IMMUDB_DEV_USER = "immudb"
+IMMUDB_DEV_PASSWORD = "immudb"  # immudb's own first-start admin password; dev harness only
+IMMUDB_DATABASE_DEFAULT = "defaultdb"
+CHAIN_RPC_DEFAULT = "http://127.0.0.1:8545"
+PARTITIONS_DEFAULT = 12
+PARTITIONS_MAX = 1024
+TOPIC_PREFIX_LENGTH_MAX = 100
+
+ENV_NAMES = (
+    "SARDIS_KAFKA_BOOTSTRAP",
+    "SARDIS_TOPIC_PREFIX",
+    "SARDIS_PG_DSN",
+    "SARDIS_IMMUDB_ADDR",
+    "SARDIS_IMMUDB_USER",
+    "SARDIS_IMMUDB_PASSWORD",
+    "SARDIS_IMMUDB_DATABASE",
+    "SARDIS_CHAIN_RPC",
+    "SARDIS_PARTITIONS",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Connection settings and sizing shared by the worker, sinks, CLI and tests."""
+
+    kafka_bootstrap: str = KAFKA_BOOTSTRAP_DEFAULT
+    topic_prefix: str = ""
+    pg_dsn: str = PG_DSN_DEFAULT
+    immudb_addr: str = IMMUDB_ADDR_DEFAULT
+    immudb_user: str = IMMUDB_DEV_USER
+    immudb_password: str = IMMUDB_DEV_PASSWORD
+    immudb_database: str = IMMUDB_DATABASE_DEFAULT
+    chain_rpc: str = CHAIN_RPC_DEFAULT
+    partitions: int = PARTITIONS_DEFAULT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        immudb_addr = env.get("SARDIS_IMMUDB_ADDR", IMMUDB_ADDR_DEFAULT)
+        immudb_user = env.get("SARDIS_IMMUDB_USER")
+        immudb_password = env.get("SARDIS_IMMUDB_PASSWORD")
+        if immudb_addr != IMMUDB_ADDR_DEFAULT and (not immudb_user or not immudb_password):
+            # No default credentials for a real server: say what is missing instead of guessing.
+            raise ConfigError(
+                "SARDIS_IMMUDB_ADDR points at an external immudb; set SARDIS_IMMUDB_USER and "
+                "SARDIS_IMMUDB_PASSWORD too (dev defaults apply only to the local harness)"
+            )
+        prefix = env.get("SARDIS_TOPIC_PREFIX", "")
+        if len(prefix) > TOPIC_PREFIX_LENGTH_MAX or not all(
+            c.isalnum() or c in "._-" for c in prefix
+        ):
+            raise ConfigError(
+                f"SARDIS_TOPIC_PREFIX={prefix!r}: use at most {TOPIC_PREFIX_LENGTH_MAX} "
+                "characters from [A-Za-z0-9._-]"
+            )
+        raw_partitions = env.get("SARDIS_PARTITIONS", str(PARTITIONS_DEFAULT))
+        try:
+            partitions = int(raw_partitions)
+        except ValueError as exc:
+            raise ConfigError(f"SARDIS_PARTITIONS={raw_partitions!r} is not a whole number") from exc
+        if not 1 <= partitions <= PARTITIONS_MAX:
+            raise ConfigError(f"SARDIS_PARTITIONS={partitions} must be 1..{PARTITIONS_MAX}")
+        return cls(
+            kafka_bootstrap=env.get("SARDIS_KAFKA_BOOTSTRAP", KAFKA_BOOTSTRAP_DEFAULT),
+            topic_prefix=prefix,
+            pg_dsn=env.get("SARDIS_PG_DSN", PG_DSN_DEFAULT),
+            immudb_addr=immudb_addr,
+            immudb_user=immudb_user or IMMUDB_DEV_USER,
+            immudb_password=immudb_password or IMMUDB_DEV_PASSWORD,
+            immudb_database=env.get("SARDIS_IMMUDB_DATABASE", IMMUDB_DATABASE_DEFAULT),
+            chain_rpc=env.get("SARDIS_CHAIN_RPC", CHAIN_RPC_DEFAULT),
+            partitions=partitions,
+        )
+
+    def topic(self, name: str) -> str:
+        """Full topic name of a ledger topic such as `ledger.commands`, prefix included."""
+        return f"{self.topic_prefix}{name}"
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as SARDIS_* variables (passwords included: for child processes only)."""
+        return {
+            "SARDIS_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "SARDIS_TOPIC_PREFIX": self.topic_prefix,
+            "SARDIS_PG_DSN": self.pg_dsn,
+            "SARDIS_IMMUDB_ADDR": self.immudb_addr,
+            "SARDIS_IMMUDB_USER": self.immudb_user,
+            "SARDIS_IMMUDB_PASSWORD": self.immudb_password,
+            "SARDIS_IMMUDB_DATABASE": self.immudb_database,
+            "SARDIS_CHAIN_RPC": self.chain_rpc,
+            "SARDIS_PARTITIONS": str(self.partitions),
+        }
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """Split `host:port` (the form of SARDIS_KAFKA_BOOTSTRAP's first entry and SARDIS_IMMUDB_ADDR)."""
+    first = address.split(",")[0].strip()
+    host, sep, port = first.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{address!r} is not host:port")
+    return host, int(port)

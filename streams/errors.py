@@ -1,0 +1,38 @@
+"""Exception root of the ledger: every error the ledger raises derives from LedgerError."""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Root of all sardis-ledger errors. `retriable` says whether retrying the same call can help."""
+
+    retriable: bool = False
+
+    def __init__(self, message: str, *, retriable: bool | None = None) -> None:
+        super().__init__(message)
+        if retriable is not None:
+            self.retriable = retriable
+
+
+class InvariantViolation(LedgerError):
+    """A broken internal invariant: a bug, never a business rejection. Never caught to continue."""
+
+
+class ConfigError(LedgerError):
+    """Configuration from the environment is missing or malformed."""
+
+
+class CodecError(LedgerError):
+    """Bytes that cannot be decoded or a record that cannot be encoded; `reason` is a stable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class MerkleError(LedgerError):
+    """A Merkle proof was requested for sizes or indexes that do not exist."""
+
+
+class InfraError(LedgerError):
+    """A dev-harness server could not be provisioned or started."""

@@ -1,0 +1,64 @@
+"""Integration fixtures: one real stack per session, unique topics and schemas per test."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from infra import harness
+from streams.config import Settings
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Settings]:
+    """The four real servers: testcontainers where asked for and possible, else the dev harness.
+
+    Servers that were already running (`make up`) are reused and left running; servers this
+    fixture started are stopped at the end of the session.
+    """
+    from tests.integration.containers import container_stack, docker_available
+
+    if os.environ.get("SARDIS_TEST_CONTAINERS") == "1":
+        if not docker_available():
+            pytest.fail("SARDIS_TEST_CONTAINERS=1 but no Docker engine answers")
+        with container_stack() as settings:
+            yield settings
+        return
+    started = harness.up()
+    try:
+        yield Settings.from_env()
+    finally:
+        harness.down(started)
+
+
+@pytest.fixture
+def settings(stack: Settings) -> Settings:
+    """Stack settings with a topic prefix of this test's own, so tests never see each other."""
+    return dataclasses.replace(stack, topic_prefix=f"t-{uuid.uuid4().hex[:10]}.")
+
+
+@pytest.fixture
+async def pg_schema(stack: Settings) -> AsyncIterator[str]:
+    """A PostgreSQL schema of this test's own, dropped afterwards."""
+    import asyncpg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(stack.pg_dsn)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{name}"')
+        yield name
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+        await conn.close()

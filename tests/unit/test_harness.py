@@ -1,0 +1,74 @@
+"""Pure parts of the dev harness, and that docker-compose.yml matches it."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra import harness
+from streams.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_kafka_cluster_id_is_a_kafka_uuid() -> None:
+    for _ in range(200):
+        cid = harness._kafka_cluster_id()
+        assert len(cid) == 22 and not cid.startswith("-")
+        assert len(base64.urlsafe_b64decode(cid + "==")) == 16
+
+
+def test_kafka_properties_are_filled_in_and_bound_to_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SARDIS_RUN_DIR", str(tmp_path))
+    text = harness._kafka_properties().read_text()
+    assert "${" not in text
+    assert f"listeners=PLAINTEXT://127.0.0.1:{harness.KAFKA_PORT}," in text
+    assert f"log.dirs={tmp_path / 'kafka' / 'data'}" in text
+    assert "transaction.state.log.replication.factor=1" in text
+
+
+def test_inputs_digest_changes_with_content(tmp_path: Path) -> None:
+    path = tmp_path / "pom.xml"
+    path.write_text("a")
+    first = harness._inputs_digest([path])
+    path.write_text("b")
+    assert harness._inputs_digest([path]) != first
+
+
+def test_a_server_is_external_when_its_variable_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    kafka = harness.servers(Settings())[0]
+    monkeypatch.delenv("SARDIS_KAFKA_BOOTSTRAP", raising=False)
+    assert not harness.external(kafka)
+    monkeypatch.setenv("SARDIS_KAFKA_BOOTSTRAP", "broker:9092")
+    assert harness.external(kafka)
+
+
+def test_failure_message_names_server_log_and_last_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SARDIS_RUN_DIR", str(tmp_path))
+    server = harness.servers(Settings())[2]
+    server.log_file.write_text("\n".join(f"line {i}" for i in range(100)))
+    message = str(server.failure("the process exited"))
+    assert "immudb did not start: the process exited" in message
+    assert str(server.log_file) in message
+    assert "line 99" in message and "line 10\n" not in message
+
+
+def test_docker_compose_matches_the_harness() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"kafka", "postgres", "immudb", "anvil"} <= set(services)
+    expected_ports = {"kafka": harness.KAFKA_PORT, "postgres": 5432,
+                      "immudb": harness.IMMUDB_PORT, "anvil": harness.ANVIL_PORT}
+    for name, port in expected_ports.items():
+        assert f"127.0.0.1:{port}:{port}" in services[name]["ports"], name
+    assert services["kafka"]["image"].endswith(harness.KAFKA_VERSION)
+    assert services["immudb"]["image"].endswith(harness.IMMUDB_VERSION.lstrip("v"))
+    worker_env = services["worker"]["environment"]
+    assert set(worker_env) == set(Settings().as_env())
