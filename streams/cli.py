@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
+from streams.config import Settings
 from streams.errors import LedgerError
 
 EXIT_OK = 0
@@ -31,6 +33,52 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         return EXIT_OK if all("healthy" in s and "unhealthy" not in s for s in states.values()) \
             else EXIT_ERROR
     return EXIT_OK
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from streams.topics import create_topics
+
+    settings = _settings()
+    created = asyncio.run(create_topics(settings))
+    print(f"created: {', '.join(created) or 'nothing (all topics exist)'}")
+    return EXIT_OK
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from streams.app import run_worker
+    from streams.topics import create_topics
+
+    settings = _settings()
+    asyncio.run(create_topics(settings))
+    # Faust's worker parses sys.argv itself; give it none of ours.
+    sys.argv = [sys.argv[0]]
+    run_worker(settings, loglevel=args.loglevel)
+    return EXIT_OK
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from streams import cli_io
+
+    return asyncio.run(cli_io.produce(_settings(), sys.stdin, sys.stdout, wait=args.wait))
+
+
+def _cmd_consume(args: argparse.Namespace) -> int:
+    from streams import cli_io
+
+    return asyncio.run(cli_io.consume(_settings(), args.topic, sys.stdout,
+                                      from_beginning=args.from_beginning,
+                                      from_offset=args.from_offset, from_time=args.from_time,
+                                      max_records=args.max, timeout_s=args.timeout))
+
+
+def _cmd_balance(args: argparse.Namespace) -> int:
+    from streams import cli_io
+
+    return asyncio.run(cli_io.balance(_settings(), args.account, args.currency, sys.stdout))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -61,6 +109,55 @@ def build_parser() -> argparse.ArgumentParser:
                      help="up: start what is not running and wait for health; down: stop what the "
                      "harness started; status: show each server and its health")
     dev.set_defaults(func=_cmd_dev)
+
+    topics = sub.add_parser("topics", help="create the ledger topics",
+                            description="Create every ledger topic with SARDIS_PARTITIONS "
+                            "partitions (idempotent; existing topics are checked).")
+    topics.add_argument("action", choices=["create"])
+    topics.set_defaults(func=_cmd_topics)
+
+    worker = sub.add_parser("worker", help="run the ledger worker (Faust, exactly-once)",
+                            description="Run one ledger worker until SIGTERM/SIGINT. Start more "
+                            "processes to share partitions. Creates missing topics first.")
+    worker.add_argument("--loglevel", default="warn",
+                        choices=["crit", "error", "warn", "info", "debug"])
+    worker.set_defaults(func=_cmd_worker)
+
+    produce = sub.add_parser(
+        "produce", help="JSON lines on stdin -> Avro commands",
+        description='Read one JSON command per line, e.g. {"command_id": "c1", "account_id": '
+        '"acc_1", "entry_type": "credit", "amount": "10.50", "currency": "USD"}. Amounts are '
+        "strings or JSON numbers read as exact decimals. Prints one JSON line per command "
+        "(its partition and offset, or with --wait its result). Bad lines are reported with "
+        "their line number and skipped; the exit code is 1 if any line failed.")
+    produce.add_argument("--wait", action="store_true",
+                         help="wait for each command's result and print it")
+    produce.set_defaults(func=_cmd_produce)
+
+    consume = sub.add_parser(
+        "consume", help="Avro topic -> JSON lines on stdout (replay from offsets)",
+        description="Print the records of a ledger topic as JSON lines (read_committed). "
+        "TOPIC is a name such as ledger.entries (SARDIS_TOPIC_PREFIX is added). Without a "
+        "start option it reads from the current end (new records only).")
+    consume.add_argument("topic")
+    start = consume.add_mutually_exclusive_group()
+    start.add_argument("--from-beginning", action="store_true", help="start at the first record")
+    start.add_argument("--from-offset", metavar="P:O", action="append",
+                       help="start partition P at offset O (repeatable; other partitions start "
+                       "at the beginning)")
+    start.add_argument("--from-time", metavar="ISO",
+                       help="start at the first record at or after this time, e.g. 2026-01-31T12:00Z")
+    consume.add_argument("--max", type=int, default=None, help="stop after N records")
+    consume.add_argument("--timeout", type=float, default=None, metavar="S",
+                         help="stop after S seconds without a new record (default: never)")
+    consume.set_defaults(func=_cmd_consume)
+
+    balance = sub.add_parser("balance", help="current balance of an account",
+                             description="Print the latest balance (posted and available) of "
+                             "an account in one currency, as JSON.")
+    balance.add_argument("account")
+    balance.add_argument("--currency", default="USDC")
+    balance.set_defaults(func=_cmd_balance)
 
     demo = sub.add_parser("demo", help="bring the stack up and show it working",
                           description="Start the dev servers and run the demo workload.")

@@ -1,0 +1,306 @@
+"""LedgerClient: the seed's create_entry/get_balance calls, over Kafka (produce, await the result)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from schemas.codec import AvroCodec
+from streams import core
+from streams.config import Settings
+from streams.errors import CodecError, LedgerError
+from streams.money import Currency, currency_table, to_major, to_minor
+from streams.topics import LedgerTopic
+
+RESULT_TIMEOUT_S = 30.0
+BALANCE_SCAN_TIMEOUT_S = 30.0
+FETCH_BATCH_MAX = 5000
+REQUEST_TIMEOUT_MS = 30_000
+
+
+class LedgerClientError(LedgerError):
+    """Kafka could not be reached or answered with an error."""
+
+
+class LedgerRejected(LedgerError):
+    """The ledger rejected the command; `reason` is the stable reason code."""
+
+    def __init__(self, command_id: str, reason: str, detail: str | None) -> None:
+        super().__init__(f"{command_id} rejected: {reason}" + (f" ({detail})" if detail else ""))
+        self.command_id = command_id
+        self.reason = reason
+        self.detail = detail
+
+
+class LedgerTimeout(LedgerError):
+    """No result within the timeout. Retrying with the same command_id is safe (idempotent)."""
+
+    retriable = True
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A committed entry as users see it: amounts are exact Decimals at the currency's scale."""
+
+    entry_id: str
+    command_id: str
+    account_id: str
+    currency: str
+    entry_type: str
+    amount: Decimal
+    running_balance: Decimal
+    sequence: int
+    committed_at: datetime
+    partition: int
+    leaf_index: int
+    entry_hash: str
+    merkle_root: str
+    batch_id: str | None = None
+    batch_size: int | None = None
+    leg_index: int | None = None
+    reverses_entry_id: str | None = None
+    reference: str | None = None
+    metadata: Mapping[str, str] | None = None
+    occurred_at: datetime | None = None
+    chain: str | None = None
+    chain_tx_hash: str | None = None
+    chain_log_index: int | None = None
+
+    @classmethod
+    def from_wire(cls, record: Mapping[str, Any], currencies: Mapping[str, Currency]) -> LedgerEntry:
+        decimals = currencies[record["currency"]].decimals
+        values: dict[str, Any] = {f.name: record.get(f.name) for f in fields(cls)}
+        values["amount"] = _at_scale(record["amount"], decimals)
+        values["running_balance"] = _at_scale(record["running_balance"], decimals)
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    account_id: str
+    currency: str
+    balance: Decimal  # posted
+    available: Decimal  # posted minus pending debit holds
+    sequence: int
+    updated_at: datetime | None
+
+
+def _at_scale(wire_amount: Decimal, decimals: int) -> Decimal:
+    minor = to_minor(wire_amount, decimals)
+    if minor is None:
+        raise LedgerClientError(f"{wire_amount} has more decimals than its currency allows")
+    return to_major(minor, decimals)
+
+
+class LedgerClient:
+    """Produces commands to ledger.commands and awaits their results from ledger.results.
+
+    Use as `async with LedgerClient() as ledger: await ledger.create_entry(...)`.
+    """
+
+    def __init__(self, settings: Settings | None = None,
+                 currencies: Mapping[str, Currency] | None = None,
+                 result_timeout_s: float = RESULT_TIMEOUT_S) -> None:
+        self.settings = settings or Settings.from_env()
+        self.currencies = dict(currencies) if currencies is not None else currency_table()
+        self.result_timeout_s = result_timeout_s
+        self.codec = AvroCodec()
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LedgerClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        bootstrap = self.settings.kafka_bootstrap
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
+                                          acks="all", linger_ms=2,
+                                          request_timeout_ms=REQUEST_TIMEOUT_MS)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap,
+                                          isolation_level="read_committed",
+                                          enable_auto_commit=False,
+                                          request_timeout_ms=REQUEST_TIMEOUT_MS)
+        try:
+            await self._producer.start()
+            await self._consumer.start()
+            topic = self.settings.topic(LedgerTopic.RESULTS)
+            partitions = await self._partitions(topic)
+            tps = [TopicPartition(topic, p) for p in partitions]
+            self._consumer.assign(tps)
+            # Results of commands sent from now on; subscribe before the first send.
+            await self._consumer.seek_to_end(*tps)
+            for tp in tps:
+                await self._consumer.position(tp)
+        except KafkaError as exc:
+            await self.stop()
+            raise LedgerClientError(f"connecting to Kafka at {bootstrap}: {exc!r}",
+                                    retriable=True) from exc
+        self._reader = asyncio.create_task(self._read_results())
+
+    async def _partitions(self, topic: str) -> list[int]:
+        if self._consumer is None:
+            raise LedgerClientError("client not started")
+        deadline = time.monotonic() + REQUEST_TIMEOUT_MS / 1000
+        while time.monotonic() < deadline:
+            partitions = self._consumer.partitions_for_topic(topic)
+            if partitions:
+                return sorted(partitions)
+            await self._consumer._client.force_metadata_update()
+            await asyncio.sleep(0.2)
+        raise LedgerClientError(f"topic {topic} does not exist: run `sardis-ledger topics create`")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(LedgerClientError("client stopped before the result arrived"))
+        self._pending.clear()
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    async def _read_results(self) -> None:
+        if self._consumer is None:
+            return
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200, max_records=FETCH_BATCH_MAX)
+            for messages in batches.values():
+                for message in messages:
+                    key = message.key.decode() if message.key else ""
+                    fut = self._pending.get(key)
+                    if fut is None or fut.done():
+                        continue
+                    try:
+                        _name, record = self.codec.decode(message.value)
+                    except CodecError as exc:
+                        fut.set_exception(exc)
+                        continue
+                    fut.set_result(record)
+
+    # ------------------------------------------------------------------ commands
+
+    async def send_command(self, record: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Produce one PostEntry record; return a future of its Result record (no waiting)."""
+        if self._producer is None:
+            raise LedgerClientError("client not started")
+        command_id = record["command_id"]
+        fut = self._pending.get(command_id)
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[command_id] = fut
+        fut.add_done_callback(functools.partial(self._forget, command_id))
+        value = self.codec.encode("PostEntry", record)
+        account_id = record["account_id"]
+        try:
+            await self._producer.send(
+                self.settings.topic(LedgerTopic.COMMANDS), value, key=account_id.encode(),
+                partition=core.partition_for(account_id, self.settings.partitions))
+        except KafkaError as exc:
+            raise LedgerClientError(f"producing {command_id}: {exc!r}", retriable=True) from exc
+        return fut
+
+    def _forget(self, command_id: str, fut: asyncio.Future[dict[str, Any]]) -> None:
+        if self._pending.get(command_id) is fut:
+            del self._pending[command_id]
+
+    async def create_entry(self, *, account_id: str, amount: Decimal | str, entry_type: str,
+                           currency: str = "USDC", reference: str | None = None,
+                           metadata: Mapping[str, str] | None = None,
+                           command_id: str | None = None, expected_sequence: int | None = None,
+                           allow_overdraft: bool = False, occurred_at: datetime | None = None,
+                           ) -> LedgerEntry:
+        """Post one entry and return it once committed; raises LedgerRejected with the reason.
+
+        Pass your own command_id to make retries safe: the same id and payload return the
+        original entry, never a second one.
+        """
+        if isinstance(amount, float):
+            raise TypeError("amount must be a Decimal or a decimal string, never a float")
+        command_id = command_id or f"cmd_{uuid.uuid4().hex}"
+        record: dict[str, Any] = {
+            "command_id": command_id,
+            "account_id": account_id, "currency": currency, "entry_type": str(entry_type),
+            "amount": Decimal(amount), "reference": reference, "metadata": dict(metadata or {}),
+            "expected_sequence": expected_sequence, "allow_overdraft": allow_overdraft,
+            "occurred_at": occurred_at,
+        }
+        result = await self.wait(await self.send_command(record), command_id)
+        return self.entry_of(result)
+
+    async def wait(self, fut: asyncio.Future[dict[str, Any]], command_id: str) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.result_timeout_s)
+        except TimeoutError as exc:
+            raise LedgerTimeout(f"no result for {command_id} within {self.result_timeout_s}s; "
+                                "retry with the same command_id") from exc
+
+    def entry_of(self, result: Mapping[str, Any]) -> LedgerEntry:
+        if result["status"] != core.Status.COMMITTED or result["entry"] is None:
+            raise LedgerRejected(result["command_id"], result["reason"] or "rejected",
+                                 result.get("detail"))
+        return LedgerEntry.from_wire(result["entry"], self.currencies)
+
+    # ------------------------------------------------------------------ queries
+
+    async def get_balance(self, account_id: str, currency: str = "USDC") -> Balance:
+        """Latest balance from the compacted ledger.balances topic (the account's partition)."""
+        decimals = self._decimals(currency)
+        topic = self.settings.topic(LedgerTopic.BALANCES)
+        tp = TopicPartition(topic, core.partition_for(account_id, self.settings.partitions))
+        key = core.account_key(account_id, currency).encode()
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                    isolation_level="read_committed", enable_auto_commit=False)
+        latest: dict[str, Any] | None = None
+        try:
+            await consumer.start()
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            await consumer.seek_to_beginning(tp)
+            deadline = time.monotonic() + BALANCE_SCAN_TIMEOUT_S
+            while await consumer.position(tp) < end:
+                if time.monotonic() > deadline:
+                    raise LedgerTimeout(f"reading {topic} took over {BALANCE_SCAN_TIMEOUT_S}s")
+                batch = await consumer.getmany(tp, timeout_ms=500, max_records=FETCH_BATCH_MAX)
+                for message in batch.get(tp, []):
+                    if message.key == key:
+                        latest = self.codec.decode(message.value)[1]
+        except KafkaError as exc:
+            raise LedgerClientError(f"reading balances: {exc!r}", retriable=True) from exc
+        finally:
+            await consumer.stop()
+        if latest is None:
+            zero = to_major(0, decimals)
+            return Balance(account_id, currency, zero, zero, 0, None)
+        return Balance(account_id, currency, _at_scale(latest["balance"], decimals),
+                       _at_scale(latest["available"], decimals), latest["sequence"],
+                       latest["updated_at"])
+
+    def _decimals(self, currency: str) -> int:
+        known = self.currencies.get(currency)
+        if known is None:
+            raise LedgerRejected("-", core.Reason.UNKNOWN_CURRENCY, f"unknown currency {currency!r}")
+        return known.decimals

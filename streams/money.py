@@ -1,0 +1,112 @@
+"""Exact money: a currency table with explicit scales, and lossless major <-> minor unit conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+from streams.errors import ConfigError
+
+DECIMALS_MAX = 18  # the wire scale (schemas: decimal scale 18) holds every currency up to this
+CURRENCY_CODE_LENGTH_MAX = 12
+# Amounts of one command: the wire must hold at least 2^128 minor units; we accept up to that.
+AMOUNT_MINOR_MAX = 2**128
+# Running balances may grow past one amount; this bound keeps them inside the wire decimal
+# (precision 60 at scale 18 holds |x| < 10^42 major units, i.e. 10^60 minor units at 18 decimals).
+BALANCE_MINOR_MAX = 10**59
+
+
+@dataclass(frozen=True, slots=True)
+class Currency:
+    """A currency or token code and how many decimals its minor unit has."""
+
+    code: str
+    decimals: int
+
+
+BUILTIN_CURRENCIES: Mapping[str, Currency] = {
+    c.code: c
+    for c in (
+        Currency("USD", 2),
+        Currency("EUR", 2),
+        Currency("GBP", 2),
+        Currency("JPY", 0),
+        Currency("USDC", 6),
+        Currency("USDT", 6),
+        Currency("PYUSD", 6),
+        Currency("EURC", 6),
+        Currency("DAI", 18),
+        Currency("ETH", 18),
+        Currency("WBTC", 8),
+        Currency("BTC", 8),
+    )
+}
+
+
+def currency_table(env: Mapping[str, str] | None = None) -> dict[str, Currency]:
+    """The built-in table extended by SARDIS_CURRENCIES, a JSON object such as {"XAU": 4}."""
+    env = os.environ if env is None else env
+    table = dict(BUILTIN_CURRENCIES)
+    raw = env.get("SARDIS_CURRENCIES", "").strip()
+    if not raw:
+        return table
+    try:
+        extra = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"SARDIS_CURRENCIES is not JSON: {exc}") from exc
+    if not isinstance(extra, dict):
+        raise ConfigError('SARDIS_CURRENCIES must be a JSON object like {"XAU": 4}')
+    for code, decimals in extra.items():
+        if (not isinstance(code, str) or not code or len(code) > CURRENCY_CODE_LENGTH_MAX
+                or not code.isalnum()):
+            raise ConfigError(f"SARDIS_CURRENCIES: bad currency code {code!r}")
+        if not isinstance(decimals, int) or isinstance(decimals, bool) \
+                or not 0 <= decimals <= DECIMALS_MAX:
+            raise ConfigError(f"SARDIS_CURRENCIES: {code} decimals must be 0..{DECIMALS_MAX}")
+        known = table.get(code)
+        if known is not None and known.decimals != decimals:
+            # Changing a known scale would re-read every stored amount differently.
+            raise ConfigError(f"SARDIS_CURRENCIES: {code} is built in with {known.decimals} decimals")
+        table[code] = Currency(code, decimals)
+    return table
+
+
+def to_minor(amount: Decimal, decimals: int) -> int | None:
+    """Exact minor units of a major-unit amount, or None if it has more than `decimals` decimals.
+
+    Works on the digit tuple, not Decimal arithmetic, so no context precision can round it.
+    Trailing zeros past the scale are fine (1.500000 USD is 150 cents); other digits are not:
+    the ledger never rounds an amount it was given.
+    """
+    if not amount.is_finite():
+        return None
+    sign, digits, exponent = amount.as_tuple()
+    if not isinstance(exponent, int):
+        return None
+    coefficient = int("".join(map(str, digits))) if digits else 0
+    shift = exponent + decimals
+    if shift >= 0:
+        minor = coefficient * 10**shift
+    else:
+        divisor = 10**-shift
+        if coefficient % divisor:
+            return None
+        minor = coefficient // divisor
+    return -minor if sign else minor
+
+
+def to_major(minor: int, decimals: int) -> Decimal:
+    """The exact Decimal of `minor` units, with exactly `decimals` decimal places (no rounding)."""
+    sign = 1 if minor < 0 else 0
+    digits = tuple(int(d) for d in str(abs(minor)))
+    return Decimal((sign, digits, -decimals))
+
+
+def to_wire(minor: int, decimals: int) -> Decimal:
+    """Major-unit Decimal at the wire scale (18), as the Avro decimal fields carry it."""
+    sign = 1 if minor < 0 else 0
+    digits = tuple(int(d) for d in str(abs(minor) * 10 ** (DECIMALS_MAX - decimals)))
+    return Decimal((sign, digits, -DECIMALS_MAX))

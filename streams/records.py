@@ -1,0 +1,236 @@
+"""Pure translation between core dataclasses, Avro wire records and Faust table values."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from streams import merkle
+from streams.core import (
+    EPOCH,
+    ONE_MS,
+    AccountState,
+    CommandRecord,
+    Entry,
+    LogHead,
+    Outcome,
+    Reason,
+    Status,
+)
+from streams.errors import InvariantViolation
+from streams.money import Currency, to_minor, to_wire
+
+TABLE_VALUE_VERSION = 1
+
+
+def _ms(value: Any) -> int:
+    if isinstance(value, datetime):
+        return (value - EPOCH) // ONE_MS
+    if isinstance(value, int):
+        return value
+    raise InvariantViolation(f"not a timestamp: {value!r}")
+
+
+def _opt_ms(value: Any) -> int | None:
+    return None if value is None else _ms(value)
+
+
+def _minor(amount: Decimal, currency: Currency) -> int:
+    minor = to_minor(amount, currency.decimals)
+    if minor is None:
+        raise InvariantViolation(f"{amount} does not fit {currency.code}'s {currency.decimals} decimals")
+    return minor
+
+
+# ------------------------------------------------------------------ Avro wire records
+
+
+def entry_to_wire(entry: Entry, currency: Currency) -> dict[str, Any]:
+    return {
+        "entry_id": entry.entry_id,
+        "command_id": entry.command_id,
+        "account_id": entry.account_id,
+        "currency": entry.currency,
+        "entry_type": entry.entry_type,
+        "amount": to_wire(entry.amount_minor, currency.decimals),
+        "running_balance": to_wire(entry.running_balance_minor, currency.decimals),
+        "sequence": entry.sequence,
+        "batch_id": entry.batch_id,
+        "batch_size": entry.batch_size,
+        "leg_index": entry.leg_index,
+        "reverses_entry_id": entry.reverses_entry_id,
+        "reference": entry.reference,
+        "metadata": dict(entry.metadata),
+        "occurred_at": entry.occurred_at_ms,
+        "committed_at": entry.committed_at_ms,
+        "partition": entry.partition,
+        "leaf_index": entry.leaf_index,
+        "entry_hash": entry.entry_hash.hex(),
+        "merkle_root": entry.merkle_root.hex(),
+        "chain": entry.chain,
+        "chain_tx_hash": entry.chain_tx_hash,
+        "chain_log_index": entry.chain_log_index,
+    }
+
+
+def entry_from_wire(record: Mapping[str, Any], currencies: Mapping[str, Currency]) -> Entry:
+    currency = currencies[record["currency"]]
+    return Entry(
+        entry_id=record["entry_id"],
+        command_id=record["command_id"],
+        account_id=record["account_id"],
+        currency=record["currency"],
+        entry_type=record["entry_type"],
+        amount_minor=_minor(record["amount"], currency),
+        running_balance_minor=_minor(record["running_balance"], currency),
+        sequence=record["sequence"],
+        committed_at_ms=_ms(record["committed_at"]),
+        partition=record["partition"],
+        leaf_index=record["leaf_index"],
+        entry_hash=bytes.fromhex(record["entry_hash"]),
+        merkle_root=bytes.fromhex(record["merkle_root"]),
+        batch_id=record.get("batch_id"),
+        batch_size=record.get("batch_size"),
+        leg_index=record.get("leg_index"),
+        reverses_entry_id=record.get("reverses_entry_id"),
+        reference=record.get("reference"),
+        metadata=dict(record.get("metadata") or {}),
+        occurred_at_ms=_opt_ms(record.get("occurred_at")),
+        chain=record.get("chain"),
+        chain_tx_hash=record.get("chain_tx_hash"),
+        chain_log_index=record.get("chain_log_index"),
+    )
+
+
+def outcome_to_wire(outcome: Outcome, currencies: Mapping[str, Currency]) -> dict[str, Any]:
+    entry = outcome.entry
+    return {
+        "command_id": outcome.command_id,
+        "status": str(outcome.status),
+        "reason": None if outcome.reason is None else str(outcome.reason),
+        "detail": outcome.detail,
+        "entry": None if entry is None else entry_to_wire(entry, currencies[entry.currency]),
+    }
+
+
+def balance_to_wire(account_id: str, currency: Currency, state: AccountState) -> dict[str, Any]:
+    return {
+        "account_id": account_id,
+        "currency": currency.code,
+        "balance": to_wire(state.balance_minor, currency.decimals),
+        "available": to_wire(state.available_minor, currency.decimals),
+        "sequence": state.sequence,
+        "updated_at": state.last_committed_at_ms,
+    }
+
+
+def tree_head_to_wire(partition: int, frontier: merkle.MerkleFrontier,
+                      published_at_ms: int) -> dict[str, Any]:
+    return {
+        "partition": partition,
+        "tree_size": frontier.tree_size,
+        "root_hash": frontier.root().hex(),
+        "published_at": published_at_ms,
+    }
+
+
+def dead_letter(*, reason: str, detail: str, topic: str, partition: int, offset: int,
+                key: bytes | None, payload: bytes, command_id: str | None,
+                failed_at_ms: int) -> dict[str, Any]:
+    return {
+        "reason": reason,
+        "detail": detail,
+        "source_topic": topic,
+        "source_partition": partition,
+        "source_offset": offset,
+        "source_key": key,
+        "payload": payload,
+        "command_id": command_id,
+        "failed_at": failed_at_ms,
+    }
+
+
+# ------------------------------------------------------------------ table values (JSON, ints only)
+# JSON keeps the changelog readable with any tool; every number in it is an integer (Python's json
+# reads and writes arbitrary-size ints exactly), hashes are hex.
+
+
+def state_to_bytes(state: AccountState) -> bytes:
+    return json.dumps([TABLE_VALUE_VERSION, state.balance_minor, state.pending_debit_minor,
+                       state.sequence, state.last_committed_at_ms], separators=(",", ":")).encode()
+
+
+def state_from_bytes(data: bytes | None) -> AccountState:
+    if data is None:
+        return AccountState()
+    version, balance, pending, sequence, last_ms = json.loads(data)
+    if version != TABLE_VALUE_VERSION:
+        raise InvariantViolation(f"account state version {version} is not {TABLE_VALUE_VERSION}")
+    return AccountState(balance, pending, sequence, last_ms)
+
+
+def _entry_to_json(entry: Entry) -> dict[str, Any]:
+    return {
+        "entry_id": entry.entry_id, "command_id": entry.command_id, "account_id": entry.account_id,
+        "currency": entry.currency, "entry_type": entry.entry_type,
+        "amount_minor": entry.amount_minor, "running_balance_minor": entry.running_balance_minor,
+        "sequence": entry.sequence, "committed_at_ms": entry.committed_at_ms,
+        "partition": entry.partition, "leaf_index": entry.leaf_index,
+        "entry_hash": entry.entry_hash.hex(), "merkle_root": entry.merkle_root.hex(),
+        "batch_id": entry.batch_id, "batch_size": entry.batch_size, "leg_index": entry.leg_index,
+        "reverses_entry_id": entry.reverses_entry_id, "reference": entry.reference,
+        "metadata": dict(entry.metadata), "occurred_at_ms": entry.occurred_at_ms,
+        "chain": entry.chain, "chain_tx_hash": entry.chain_tx_hash,
+        "chain_log_index": entry.chain_log_index,
+    }
+
+
+def _entry_from_json(data: dict[str, Any]) -> Entry:
+    data = dict(data)
+    data["entry_hash"] = bytes.fromhex(data["entry_hash"])
+    data["merkle_root"] = bytes.fromhex(data["merkle_root"])
+    return Entry(**data)
+
+
+def record_to_bytes(record: CommandRecord) -> bytes:
+    outcome = record.outcome
+    return json.dumps({
+        "v": TABLE_VALUE_VERSION,
+        "digest": record.payload_digest.hex(),
+        "command_id": outcome.command_id,
+        "status": str(outcome.status),
+        "reason": None if outcome.reason is None else str(outcome.reason),
+        "detail": outcome.detail,
+        "entry": None if outcome.entry is None else _entry_to_json(outcome.entry),
+    }, separators=(",", ":")).encode()
+
+
+def record_from_bytes(data: bytes) -> CommandRecord:
+    raw = json.loads(data)
+    if raw["v"] != TABLE_VALUE_VERSION:
+        raise InvariantViolation(f"command record version {raw['v']} is not {TABLE_VALUE_VERSION}")
+    outcome = Outcome(
+        command_id=raw["command_id"],
+        status=Status(raw["status"]),
+        reason=None if raw["reason"] is None else Reason(raw["reason"]),
+        detail=raw["detail"],
+        entry=None if raw["entry"] is None else _entry_from_json(raw["entry"]),
+    )
+    return CommandRecord(bytes.fromhex(raw["digest"]), outcome)
+
+
+def log_to_bytes(log: LogHead) -> bytes:
+    """Layout: 8-byte head tree size, 8-byte head time (ms), then MerkleFrontier.to_bytes()."""
+    return (log.head_tree_size.to_bytes(8, "big") + log.head_published_at_ms.to_bytes(8, "big")
+            + log.frontier.to_bytes())
+
+
+def log_from_bytes(data: bytes | None) -> LogHead:
+    if data is None:
+        return LogHead()
+    return LogHead(frontier=merkle.MerkleFrontier.from_bytes(data[16:]),
+                   head_tree_size=int.from_bytes(data[:8], "big"),
+                   head_published_at_ms=int.from_bytes(data[8:16], "big"))
