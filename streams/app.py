@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -15,7 +18,8 @@ from streams import core, records
 from streams.config import Settings
 from streams.errors import CodecError
 from streams.money import Currency, currency_table
-from streams.topics import TOPICS, LedgerTopic
+from streams.topics import APP_NAME, TABLES, TOPICS, LedgerTopic, changelog_topic_name
+from streams.transactions import ledger_transport
 
 log = logging.getLogger("sardis.worker")
 
@@ -23,6 +27,33 @@ COMMIT_INTERVAL_S = 0.1  # offsets + transactions; results become visible to rea
 PRODUCER_LINGER_MS = 5
 STREAM_BUFFER_MAX = 4096
 MAX_POLL_RECORDS = 2000
+SESSION_TIMEOUT_S = 10.0
+HEARTBEAT_INTERVAL_S = 1.0
+
+
+GAP_FETCH_TIMEOUT_MS = 1000
+GAP_FETCH_BATCH_MAX = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One record of ledger.commands, from Faust's stream or read directly to fill a gap."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+    @classmethod
+    def of(cls, message: Any) -> Command:
+        # Faust hands timestamps over as float seconds, aiokafka as integer ms. Kafka stores
+        # integer ms; round() restores it exactly from Faust's float (error far below 0.5 ms).
+        stamp = message.timestamp
+        timestamp_ms = stamp if isinstance(stamp, int) else round(stamp * 1000)
+        return cls(message.topic, message.partition, message.offset, message.key,
+                   message.value if message.value is not None else b"", timestamp_ms)
 
 
 class LedgerWorker:
@@ -33,7 +64,9 @@ class LedgerWorker:
         self.currencies = dict(currencies) if currencies is not None else currency_table()
         self.codec = AvroCodec()
         self.app = faust.App(
-            settings.topic("sardis-ledger"),
+            settings.topic(APP_NAME),
+            datadir=os.environ.get("SARDIS_WORKER_DATADIR",
+                                   str(Path(tempfile.gettempdir()) / "sardis-ledger-worker")),
             broker=f"kafka://{settings.kafka_bootstrap}",
             store="memory://",
             processing_guarantee="exactly_once",
@@ -45,8 +78,20 @@ class LedgerWorker:
             stream_buffer_maxsize=STREAM_BUFFER_MAX,
             broker_max_poll_records=MAX_POLL_RECORDS,
             consumer_auto_offset_reset="earliest",
+            # Raw bytes everywhere. Faust decodes changelog records during recovery with the app's
+            # default serializers, not the table's schema; with the JSON default every record
+            # failed to decode and Faust dropped it with a warning: all table state lost on
+            # restart (found by the kill -9 test).
+            key_serializer="raw",
+            value_serializer="raw",
+            # A killed worker keeps its partitions until its session expires; keep that short so
+            # a restarted worker takes over in seconds, not a minute.
+            broker_session_timeout=SESSION_TIMEOUT_S,
+            broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
             web_enabled=False,
         )
+        transport = ledger_transport(settings.topic(LedgerTopic.COMMANDS))
+        self.app.transport = transport(self.app.conf.broker_consumer, self.app)
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes,
                                "key_serializer": "raw", "value_serializer": "raw"}
         self.topics = {
@@ -59,10 +104,25 @@ class LedgerWorker:
         # account_id|currency -> AccountState; command_id -> CommandRecord; partition -> LogHead.
         # All three are written in the context of a command event, so each changelog record lands
         # in that command's partition: the tables are co-partitioned with ledger.commands.
-        self.accounts = self.app.Table("accounts", **table_options)
-        self.commands = self.app.Table("commands", **table_options)
-        self.logs = self.app.Table("merkle-logs", **table_options)
+        accounts, commands, logs = TABLES
+        self.accounts = self._raw_table(accounts, table_options)
+        self.commands = self._raw_table(commands, table_options)
+        self.logs = self._raw_table(logs, table_options)
         self.app.agent(self.topics[LedgerTopic.COMMANDS], name="ledger")(self._agent)
+
+    def _raw_table(self, name: str, options: dict[str, Any]) -> Any:
+        # Faust picks table serializers from the key/value *type* and falls back to JSON, ignoring
+        # the schema, and builds the changelog topic from them at construction. So the changelog
+        # topic is given explicitly (raw, compacted) and the table's serializers are set to raw.
+        raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes,
+                               "key_serializer": "raw", "value_serializer": "raw"}
+        changelog = self.app.topic(changelog_topic_name(self.settings, name),
+                                   partitions=self.settings.partitions, compacting=True,
+                                   deleting=False, internal=True, **raw)
+        table: Any = self.app.Table(name, changelog_topic=changelog, **options)
+        table.key_serializer = "raw"
+        table.value_serializer = "raw"
+        return table
 
     async def _agent(self, stream: StreamT[bytes]) -> None:
         async for event in stream.events():
@@ -71,36 +131,75 @@ class LedgerWorker:
     # ------------------------------------------------------------------ per command
 
     async def handle(self, event: EventT) -> None:
+        """Decide one delivered command, after any commands the consumer skipped before it."""
         message = event.message
         partition: int = message.partition
-        payload: bytes = message.value if message.value is not None else b""
-        # Kafka gives integer ms; Faust hands them over as float seconds. round() restores the
-        # exact integer (the float error is far below half a millisecond).
-        now_ms = round(message.timestamp * 1000)
+        log_key = str(partition).encode()
+        log_head = records.log_from_bytes(self.logs.get(log_key))
+        if message.offset > log_head.next_command_offset:
+            # Kafka delivered past commands that no decision recorded: Faust committed offsets
+            # whose effects were lost (seen after kill -9). Decide the gap first, in order.
+            for skipped in await self._read_gap(partition, log_head.next_command_offset,
+                                                message.offset):
+                await self._process(skipped)
+        await self._process(Command.of(message))
+
+    async def _process(self, command: Command) -> None:
+        partition = command.partition
         try:
-            name, record = self.codec.decode(payload)
+            name, record = self.codec.decode(command.value)
         except CodecError as exc:
-            await self._dead_letter(event, exc.reason, str(exc), None, now_ms)
-            return
-        if name != "PostEntry":
-            await self._dead_letter(event, core.Reason.UNKNOWN_COMMAND,
-                                    f"{name} is not a command of ledger.commands",
-                                    record.get("command_id"), now_ms)
-            return
-        parsed = core.parse_post_entry(record, self.currencies)
-        if isinstance(parsed, core.Rejection):
-            await self._dead_letter(event, parsed.reason, parsed.detail, parsed.command_id, now_ms)
-            if parsed.command_id is not None:
-                await self._result(core.Outcome(parsed.command_id, core.Status.REJECTED,
-                                                parsed.reason, parsed.detail), partition)
-            return
-        owner = core.partition_for(parsed.account_id, self.settings.partitions)
-        if owner != partition:
-            # A producer with another partitioner put it here; only the owner may decide it.
-            await self.topics[LedgerTopic.COMMANDS].send(
-                key=parsed.account_id.encode(), value=payload, partition=owner)
-            return
-        await self._decide(parsed, partition, now_ms)
+            await self._dead_letter(command, exc.reason, str(exc), None)
+        else:
+            if name != "PostEntry":
+                await self._dead_letter(command, core.Reason.UNKNOWN_COMMAND,
+                                        f"{name} is not a command of ledger.commands",
+                                        record.get("command_id"))
+            else:
+                parsed = core.parse_post_entry(record, self.currencies)
+                if isinstance(parsed, core.Rejection):
+                    await self._dead_letter(command, parsed.reason, parsed.detail, parsed.command_id)
+                    if parsed.command_id is not None:
+                        await self._result(core.Outcome(parsed.command_id, core.Status.REJECTED,
+                                                        parsed.reason, parsed.detail), partition)
+                elif (owner := core.partition_for(parsed.account_id, self.settings.partitions)) \
+                        != partition:
+                    # A producer with another partitioner put it here; only the owner decides it.
+                    await self.topics[LedgerTopic.COMMANDS].send(
+                        key=parsed.account_id.encode(), value=command.value, partition=owner)
+                else:
+                    await self._decide(parsed, partition, command.timestamp_ms)
+        self._advance(partition, command.offset)
+
+    def _advance(self, partition: int, offset: int) -> None:
+        """Record that every command up to `offset` is decided (never moves backwards)."""
+        log_key = str(partition).encode()
+        log_head = records.log_from_bytes(self.logs.get(log_key))
+        if offset + 1 > log_head.next_command_offset:
+            self.logs[log_key] = records.log_to_bytes(
+                replace(log_head, next_command_offset=offset + 1))
+
+    async def _read_gap(self, partition: int, start: int, end: int) -> list[Command]:
+        """The committed commands of one partition in [start, end), straight from Kafka."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        tp = TopicPartition(self.settings.topic(LedgerTopic.COMMANDS), partition)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                    isolation_level="read_committed", enable_auto_commit=False)
+        found: list[Command] = []
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=GAP_FETCH_TIMEOUT_MS,
+                                               max_records=GAP_FETCH_BATCH_MAX)
+                found.extend(Command.of(m) for m in batch.get(tp, []) if m.offset < end)
+        finally:
+            await consumer.stop()
+        log.warning("partition %s: decided %s command(s) in offsets [%s, %s) that the consumer "
+                    "skipped", partition, len(found), start, end)
+        return found
 
     async def _decide(self, command: core.PostEntry, partition: int, now_ms: int) -> None:
         command_key = command.command_id.encode()
@@ -162,17 +261,17 @@ class LedgerWorker:
         await self._send(LedgerTopic.TREE_HEADS, str(partition).encode(), "TreeHead",
                          records.tree_head_to_wire(partition, log_head.frontier, now_ms), partition)
 
-    async def _dead_letter(self, event: EventT, reason: str, detail: str,
-                           command_id: str | None, now_ms: int) -> None:
-        message = event.message
-        log.warning("dead letter %s:%s@%s: %s (%s)", message.topic, message.partition,
-                    message.offset, reason, detail)
-        await self._send(LedgerTopic.DLQ, message.key or b"", "DeadLetter",
-                         records.dead_letter(reason=str(reason), detail=detail, topic=message.topic,
-                                             partition=message.partition, offset=message.offset,
-                                             key=message.key, payload=message.value or b"",
-                                             command_id=command_id, failed_at_ms=now_ms),
-                         message.partition)
+    async def _dead_letter(self, command: Command, reason: str, detail: str,
+                           command_id: str | None) -> None:
+        log.warning("dead letter %s:%s@%s: %s (%s)", command.topic, command.partition,
+                    command.offset, reason, detail)
+        await self._send(LedgerTopic.DLQ, command.key or b"", "DeadLetter",
+                         records.dead_letter(reason=str(reason), detail=detail, topic=command.topic,
+                                             partition=command.partition, offset=command.offset,
+                                             key=command.key, payload=command.value,
+                                             command_id=command_id,
+                                             failed_at_ms=command.timestamp_ms),
+                         command.partition)
 
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:

@@ -82,13 +82,9 @@ def _cmd_balance(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from infra import harness
+    from streams.demo import run_demo
 
-    harness.up()
-    for name, state in harness.status().items():
-        print(f"{name:10s} {state}")
-    print(harness.connection_settings())
-    return EXIT_OK
+    return run_demo()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     balance.set_defaults(func=_cmd_balance)
 
     demo = sub.add_parser("demo", help="bring the stack up and show it working",
-                          description="Start the dev servers and run the demo workload.")
+                          description="Start the dev servers, create demo topics, start a "
+                          "worker, post a scripted workload (credits, debits, a rejected "
+                          "overdraft, a duplicate, a sequence conflict) and print balances and "
+                          "Merkle roots.")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -159,10 +159,9 @@ async def consume(settings: Settings, topic_name: str, stdout: IO[str], *,
             unknown = set(offsets) - set(partitions)
             if unknown:
                 raise LedgerError(f"{topic} has no partition {sorted(unknown)}")
-            await consumer.seek_to_beginning(*[tp for tp in tps if tp.partition not in offsets])
+            starts = await consumer.beginning_offsets(tps)
             for tp in tps:
-                if tp.partition in offsets:
-                    consumer.seek(tp, offsets[tp.partition])
+                consumer.seek(tp, offsets.get(tp.partition, starts[tp]))
         elif from_time:
             at = datetime.fromisoformat(from_time.replace("Z", "+00:00"))
             if at.tzinfo is None:
@@ -174,7 +173,8 @@ async def consume(settings: Settings, topic_name: str, stdout: IO[str], *,
                 hit = found.get(tp)
                 consumer.seek(tp, hit.offset if hit is not None else ends[tp])
         elif from_beginning:
-            await consumer.seek_to_beginning(*tps)
+            for tp, start in (await consumer.beginning_offsets(tps)).items():
+                consumer.seek(tp, start)
         else:
             await consumer.seek_to_end(*tps)
         last_record = time.monotonic()

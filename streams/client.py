@@ -279,7 +279,9 @@ class LedgerClient:
             await consumer.start()
             consumer.assign([tp])
             end = (await consumer.end_offsets([tp]))[tp]
-            await consumer.seek_to_beginning(tp)
+            # An explicit seek: seek_to_beginning() right after end_offsets() was seen to leave
+            # the position at the end (aiokafka 0.14), which would read nothing.
+            consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
             deadline = time.monotonic() + BALANCE_SCAN_TIMEOUT_S
             while await consumer.position(tp) < end:
                 if time.monotonic() > deadline:

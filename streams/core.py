@@ -18,7 +18,7 @@ from typing import Any
 
 from streams import canonical, merkle
 from streams.errors import InvariantViolation
-from streams.money import AMOUNT_MINOR_MAX, BALANCE_MINOR_MAX, Currency, to_minor
+from streams.money import AMOUNT_MINOR_MAX, Currency, balance_minor_max, to_minor
 
 # ------------------------------------------------------------------ limits
 
@@ -83,6 +83,7 @@ class PostEntry:
     command_id: str
     account_id: str
     currency: str
+    currency_decimals: int  # from the currency table at validation; bounds the balance
     entry_type: str
     amount_minor: int
     reference: str | None = None
@@ -310,6 +311,7 @@ def parse_post_entry(record: Mapping[str, Any], currencies: Mapping[str, Currenc
         command_id=cid,
         account_id=account_id,  # type: ignore[arg-type]
         currency=currency.code,
+        currency_decimals=currency.decimals,
         entry_type=str(entry_type),
         amount_minor=amount_minor,
         reference=reference,
@@ -387,7 +389,7 @@ def decide_post_entry(
             and state.available_minor - command.amount_minor < 0:
         return rejected(Reason.INSUFFICIENT_FUNDS, f"available {state.available_minor} minor units "
                         f"< {command.amount_minor}")
-    if abs(new_balance) > BALANCE_MINOR_MAX:
+    if abs(new_balance) > balance_minor_max(command.currency_decimals):
         return rejected(Reason.BALANCE_OVERFLOW, "balance would leave the representable range")
     committed_at_ms = max(now_ms, state.last_committed_at_ms)  # per-account time never goes back
     entry = Entry(
@@ -437,6 +439,10 @@ class LogHead:
     frontier: merkle.MerkleFrontier = field(default_factory=merkle.MerkleFrontier)
     head_tree_size: int = 0
     head_published_at_ms: int = 0
+    # Offset in ledger.commands (this partition) of the next command not yet decided. Written with
+    # every decision, so it commits atomically with the decision's effects; the worker compares
+    # it with what Kafka delivers to find commands the consumer skipped.
+    next_command_offset: int = 0
 
 
 TREE_HEAD_EVERY_ENTRIES = 1000

@@ -14,9 +14,14 @@ DECIMALS_MAX = 18  # the wire scale (schemas: decimal scale 18) holds every curr
 CURRENCY_CODE_LENGTH_MAX = 12
 # Amounts of one command: the wire must hold at least 2^128 minor units; we accept up to that.
 AMOUNT_MINOR_MAX = 2**128
-# Running balances may grow past one amount; this bound keeps them inside the wire decimal
-# (precision 60 at scale 18 holds |x| < 10^42 major units, i.e. 10^60 minor units at 18 decimals).
-BALANCE_MINOR_MAX = 10**59
+WIRE_PRECISION = 60  # schemas: decimal(precision 60, scale 18)
+WIRE_INTEGER_DIGITS = WIRE_PRECISION - DECIMALS_MAX  # |major| < 10**42 fits the wire
+DIGITS_MAX = WIRE_PRECISION + DECIMALS_MAX  # to_minor refuses inputs far past any wire value
+
+
+def balance_minor_max(decimals: int) -> int:
+    """Largest |running balance| in minor units that the wire decimal can carry for a currency."""
+    return 10 ** (WIRE_INTEGER_DIGITS + decimals) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,8 @@ def to_minor(amount: Decimal, decimals: int) -> int | None:
     sign, digits, exponent = amount.as_tuple()
     if not isinstance(exponent, int):
         return None
+    if len(digits) + exponent > DIGITS_MAX:
+        return None  # far larger than any wire amount; never build 10**huge
     coefficient = int("".join(map(str, digits))) if digits else 0
     shift = exponent + decimals
     if shift >= 0:

@@ -222,15 +222,22 @@ def record_from_bytes(data: bytes) -> CommandRecord:
     return CommandRecord(bytes.fromhex(raw["digest"]), outcome)
 
 
+LOG_HEAD_HEADER_BYTES = 24
+
+
 def log_to_bytes(log: LogHead) -> bytes:
-    """Layout: 8-byte head tree size, 8-byte head time (ms), then MerkleFrontier.to_bytes()."""
+    """Layout: 8-byte head tree size, 8-byte head time (ms), 8-byte next command offset (all
+    big-endian), then MerkleFrontier.to_bytes()."""
     return (log.head_tree_size.to_bytes(8, "big") + log.head_published_at_ms.to_bytes(8, "big")
-            + log.frontier.to_bytes())
+            + log.next_command_offset.to_bytes(8, "big") + log.frontier.to_bytes())
 
 
 def log_from_bytes(data: bytes | None) -> LogHead:
     if data is None:
         return LogHead()
-    return LogHead(frontier=merkle.MerkleFrontier.from_bytes(data[16:]),
+    if len(data) < LOG_HEAD_HEADER_BYTES:
+        raise InvariantViolation(f"log head record of {len(data)} bytes is truncated")
+    return LogHead(frontier=merkle.MerkleFrontier.from_bytes(data[LOG_HEAD_HEADER_BYTES:]),
                    head_tree_size=int.from_bytes(data[:8], "big"),
-                   head_published_at_ms=int.from_bytes(data[8:16], "big"))
+                   head_published_at_ms=int.from_bytes(data[8:16], "big"),
+                   next_command_offset=int.from_bytes(data[16:24], "big"))

@@ -40,6 +40,22 @@ TOPICS: tuple[TopicSpec, ...] = (
 )
 
 
+# The worker's Faust app and its changelog-backed tables. Their changelog topics are created here,
+# before any worker starts: Faust would create them itself, but a worker whose metadata does not
+# yet show a fresh changelog's partitions crashes its agent (PartitionsMismatch).
+APP_NAME = "sardis-ledger"
+TABLES = ("accounts", "commands", "merkle-logs")
+
+
+def changelog_topic_name(settings: Settings, table: str) -> str:
+    """Faust's own naming, so a worker finds the topics created here."""
+    return f"{settings.topic(APP_NAME)}-{table}-changelog"
+
+
+def changelog_topics(settings: Settings) -> list[str]:
+    return [changelog_topic_name(settings, table) for table in TABLES]
+
+
 class TopicError(LedgerError):
     """A topic could not be created or has the wrong shape."""
 
@@ -55,20 +71,22 @@ async def create_topics(settings: Settings) -> list[str]:
     try:
         await admin.start()
         existing = set(await admin.list_topics())
-        wanted = [t for t in TOPICS if settings.topic(t.name) not in existing]
+        specs = {settings.topic(t.name): t.config for t in TOPICS}
+        specs.update({name: {"cleanup.policy": "compact"} for name in changelog_topics(settings)})
+        wanted = [name for name in specs if name not in existing]
         if wanted:
             response = await admin.create_topics(
-                [NewTopic(settings.topic(t.name), settings.partitions, 1,
-                          topic_configs={**t.config, "max.message.bytes": str(MESSAGE_BYTES_MAX)})
-                 for t in wanted],
+                [NewTopic(name, settings.partitions, 1,
+                          topic_configs={**specs[name], "max.message.bytes": str(MESSAGE_BYTES_MAX)})
+                 for name in wanted],
                 timeout_ms=CREATE_TIMEOUT_MS)
             for name, code, *_ in response.topic_errors:
                 if code not in (0, TopicAlreadyExistsError.errno):
                     raise TopicError(f"creating {name}: Kafka error code {code}")
-            created = [settings.topic(t.name) for t in wanted]
-        described = await admin.describe_topics([settings.topic(t.name) for t in TOPICS])
+            created = wanted
+        described = await _describe_when_ready(admin, list(specs))
         for topic in described:
-            count = len(topic["partitions"])
+            count = len(topic["partitions"])  # type: ignore[arg-type]
             if count != settings.partitions:
                 raise TopicError(f"{topic['topic']} has {count} partitions, SARDIS_PARTITIONS is "
                                  f"{settings.partitions}: every ledger topic needs the same count")
@@ -78,3 +96,19 @@ async def create_topics(settings: Settings) -> list[str]:
     finally:
         await admin.close()
     return created
+
+
+async def _describe_when_ready(admin: object, names: list[str]) -> list[dict[str, object]]:
+    """Describe topics once every partition has a leader (fresh topics need a moment)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + CREATE_TIMEOUT_MS / 1000
+    while True:
+        described: list[dict[str, object]] = await admin.describe_topics(names)  # type: ignore[attr-defined]
+        ready = all(t.get("error_code", 0) == 0 and t["partitions"]
+                    and all(p["leader"] >= 0 for p in t["partitions"])  # type: ignore[attr-defined]
+                    for t in described)
+        if ready or time.monotonic() > deadline:
+            return described
+        await asyncio.sleep(0.2)
