@@ -81,6 +81,13 @@ def _cmd_balance(args: argparse.Namespace) -> int:
     return asyncio.run(cli_io.balance(_settings(), args.account, args.currency, sys.stdout))
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from streams.bench import run_bench
+
+    return run_bench(runs=args.runs, commands=args.commands, accounts=args.accounts,
+                     hot_commands=args.hot_commands, scenarios=args.scenario or ["spread", "hot"])
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
@@ -154,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     balance.add_argument("account")
     balance.add_argument("--currency", default="USDC")
     balance.set_defaults(func=_cmd_balance)
+
+    bench = sub.add_parser(
+        "bench", help="end-to-end benchmark: commands/s and latency",
+        description="Start the stack, then per scenario and run: fresh topics, a fresh worker, "
+        "produce commands and time each until its result is consumed. Prints the median "
+        "commands/s and p50/p99 latency over the runs, and a Kafka+Avro baseline (produce and "
+        "consume the same records with no ledger) measured in the same invocation.")
+    bench.add_argument("--runs", type=int, default=3, help="runs per scenario (median reported)")
+    bench.add_argument("--commands", type=int, default=100_000, help="commands in scenario (a)")
+    bench.add_argument("--accounts", type=int, default=10_000, help="accounts in scenario (a)")
+    bench.add_argument("--hot-commands", type=int, default=20_000,
+                       help="commands in scenario (b), all on one account")
+    bench.add_argument("--scenario", action="append", choices=["spread", "hot"],
+                       help="run only this scenario (repeatable)")
+    bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="bring the stack up and show it working",
                           description="Start the dev servers, create demo topics, start a "

@@ -57,8 +57,8 @@ class DemoWorker:
 
 
 def _row(label: str, entry: LedgerEntry) -> None:
-    _say(f"  {label:34s} {entry.entry_type:7s} {entry.amount:>10} {entry.currency}  "
-         f"balance {entry.running_balance:>10}  seq {entry.sequence}  "
+    _say(f"  {label:34s} {entry.entry_type:7s} {entry.amount:>10f} {entry.currency}  "
+         f"balance {entry.running_balance:>10f}  seq {entry.sequence}  "
          f"root {entry.merkle_root[:16]}…")
 
 
@@ -84,7 +84,7 @@ async def _workload(settings: Settings) -> list[LedgerEntry]:
                    entry_type="fee", currency="USD")
         await post("credit acc_bob 1000.000001 USDC", account_id="acc_bob",
                    amount="1000.000001", entry_type="credit", currency="USDC")
-        await post("credit acc_bob 0.000000000000000001 ETH", account_id="acc_bob",
+        await post("credit acc_bob 1 wei (1e-18 ETH)", account_id="acc_bob",
                    amount="0.000000000000000001", entry_type="credit", currency="ETH")
         await post("overdraft: debit acc_alice 10000 USD", account_id="acc_alice",
                    amount="10000", entry_type="debit", currency="USD")
@@ -102,8 +102,8 @@ async def _workload(settings: Settings) -> list[LedgerEntry]:
         _say("\nBalances (from the compacted ledger.balances topic):")
         for account, currency in (("acc_alice", "USD"), ("acc_bob", "USDC"), ("acc_bob", "ETH")):
             balance = await ledger.get_balance(account, currency)
-            _say(f"  {account:10s} {currency:5s} posted {balance.balance:>24}  "
-                 f"available {balance.available:>24}  seq {balance.sequence}")
+            _say(f"  {account:10s} {currency:5s} posted {balance.balance:>24f}  "
+                 f"available {balance.available:>24f}  seq {balance.sequence}")
     return committed
 
 

@@ -1,0 +1,193 @@
+"""`make bench`: end-to-end throughput and latency (command produced -> result consumed)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas.codec import AvroCodec
+from streams import core
+from streams.config import Settings
+from streams.demo import DemoWorker
+from streams.money import currency_table, to_major
+from streams.topics import create_topics
+
+RESULT_WAIT_S = 600.0
+PROGRESS_EVERY_S = 2.0
+PRODUCE_CHUNK = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    commands: int
+    accounts: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunFigures:
+    rate_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+def _commands(scenario: Scenario, seed: int) -> list[dict[str, object]]:
+    """Mostly credits with some debits that fit: every command commits, none is rejected."""
+    rng = random.Random(seed)
+    decimals = currency_table()["USDC"].decimals
+    out: list[dict[str, object]] = []
+    for i in range(scenario.commands):
+        account = f"bench_{rng.randrange(scenario.accounts):05d}"
+        kind = "debit" if i % 4 == 3 else "credit"
+        out.append({"command_id": f"bench-{seed}-{i}", "account_id": account, "currency": "USDC",
+                    "entry_type": kind, "amount": to_major(1 if kind == "debit" else 5, decimals),
+                    "allow_overdraft": True})
+    return out
+
+
+def _progress(label: str, done: int, total: int, started: float) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    rate = done / max(time.monotonic() - started, 1e-9)
+    sys.stderr.write(f"\r  {label:28s} [{'#' * filled}{'.' * (width - filled)}] "
+                     f"{done}/{total} {rate:8.0f}/s")
+    sys.stderr.flush()
+
+
+async def _kafka_baseline(settings: Settings, count: int) -> float:
+    """Produce and read back `count` encoded commands on one topic: Kafka + Avro, no ledger."""
+    codec = AvroCodec()
+    topic = settings.topic("bench.baseline")
+    values = [codec.encode("PostEntry", c) for c in _commands(Scenario("b", count, 1000), 99)]
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                enable_idempotence=True, linger_ms=5)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                isolation_level="read_committed", enable_auto_commit=False)
+    await producer.start()
+    await consumer.start()
+    try:
+        await producer.send_and_wait(topic, b"warm-up", partition=0)
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_end(tp)
+        start_offset = await consumer.position(tp)
+        started = time.monotonic()
+        for value in values:
+            await producer.send(topic, value, partition=0)
+        await producer.flush()
+        seen = 0
+        while seen < count:
+            batch = await consumer.getmany(tp, timeout_ms=500, max_records=5000)
+            for message in batch.get(tp, []):
+                if message.offset >= start_offset:
+                    codec.decode(message.value)
+                    seen += 1
+        return count / (time.monotonic() - started)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
+    codec = AvroCodec()
+    commands = _commands(scenario, seed)
+    encoded = [(c["command_id"], str(c["account_id"]), codec.encode("PostEntry", c)) for c in commands]
+    results_topic = settings.topic("ledger.results")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                enable_idempotence=True, linger_ms=5)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                isolation_level="read_committed", enable_auto_commit=False)
+    await producer.start()
+    await consumer.start()
+    sent_at: dict[str, float] = {}
+    latencies_ms: list[float] = []
+    try:
+        tps = [TopicPartition(results_topic, p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+
+        async def read_results() -> float:
+            pending = {cid for cid, _a, _v in encoded}
+            deadline = time.monotonic() + RESULT_WAIT_S
+            last_progress = 0.0
+            while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(pending)} results missing after {RESULT_WAIT_S}s")
+                batches = await consumer.getmany(timeout_ms=200, max_records=10_000)
+                now = time.monotonic()
+                for messages in batches.values():
+                    for message in messages:
+                        command_id = message.key.decode()
+                        if command_id in pending:
+                            pending.discard(command_id)
+                            latencies_ms.append((now - sent_at[command_id]) * 1000)
+                if now - last_progress > PROGRESS_EVERY_S:
+                    _progress(scenario.name, len(latencies_ms), len(encoded), started)
+                    last_progress = now
+            return time.monotonic()
+
+        started = time.monotonic()
+        reader = asyncio.create_task(read_results())
+        for i, (command_id, account, value) in enumerate(encoded):
+            sent_at[str(command_id)] = time.monotonic()
+            await producer.send(settings.topic("ledger.commands"), value, key=account.encode(),
+                                partition=core.partition_for(account, settings.partitions))
+            if i % PRODUCE_CHUNK == PRODUCE_CHUNK - 1:
+                await asyncio.sleep(0)  # let the reader run while producing
+        await producer.flush()
+        finished = await reader
+        _progress(scenario.name, len(latencies_ms), len(encoded), started)
+        sys.stderr.write("\n")
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    latencies_ms.sort()
+    return RunFigures(rate_per_s=len(encoded) / (finished - started),
+                      p50_ms=latencies_ms[len(latencies_ms) // 2],
+                      p99_ms=latencies_ms[min(len(latencies_ms) - 1, len(latencies_ms) * 99 // 100)])
+
+
+def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
+              scenarios: Sequence[str]) -> int:
+    from infra import harness
+
+    harness.up()
+    base = Settings.from_env()
+    plan = {
+        "spread": Scenario(f"(a) {commands} cmds / {accounts} accts", commands, accounts),
+        "hot": Scenario(f"(b) {hot_commands} cmds / 1 account", hot_commands, 1),
+    }
+    print(f"sardis-ledger bench: {runs} run(s) per scenario, median reported; one worker process, "
+          "broker on the same machine", flush=True)
+    baseline = []
+    for run in range(runs):
+        prefix = f"{base.topic_prefix}bench-{int(time.time())}-{run}."
+        settings = dataclasses.replace(base, topic_prefix=prefix)
+        baseline.append(asyncio.run(_kafka_baseline(settings, min(commands, 50_000))))
+    print(f"  baseline Kafka+Avro produce->consume, no ledger: "
+          f"{statistics.median(baseline):,.0f} records/s (median of {runs})", flush=True)
+    for key in scenarios:
+        scenario = plan[key]
+        figures: list[RunFigures] = []
+        for run in range(runs):
+            # Fresh topics and a fresh worker per run: no state carried between runs.
+            settings = dataclasses.replace(
+                base, topic_prefix=f"{base.topic_prefix}bench-{key}-{int(time.time())}-{run}.")
+            asyncio.run(create_topics(settings))
+            with DemoWorker(settings):
+                figures.append(asyncio.run(_run(settings, scenario, seed=run)))
+        print(f"  {scenario.name:28s} {statistics.median(f.rate_per_s for f in figures):>9,.0f} cmd/s"
+              f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"
+              f"   p99 {statistics.median(f.p99_ms for f in figures):8.1f} ms"
+              f"   runs: {', '.join(f'{f.rate_per_s:,.0f}' for f in figures)}", flush=True)
+    return 0
