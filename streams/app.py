@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +18,7 @@ from faust.types import EventT, StreamT
 from schemas.codec import AvroCodec
 from streams import core, records
 from streams.config import Settings
-from streams.errors import CodecError
+from streams.errors import CodecError, InvariantViolation
 from streams.money import Currency, currency_table
 from streams.topics import APP_NAME, TABLES, TOPICS, LedgerTopic, changelog_topic_name
 from streams.transactions import ledger_transport
@@ -32,6 +34,7 @@ HEARTBEAT_INTERVAL_S = 1.0
 
 
 GAP_FETCH_TIMEOUT_MS = 1000
+GAP_READ_TIMEOUT_S = 120.0
 GAP_FETCH_BATCH_MAX = 5000
 
 
@@ -90,7 +93,9 @@ class LedgerWorker:
             broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
             web_enabled=False,
         )
-        transport = ledger_transport(settings.topic(LedgerTopic.COMMANDS))
+        # Held while one event is decided; transaction commits wait for it (streams/transactions).
+        self.event_lock = asyncio.Lock()
+        transport = ledger_transport(settings.topic(LedgerTopic.COMMANDS), self.event_lock)
         self.app.transport = transport(self.app.conf.broker_consumer, self.app)
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes,
                                "key_serializer": "raw", "value_serializer": "raw"}
@@ -116,9 +121,11 @@ class LedgerWorker:
         # topic is given explicitly (raw, compacted) and the table's serializers are set to raw.
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes,
                                "key_serializer": "raw", "value_serializer": "raw"}
+        # As Faust's own changelog topics: acks=False, or Faust waits for a stream to consume and
+        # acknowledge them (no agent does; it then reports stalled partitions and commits late).
         changelog = self.app.topic(changelog_topic_name(self.settings, name),
                                    partitions=self.settings.partitions, compacting=True,
-                                   deleting=False, internal=True, **raw)
+                                   deleting=False, internal=True, acks=False, **raw)
         table: Any = self.app.Table(name, changelog_topic=changelog, **options)
         table.key_serializer = "raw"
         table.value_serializer = "raw"
@@ -126,7 +133,8 @@ class LedgerWorker:
 
     async def _agent(self, stream: StreamT[bytes]) -> None:
         async for event in stream.events():
-            await self.handle(event)
+            async with self.event_lock:
+                await self.handle(event)
 
     # ------------------------------------------------------------------ per command
 
@@ -168,16 +176,31 @@ class LedgerWorker:
                     await self.topics[LedgerTopic.COMMANDS].send(
                         key=parsed.account_id.encode(), value=command.value, partition=owner)
                 else:
-                    await self._decide(parsed, partition, command.timestamp_ms)
-        self._advance(partition, command.offset)
+                    await self._decide(parsed, partition, command.timestamp_ms, command.offset)
+                    return
+        await self._advance(partition, command.offset)
 
-    def _advance(self, partition: int, offset: int) -> None:
+    async def _advance(self, partition: int, offset: int) -> None:
         """Record that every command up to `offset` is decided (never moves backwards)."""
         log_key = str(partition).encode()
         log_head = records.log_from_bytes(self.logs.get(log_key))
         if offset + 1 > log_head.next_command_offset:
-            self.logs[log_key] = records.log_to_bytes(
-                replace(log_head, next_command_offset=offset + 1))
+            await self._put(self.logs, log_key, records.log_to_bytes(
+                replace(log_head, next_command_offset=offset + 1)), partition)
+
+    async def _put(self, table: Any, key: bytes, value: bytes, partition: int) -> None:
+        """Set a table key and send its changelog record now, inside the partition's transaction.
+
+        Faust's own `table[key] = value` queues the changelog record in a producer buffer that a
+        background task drains: a commit can then carry an event's offset without its table
+        state, and flushing that buffer at commit blocks commits while the stream is busy. An
+        awaited send joins the open transaction of `partition` immediately instead.
+        """
+        table.data[key] = value
+        # The memory store's own bookkeeping of which partition a key belongs to (used to drop
+        # keys of revoked partitions after a rebalance), as its changelog recovery would set it.
+        table.data._key_partition[key] = partition
+        await table.changelog_topic.send(key=key, value=value, partition=partition)
 
     async def _read_gap(self, partition: int, start: int, end: int) -> list[Command]:
         """The committed commands of one partition in [start, end), straight from Kafka."""
@@ -187,11 +210,16 @@ class LedgerWorker:
         consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
                                     isolation_level="read_committed", enable_auto_commit=False)
         found: list[Command] = []
+        deadline = time.monotonic() + GAP_READ_TIMEOUT_S
         await consumer.start()
         try:
             consumer.assign([tp])
             consumer.seek(tp, start)
             while await consumer.position(tp) < end:
+                if time.monotonic() > deadline:
+                    # Deciding later commands without these would break per-account order: stop.
+                    raise InvariantViolation(f"could not read {tp} offsets [{start}, {end}) "
+                                             f"within {GAP_READ_TIMEOUT_S}s")
                 batch = await consumer.getmany(tp, timeout_ms=GAP_FETCH_TIMEOUT_MS,
                                                max_records=GAP_FETCH_BATCH_MAX)
                 found.extend(Command.of(m) for m in batch.get(tp, []) if m.offset < end)
@@ -201,7 +229,8 @@ class LedgerWorker:
                     "skipped", partition, len(found), start, end)
         return found
 
-    async def _decide(self, command: core.PostEntry, partition: int, now_ms: int) -> None:
+    async def _decide(self, command: core.PostEntry, partition: int, now_ms: int,
+                      offset: int) -> None:
         command_key = command.command_id.encode()
         seen = self.commands.get(command_key)
         if seen is not None:
@@ -212,6 +241,7 @@ class LedgerWorker:
                 # it; consumers dedupe by entry_id, so a second copy is harmless.
                 await self._entry(outcome.entry, partition)
             await self._result(outcome, partition)
+            await self._advance(partition, offset)
             return
         account_key = command.account_key.encode()
         log_key = str(partition).encode()
@@ -219,18 +249,23 @@ class LedgerWorker:
         log_head = records.log_from_bytes(self.logs.get(log_key))
         decision = core.decide_post_entry(state, log_head.frontier, command,
                                           partition=partition, now_ms=now_ms)
-        self.commands[command_key] = records.record_to_bytes(decision.record)
+        await self._put(self.commands, command_key, records.record_to_bytes(decision.record),
+                        partition)
         entry = decision.outcome.entry
+        log_head = replace(log_head, next_command_offset=max(log_head.next_command_offset,
+                                                             offset + 1))
         if entry is not None:
-            self.accounts[account_key] = records.state_to_bytes(decision.state)
+            await self._put(self.accounts, account_key, records.state_to_bytes(decision.state),
+                            partition)
             log_head = replace(log_head, frontier=decision.frontier)
             if core.tree_head_due(log_head, now_ms):
                 await self._tree_head(partition, log_head, now_ms)
                 log_head = replace(log_head, head_tree_size=log_head.frontier.tree_size,
                                    head_published_at_ms=now_ms)
-            self.logs[log_key] = records.log_to_bytes(log_head)
             await self._entry(entry, partition)
             await self._balance(command, decision.state, partition)
+        # One log-head write per command: Merkle frontier, tree-head state and the next offset.
+        await self._put(self.logs, log_key, records.log_to_bytes(log_head), partition)
         await self._result(decision.outcome, partition)
 
     # ------------------------------------------------------------------ outputs (all to `partition`)

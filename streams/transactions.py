@@ -8,17 +8,19 @@ co-partitioned with ledger.commands, so here a send to partition p of any topic 
 transactional producer of ledger.commands partition p: outputs, table changelogs and the source
 offset commit or abort together.
 
-Second gap: table writes (`table[k] = v`) queue their changelog records in Faust's producer
-buffer, which a background task drains; TransactionManager.commit does not drain it first. A
-commit could therefore include an event's offset and outputs but not its changelog records, and a
-kill -9 right after lost table state for committed commands (seen in the crash test: a later
-duplicate was decided again against stale state). commit() here flushes the buffer into the open
-transactions first, so table state can run ahead of committed offsets (replays are idempotent)
-but never behind them.
+Faust also commits on a timer, whatever the agent is doing: a transaction could end between two
+sends of one command (the crash test found an entry committed without its partition's Merkle log
+head, so a later entry reused its leaf index). Commits here wait for `event_lock`, which the
+worker holds while it decides an event, so every transaction holds whole events.
+
+Table writes do not go through Faust's buffered `table[k] = v` (see LedgerWorker._put): its
+changelog records could miss the transaction that committed their event's offset, and flushing
+that buffer at commit time blocked commits while the stream was busy.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from faust.transport.consumer import TransactionManager
@@ -27,8 +29,9 @@ from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from streams.errors import InvariantViolation
 
 
-def ledger_transport(anchor_topic: str) -> type[AIOKafkaTransport]:
-    """A Transport class whose transactions are anchored on `anchor_topic`'s partitions."""
+def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock) -> type[AIOKafkaTransport]:
+    """A Transport class whose transactions are anchored on `anchor_topic`'s partitions and
+    commit only between events (`event_lock`)."""
 
     class LedgerTransactionManager(TransactionManager):
         async def send(self, topic: str, key: bytes | None, value: bytes | None,
@@ -48,8 +51,9 @@ def ledger_transport(anchor_topic: str) -> type[AIOKafkaTransport]:
                 transactional_id=f"{self.app.conf.id}-{group}-{target}")
 
         async def commit(self, offsets: Any, start_new_transaction: bool = True) -> bool:
-            await self.producer.flush()
-            return bool(await super().commit(offsets, start_new_transaction=start_new_transaction))
+            async with event_lock:
+                return bool(await super().commit(offsets,
+                                                 start_new_transaction=start_new_transaction))
 
     class LedgerTransport(AIOKafkaTransport):
         TransactionManager = LedgerTransactionManager
