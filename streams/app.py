@@ -173,8 +173,9 @@ class LedgerWorker:
                 elif (owner := core.partition_for(parsed.account_id, self.settings.partitions)) \
                         != partition:
                     # A producer with another partitioner put it here; only the owner decides it.
-                    await self.topics[LedgerTopic.COMMANDS].send(
-                        key=parsed.account_id.encode(), value=command.value, partition=owner)
+                    await self._produce(self.settings.topic(LedgerTopic.COMMANDS),
+                                        parsed.account_id.encode(), command.value, owner,
+                                        transaction_of=partition)
                 else:
                     await self._decide(parsed, partition, command.timestamp_ms, command.offset)
                     return
@@ -200,7 +201,7 @@ class LedgerWorker:
         # The memory store's own bookkeeping of which partition a key belongs to (used to drop
         # keys of revoked partitions after a rebalance), as its changelog recovery would set it.
         table.data._key_partition[key] = partition
-        await table.changelog_topic.send(key=key, value=value, partition=partition)
+        await self._produce(table.changelog_topic.get_topic_name(), key, value, partition)
 
     async def _read_gap(self, partition: int, start: int, end: int) -> list[Command]:
         """The committed commands of one partition in [start, end), straight from Kafka."""
@@ -276,7 +277,31 @@ class LedgerWorker:
     async def _send(self, topic: str, key: bytes, record_name: str, record: dict[str, Any],
                     partition: int) -> None:
         value = self.codec.encode(record_name, record)
-        await self.topics[topic].send(key=key, value=value, partition=partition)
+        await self._produce(self.settings.topic(topic), key, value, partition)
+
+    async def _produce(self, topic: str, key: bytes | None, value: bytes, partition: int, *,
+                       transaction_of: int | None = None) -> None:
+        """Append a record to the open transaction of a ledger.commands partition.
+
+        Straight to the aiokafka transactional producer Faust keeps for that partition: Faust's
+        topic.send costs ~0.5 ms per record here (measured: a no-op exactly-once agent reads
+        3,750 events/s, one topic.send per event drops it to 1,350/s), and the event lock
+        already keeps commits between events. The returned future is not awaited: the
+        transaction's commit waits for every record it holds.
+        """
+        owner = partition if transaction_of is None else transaction_of
+        producer = self._transaction_producer(owner)
+        await producer.send(topic, value, key=key, partition=partition)
+
+    def _transaction_producer(self, partition: int) -> Any:
+        app: Any = self.app
+        group = app.assignor.group_for_topic(self.settings.topic(LedgerTopic.COMMANDS))
+        transactional_id = f"{app.conf.id}-{group}-{partition}"
+        producer = app.producer._transaction_producers.get(transactional_id)
+        if producer is None:
+            # Only the owner of a partition has its producer; deciding without it is a bug.
+            raise InvariantViolation(f"no transactional producer {transactional_id}")
+        return producer
 
     async def _entry(self, entry: core.Entry, partition: int) -> None:
         await self._send(LedgerTopic.ENTRIES, entry.account_id.encode(), "Entry",
