@@ -34,6 +34,7 @@ HEARTBEAT_INTERVAL_S = 1.0
 
 
 GAP_FETCH_TIMEOUT_MS = 1000
+CATCH_UP_INTERVAL_S = 5.0
 GAP_READ_TIMEOUT_S = 120.0
 GAP_FETCH_BATCH_MAX = 5000
 
@@ -114,6 +115,9 @@ class LedgerWorker:
         self.commands = self._raw_table(commands, table_options)
         self.logs = self._raw_table(logs, table_options)
         self.app.agent(self.topics[LedgerTopic.COMMANDS], name="ledger")(self._agent)
+        self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
+        # partition -> next_command_offset seen at the previous catch-up check
+        self._last_seen_offsets: dict[int, int] = {}
 
     def _raw_table(self, name: str, options: dict[str, Any]) -> Any:
         # Faust picks table serializers from the key/value *type* and falls back to JSON, ignoring
@@ -135,6 +139,47 @@ class LedgerWorker:
         async for event in stream.events():
             async with self.event_lock:
                 await self.handle(event)
+
+    async def _catch_up(self) -> None:
+        """Decide commands of owned partitions that Faust stopped delivering.
+
+        After kill -9 restarts, Faust was seen to start a partition past its committed offset
+        and then stall it (it never commits offsets it did not deliver). A partition whose
+        committed end is ahead of the ledger's next_command_offset, with no progress since the
+        previous check, is read straight from Kafka and decided here, under the event lock.
+        Anything Faust delivers later is below next_command_offset and only replays.
+        """
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        topic = self.settings.topic(LedgerTopic.COMMANDS)
+        owned = sorted(tp.partition for tp in self.app.assignor.assigned_actives()
+                       if tp.topic == topic)
+        if not owned:
+            return
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                    isolation_level="read_committed", enable_auto_commit=False)
+        await consumer.start()
+        try:
+            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in owned])
+        finally:
+            await consumer.stop()
+        for partition in owned:
+            end = ends[TopicPartition(topic, partition)]
+            log_head = records.log_from_bytes(self.logs.get(str(partition).encode()))
+            done = log_head.next_command_offset
+            stalled = done < end and self._last_seen_offsets.get(partition) == done
+            self._last_seen_offsets[partition] = done
+            if not stalled:
+                continue
+            async with self.event_lock:
+                log_head = records.log_from_bytes(self.logs.get(str(partition).encode()))
+                start = log_head.next_command_offset
+                if start != done:
+                    continue  # the stream moved meanwhile
+                log.warning("partition %s: stalled at offset %s of %s; deciding the backlog "
+                            "from Kafka", partition, start, end)
+                for command in await self._read_gap(partition, start, end):
+                    await self._process(command)
 
     # ------------------------------------------------------------------ per command
 
@@ -226,8 +271,8 @@ class LedgerWorker:
                 found.extend(Command.of(m) for m in batch.get(tp, []) if m.offset < end)
         finally:
             await consumer.stop()
-        log.warning("partition %s: decided %s command(s) in offsets [%s, %s) that the consumer "
-                    "skipped", partition, len(found), start, end)
+        log.warning("partition %s: read %s command(s) in offsets [%s, %s) from Kafka that the "
+                    "consumer did not deliver", partition, len(found), start, end)
         return found
 
     async def _decide(self, command: core.PostEntry, partition: int, now_ms: int,

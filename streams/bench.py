@@ -16,9 +16,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from schemas.codec import AvroCodec
 from streams import core
 from streams.config import Settings
-from streams.demo import DemoWorker
 from streams.money import currency_table, to_major
 from streams.topics import create_topics
+from streams.worker_process import WorkerProcess
 
 RESULT_WAIT_S = 600.0
 PROGRESS_EVERY_S = 2.0
@@ -184,7 +184,7 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
             settings = dataclasses.replace(
                 base, topic_prefix=f"{base.topic_prefix}bench-{key}-{int(time.time())}-{run}.")
             asyncio.run(create_topics(settings))
-            with DemoWorker(settings):
+            with WorkerProcess(settings):
                 figures.append(asyncio.run(_run(settings, scenario, seed=run)))
         print(f"  {scenario.name:28s} {statistics.median(f.rate_per_s for f in figures):>9,.0f} cmd/s"
               f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"

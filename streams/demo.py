@@ -4,56 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from decimal import Decimal
-from pathlib import Path
 
 from streams import canonical, records
 from streams.client import LedgerClient, LedgerEntry, LedgerRejected
 from streams.config import Settings
 from streams.money import currency_table
 from streams.topics import create_topics
-
-WORKER_READY_TIMEOUT_S = 120.0
-READY_MARKER = "Worker]: Ready"
+from streams.worker_process import WorkerProcess
 
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
-
-
-class DemoWorker:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.log_path = Path(tempfile.mkdtemp(prefix="sardis-demo-")) / "worker.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> DemoWorker:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **self.settings.as_env()})
-        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
-        while READY_MARKER not in self.log_path.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
-                raise RuntimeError(f"worker did not start; log {self.log_path}:\n{tail}")
-            time.sleep(0.2)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def _row(label: str, entry: LedgerEntry) -> None:
@@ -138,7 +101,7 @@ def run_demo() -> int:
     _say(f"Topics under prefix {settings.topic_prefix!r}; creating them and starting a worker…")
     asyncio.run(create_topics(settings))
     started = time.monotonic()
-    with DemoWorker(settings) as worker:
+    with WorkerProcess(settings) as worker:
         _say(f"Worker ready in {time.monotonic() - started:.1f}s (log: {worker.log_path})\n")
         committed = asyncio.run(_workload(settings))
         _merkle_check(committed)

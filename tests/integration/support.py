@@ -1,14 +1,9 @@
-"""Helpers for integration tests: ledger worker processes (kill -9 able) and topic readers."""
+"""Helpers for integration tests: raw command producers and topic readers."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -19,61 +14,7 @@ from streams.config import Settings
 from streams.errors import CodecError
 from streams.topics import create_topics
 
-WORKER_READY_TIMEOUT_S = 90.0
-READY_MARKER = "Worker]: Ready"
 FETCH_MAX = 5000
-
-
-class WorkerProcess:
-    """One `sardis-ledger worker` process with its own log file."""
-
-    def __init__(self, settings: Settings, log_dir: Path, name: str = "worker") -> None:
-        self.settings = settings
-        self.log_dir = log_dir
-        self.name = name
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"{self.name}-{self.starts}.log"
-
-    def start(self, wait_ready: bool = True) -> None:
-        self.starts += 1
-        env = {**os.environ, **self.settings.as_env()}
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        if wait_ready:
-            self.wait_ready()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
-            if READY_MARKER in self.log_path.read_text(errors="replace"):
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"worker not ready after {WORKER_READY_TIMEOUT_S}s:\n{self.tail()}")
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def kill9(self) -> None:
-        """SIGKILL, no goodbye: what a crash looks like."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill9()
 
 
 async def prepare_topics(settings: Settings) -> None:

@@ -17,7 +17,8 @@ from streams import canonical, core, merkle, records
 from streams.client import LedgerClient, LedgerRejected
 from streams.config import Settings
 from streams.money import currency_table, to_major, to_minor
-from tests.integration.support import RawProducer, WorkerProcess, prepare_topics, read_topic
+from streams.worker_process import WorkerProcess
+from tests.integration.support import RawProducer, prepare_topics, read_topic
 
 CURRENCIES = currency_table()
 USDC = CURRENCIES["USDC"]
