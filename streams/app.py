@@ -35,6 +35,7 @@ HEARTBEAT_INTERVAL_S = 1.0
 
 GAP_FETCH_TIMEOUT_MS = 1000
 CATCH_UP_INTERVAL_S = 5.0
+STALL_CHECKS = 2  # a partition behind and unchanged for this many checks in a row is stalled
 GAP_READ_TIMEOUT_S = 120.0
 GAP_FETCH_BATCH_MAX = 5000
 
@@ -116,8 +117,8 @@ class LedgerWorker:
         self.logs = self._raw_table(logs, table_options)
         self.app.agent(self.topics[LedgerTopic.COMMANDS], name="ledger")(self._agent)
         self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
-        # partition -> next_command_offset seen at the previous catch-up check
-        self._last_seen_offsets: dict[int, int] = {}
+        # partition -> (next_command_offset at the previous catch-up check, checks unchanged)
+        self._last_seen_offsets: dict[int, tuple[int, int]] = {}
 
     def _raw_table(self, name: str, options: dict[str, Any]) -> Any:
         # Faust picks table serializers from the key/value *type* and falls back to JSON, ignoring
@@ -167,9 +168,10 @@ class LedgerWorker:
             end = ends[TopicPartition(topic, partition)]
             log_head = records.log_from_bytes(self.logs.get(str(partition).encode()))
             done = log_head.next_command_offset
-            stalled = done < end and self._last_seen_offsets.get(partition) == done
-            self._last_seen_offsets[partition] = done
-            if not stalled:
+            previous, unchanged = self._last_seen_offsets.get(partition, (-1, 0))
+            unchanged = unchanged + 1 if previous == done and done < end else 0
+            self._last_seen_offsets[partition] = (done, unchanged)
+            if unchanged < STALL_CHECKS:
                 continue
             async with self.event_lock:
                 log_head = records.log_from_bytes(self.logs.get(str(partition).encode()))
