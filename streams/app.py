@@ -35,7 +35,10 @@ HEARTBEAT_INTERVAL_S = 1.0
 
 GAP_FETCH_TIMEOUT_MS = 1000
 CATCH_UP_INTERVAL_S = 5.0
-STALL_CHECKS = 2  # a partition behind and unchanged for this many checks in a row is stalled
+# Behind and unchanged for this many checks in a row (60 s) counts as stalled. A busy single agent
+# can leave a partition without a turn for many seconds; that is not a stall.
+STALL_CHECKS = 12
+CATCH_UP_CHUNK_MAX = 500  # commands decided per partition per catch-up tick
 GAP_READ_TIMEOUT_S = 120.0
 GAP_FETCH_BATCH_MAX = 5000
 
@@ -119,6 +122,7 @@ class LedgerWorker:
         self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
         # partition -> (next_command_offset at the previous catch-up check, checks unchanged)
         self._last_seen_offsets: dict[int, tuple[int, int]] = {}
+        self._catching_up: set[int] = set()  # partitions the timer feeds until they are current
 
     def _raw_table(self, name: str, options: dict[str, Any]) -> Any:
         # Faust picks table serializers from the key/value *type* and falls back to JSON, ignoring
@@ -146,9 +150,10 @@ class LedgerWorker:
 
         After kill -9 restarts, Faust was seen to start a partition past its committed offset
         and then stall it (it never commits offsets it did not deliver). A partition whose
-        committed end is ahead of the ledger's next_command_offset, with no progress since the
-        previous check, is read straight from Kafka and decided here, under the event lock.
-        Anything Faust delivers later is below next_command_offset and only replays.
+        committed end is ahead of the ledger's next_command_offset, with no progress for
+        STALL_CHECKS checks, is read straight from Kafka and decided here in bounded chunks under
+        the event lock, tick after tick until it is current. Anything Faust delivers later is
+        below next_command_offset and only replays.
         """
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -171,17 +176,22 @@ class LedgerWorker:
             previous, unchanged = self._last_seen_offsets.get(partition, (-1, 0))
             unchanged = unchanged + 1 if previous == done and done < end else 0
             self._last_seen_offsets[partition] = (done, unchanged)
-            if unchanged < STALL_CHECKS:
+            if done >= end:
+                self._catching_up.discard(partition)
+            elif unchanged >= STALL_CHECKS:
+                self._catching_up.add(partition)
+            if partition not in self._catching_up:
                 continue
             async with self.event_lock:
                 log_head = records.log_from_bytes(self.logs.get(str(partition).encode()))
                 start = log_head.next_command_offset
-                if start != done:
-                    continue  # the stream moved meanwhile
-                log.warning("partition %s: stalled at offset %s of %s; deciding the backlog "
-                            "from Kafka", partition, start, end)
-                for command in await self._read_gap(partition, start, end):
+                # A bounded chunk per tick: one transaction must stay far below its timeout.
+                stop = min(end, start + CATCH_UP_CHUNK_MAX)
+                log.warning("partition %s: no progress at offset %s of %s; deciding [%s, %s) "
+                            "from Kafka", partition, start, end, start, stop)
+                for command in await self._read_gap(partition, start, stop):
                     await self._process(command)
+            self._last_seen_offsets[partition] = (stop, 0)
 
     # ------------------------------------------------------------------ per command
 

@@ -17,7 +17,7 @@ from schemas.codec import AvroCodec
 from streams import core
 from streams.config import Settings
 from streams.money import currency_table, to_major
-from streams.topics import create_topics
+from streams.topics import create_topics, delete_topics_with_prefix
 from streams.worker_process import WorkerProcess
 
 RESULT_WAIT_S = 600.0
@@ -53,6 +53,14 @@ def _commands(scenario: Scenario, seed: int) -> list[dict[str, object]]:
     return out
 
 
+def _clients(settings: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                enable_idempotence=True, linger_ms=5)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                isolation_level="read_committed", enable_auto_commit=False)
+    return producer, consumer
+
+
 def _progress(label: str, done: int, total: int, started: float) -> None:
     width = 30
     filled = width * done // max(total, 1)
@@ -67,10 +75,7 @@ async def _kafka_baseline(settings: Settings, count: int) -> float:
     codec = AvroCodec()
     topic = settings.topic("bench.baseline")
     values = [codec.encode("PostEntry", c) for c in _commands(Scenario("b", count, 1000), 99)]
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                                enable_idempotence=True, linger_ms=5)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
-                                isolation_level="read_committed", enable_auto_commit=False)
+    producer, consumer = _clients(settings)
     await producer.start()
     await consumer.start()
     try:
@@ -101,10 +106,7 @@ async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
     commands = _commands(scenario, seed)
     encoded = [(c["command_id"], str(c["account_id"]), codec.encode("PostEntry", c)) for c in commands]
     results_topic = settings.topic("ledger.results")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                                enable_idempotence=True, linger_ms=5)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
-                                isolation_level="read_committed", enable_auto_commit=False)
+    producer, consumer = _clients(settings)
     await producer.start()
     await consumer.start()
     sent_at: dict[str, float] = {}
@@ -174,6 +176,7 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
         prefix = f"{base.topic_prefix}bench-{int(time.time())}-{run}."
         settings = dataclasses.replace(base, topic_prefix=prefix)
         baseline.append(asyncio.run(_kafka_baseline(settings, min(commands, 50_000))))
+        asyncio.run(delete_topics_with_prefix(settings))
     print(f"  baseline Kafka+Avro produce->consume, no ledger: "
           f"{statistics.median(baseline):,.0f} records/s (median of {runs})", flush=True)
     for key in scenarios:
@@ -186,6 +189,7 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
             asyncio.run(create_topics(settings))
             with WorkerProcess(settings):
                 figures.append(asyncio.run(_run(settings, scenario, seed=run)))
+            asyncio.run(delete_topics_with_prefix(settings))
         print(f"  {scenario.name:28s} {statistics.median(f.rate_per_s for f in figures):>9,.0f} cmd/s"
               f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"
               f"   p99 {statistics.median(f.p99_ms for f in figures):8.1f} ms"

@@ -112,3 +112,21 @@ async def _describe_when_ready(admin: object, names: list[str]) -> list[dict[str
         if ready or time.monotonic() > deadline:
             return described
         await asyncio.sleep(0.2)
+
+
+async def delete_topics_with_prefix(settings: Settings) -> list[str]:
+    """Delete every topic under the settings' prefix (benchmarks and tests clean up after runs)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    if not settings.topic_prefix:
+        raise TopicError("refusing to delete topics without a topic prefix")
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                request_timeout_ms=CREATE_TIMEOUT_MS)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(settings.topic_prefix)]
+        if names:
+            await admin.delete_topics(names)
+        return names
+    finally:
+        await admin.close()

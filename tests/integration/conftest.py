@@ -13,6 +13,7 @@ import pytest
 
 from infra import harness
 from streams.config import Settings
+from streams.topics import delete_topics_with_prefix
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -52,20 +53,7 @@ def settings(stack: Settings) -> Iterator[Settings]:
     """
     own = dataclasses.replace(stack, topic_prefix=f"t-{uuid.uuid4().hex[:10]}.")
     yield own
-    asyncio.run(delete_topics(own.kafka_bootstrap, own.topic_prefix))
-
-
-async def delete_topics(bootstrap: str, prefix: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
+    asyncio.run(delete_topics_with_prefix(own))
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -92,6 +91,3 @@ async def read_topic(settings: Settings, name: str, *, until: Any = None,
         await consumer.stop()
 
 
-
-async def wait_quiet(seconds: float) -> None:
-    await asyncio.sleep(seconds)

@@ -156,6 +156,15 @@ async def results_for(settings: Settings, command_ids: set[str], timeout_s: floa
                                            timeout_s=timeout_s)]
 
 
+async def committed_entries(settings: Settings, outcomes: dict[str, core.Outcome],
+                            timeout_s: float = 120) -> list[dict[str, Any]]:
+    """ledger.entries read until it holds as many distinct entry_ids as the model committed."""
+    committed = sum(o.entry is not None for o in outcomes.values())
+    rows = await read_topic(settings, "ledger.entries", timeout_s=timeout_s,
+                            until=lambda rows: len({r[3]["entry_id"] for r in rows}) >= committed)
+    return [r[3] for r in rows]
+
+
 def check_results(results: list[dict[str, Any]], outcomes: dict[str, core.Outcome]) -> None:
     distinct: dict[str, set[tuple[Any, ...]]] = defaultdict(set)
     for result in results:
@@ -199,10 +208,7 @@ async def test_workload_matches_reference_model_and_bad_input_goes_to_dlq(
     results = await results_for(settings, set(outcomes), timeout_s=300)
     check_results(results, outcomes)
 
-    committed = sum(o.entry is not None for o in outcomes.values())
-    entries = [r[3] for r in await read_topic(
-        settings, "ledger.entries", until=lambda rows: len({r[3]["entry_id"] for r in rows}) >= committed,
-        timeout_s=60)]
+    entries = await committed_entries(settings, outcomes)
     check_entries_match_model(entries, outcomes)
     heads = [r[3] for r in await read_topic(settings, "ledger.tree-heads", idle_s=3, timeout_s=30)]
     check_merkle_logs(entries, heads)
@@ -284,10 +290,7 @@ async def test_kill_9_during_stream_loses_and_doubles_nothing(
     assert kills >= 3
     results = await results_for(settings, set(outcomes), timeout_s=600)
     check_results(results, outcomes)
-    committed = sum(o.entry is not None for o in outcomes.values())
-    entries = [r[3] for r in await read_topic(
-        settings, "ledger.entries", until=lambda rows: len({r[3]["entry_id"] for r in rows}) >= committed,
-        timeout_s=120)]
+    entries = await committed_entries(settings, outcomes)
     check_entries_match_model(entries, outcomes)
     check_merkle_logs(entries, [])
     balances: dict[str, dict[str, Any]] = {}
