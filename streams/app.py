@@ -20,7 +20,7 @@ from streams import core, records
 from streams.config import Settings
 from streams.errors import CodecError, InvariantViolation
 from streams.money import Currency, currency_table
-from streams.topics import APP_NAME, TABLES, TOPICS, LedgerTopic, changelog_topic_name
+from streams.topics import APP_NAME, TABLES, LedgerTopic, changelog_topic_name
 from streams.transactions import ledger_transport
 
 log = logging.getLogger("sardis.worker")
@@ -104,21 +104,19 @@ class LedgerWorker:
         self.app.transport = transport(self.app.conf.broker_consumer, self.app)
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes,
                                "key_serializer": "raw", "value_serializer": "raw"}
-        self.topics = {
-            t.name: self.app.topic(settings.topic(t.name), partitions=settings.partitions,
-                                   internal=False, **raw)
-            for t in TOPICS
-        }
+        # Only the input is a Faust topic: outputs go straight to the transactional producer.
+        commands_topic = self.app.topic(settings.topic(LedgerTopic.COMMANDS),
+                                        partitions=settings.partitions, internal=False, **raw)
         table_options: dict[str, Any] = {"partitions": settings.partitions, "default": None,
                                          "schema": faust.Schema(**raw)}
         # account_id|currency -> AccountState; command_id -> CommandRecord; partition -> LogHead.
-        # All three are written in the context of a command event, so each changelog record lands
-        # in that command's partition: the tables are co-partitioned with ledger.commands.
+        # _put writes each changelog record to the deciding command's partition, so the tables
+        # are co-partitioned with ledger.commands.
         accounts, commands, logs = TABLES
         self.accounts = self._raw_table(accounts, table_options)
         self.commands = self._raw_table(commands, table_options)
         self.logs = self._raw_table(logs, table_options)
-        self.app.agent(self.topics[LedgerTopic.COMMANDS], name="ledger")(self._agent)
+        self.app.agent(commands_topic, name="ledger")(self._agent)
         self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
         # partition -> (next_command_offset at the previous catch-up check, checks unchanged)
         self._last_seen_offsets: dict[int, tuple[int, int]] = {}
@@ -199,13 +197,11 @@ class LedgerWorker:
         """Decide one delivered command, after any commands the consumer skipped before it."""
         message = event.message
         partition: int = message.partition
-        log_key = str(partition).encode()
-        log_head = records.log_from_bytes(self.logs.get(log_key))
-        if message.offset > log_head.next_command_offset:
+        next_offset = records.log_next_command_offset(self.logs.get(str(partition).encode()))
+        if message.offset > next_offset:
             # Kafka delivered past commands that no decision recorded: Faust committed offsets
             # whose effects were lost (seen after kill -9). Decide the gap first, in order.
-            for skipped in await self._read_gap(partition, log_head.next_command_offset,
-                                                message.offset):
+            for skipped in await self._read_gap(partition, next_offset, message.offset):
                 await self._process(skipped)
         await self._process(Command.of(message))
 

@@ -7,6 +7,7 @@ import base64
 import json
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -94,11 +95,11 @@ def parse_command_line(line: str) -> dict[str, Any]:
 async def produce(settings: Settings, stdin: IO[str], stdout: IO[str], *, wait: bool) -> int:
     failed = 0
     async with LedgerClient(settings) as client:
-        in_flight: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
+        in_flight: deque[tuple[str, asyncio.Future[dict[str, Any]]]] = deque()
 
         async def drain(limit: int) -> None:
             while len(in_flight) > limit:
-                command_id, fut = in_flight.pop(0)
+                command_id, fut = in_flight.popleft()
                 result = await client.wait(fut, command_id)
                 print(dumps(_at_currency_scale(dict(result))), file=stdout, flush=True)
 

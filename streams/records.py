@@ -232,6 +232,15 @@ def log_to_bytes(log: LogHead) -> bytes:
             + log.next_command_offset.to_bytes(8, "big") + log.frontier.to_bytes())
 
 
+def log_next_command_offset(data: bytes | None) -> int:
+    """next_command_offset of a log-head record without decoding its Merkle frontier."""
+    if data is None:
+        return 0
+    if len(data) < LOG_HEAD_HEADER_BYTES:
+        raise InvariantViolation(f"log head record of {len(data)} bytes is truncated")
+    return int.from_bytes(data[16:24], "big")
+
+
 def log_from_bytes(data: bytes | None) -> LogHead:
     if data is None:
         return LogHead()

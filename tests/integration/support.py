@@ -11,13 +11,8 @@ from schemas.codec import AvroCodec
 from streams import core
 from streams.config import Settings
 from streams.errors import CodecError
-from streams.topics import create_topics
 
 FETCH_MAX = 5000
-
-
-async def prepare_topics(settings: Settings) -> None:
-    await create_topics(settings)
 
 
 class RawProducer:

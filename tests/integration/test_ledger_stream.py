@@ -17,8 +17,9 @@ from streams import canonical, core, merkle, records
 from streams.client import LedgerClient, LedgerRejected
 from streams.config import Settings
 from streams.money import currency_table, to_major, to_minor
+from streams.topics import create_topics
 from streams.worker_process import WorkerProcess
-from tests.integration.support import RawProducer, prepare_topics, read_topic
+from tests.integration.support import RawProducer, read_topic
 
 CURRENCIES = currency_table()
 USDC = CURRENCIES["USDC"]
@@ -26,7 +27,7 @@ USDC = CURRENCIES["USDC"]
 
 @pytest.fixture
 def worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
-    asyncio.run(prepare_topics(settings))
+    asyncio.run(create_topics(settings))
     process = WorkerProcess(settings, tmp_path)
     yield process
     process.stop()

@@ -584,6 +584,7 @@ def test_log_bytes_round_trip(leaf_count: int, head_tree_size: int, head_publish
     assert len(data) == 24 + 8 + 32 * leaf_count.bit_count()
     back = records.log_from_bytes(data)
     assert back == log
+    assert records.log_next_command_offset(data) == next_command_offset
     assert back.frontier.root() == frontier.root()
 
 
