@@ -45,6 +45,12 @@ class Reason(StrEnum):
     METADATA_TOO_LARGE = "metadata_too_large"
     BALANCE_OVERFLOW = "balance_overflow"
     UNKNOWN_COMMAND = "unknown_command"
+    # batches (streams/batches.py)
+    UNBALANCED = "unbalanced"
+    BATCH_TIMEOUT = "timeout"
+    ALREADY_ROLLED_BACK = "already_rolled_back"
+    BATCH_NOT_COMMITTED = "batch_not_committed"
+    HOLD_VOIDED = "hold_voided"
 
 
 class EntryType(StrEnum):
