@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from faust.types import EventT, StreamT
+from faust.types import TP, EventT, StreamT
 
 from schemas.codec import AvroCodec
-from streams import core, records
+from streams import batches, core, records
 from streams.config import Settings
 from streams.errors import CodecError, InvariantViolation
 from streams.money import Currency, currency_table
@@ -39,6 +39,10 @@ CATCH_UP_INTERVAL_S = 5.0
 # can leave a partition without a turn for many seconds; that is not a stall.
 STALL_CHECKS = 12
 CATCH_UP_CHUNK_MAX = 500  # commands decided per partition per catch-up tick
+CATCH_UP_REQUEST_TIMEOUT_MS = 10_000
+STALL_LOG_EVERY_CHECKS = 4
+BATCH_TICK_INTERVAL_S = 1.0
+BATCH_TIMEOUTS_PER_TICK_MAX = 200  # batches voided per tick: one transaction stays bounded
 GAP_READ_TIMEOUT_S = 120.0
 GAP_FETCH_BATCH_MAX = 5000
 
@@ -107,20 +111,41 @@ class LedgerWorker:
         # Only the input is a Faust topic: outputs go straight to the transactional producer.
         commands_topic = self.app.topic(settings.topic(LedgerTopic.COMMANDS),
                                         partitions=settings.partitions, internal=False, **raw)
+        # ledger.batches has as many partitions as ledger.commands, so Faust's assignor puts both in
+        # one co-partitioned group: partition p of each goes to the same worker and shares its
+        # transactional producer (a coordinator's reserve to another partition joins that
+        # transaction).
+        batches_topic = self.app.topic(settings.topic(LedgerTopic.BATCHES),
+                                       partitions=settings.partitions, internal=False, **raw)
         table_options: dict[str, Any] = {"partitions": settings.partitions, "default": None,
                                          "schema": faust.Schema(**raw)}
         # account_id|currency -> AccountState; command_id -> CommandRecord; partition -> LogHead.
         # _put writes each changelog record to the deciding command's partition, so the tables
         # are co-partitioned with ledger.commands.
-        accounts, commands, logs = TABLES
+        accounts, commands, logs, holds, batch_state = TABLES
         self.accounts = self._raw_table(accounts, table_options)
         self.commands = self._raw_table(commands, table_options)
         self.logs = self._raw_table(logs, table_options)
+        # batch_id#leg_index -> Hold (account side, co-partitioned with ledger.commands)
+        self.holds = self._raw_table(holds, table_options)
+        # b:batch_id -> BatchHeader, l:batch_id#i -> LegRecord, o:partition -> next offset
+        # (coordinator side, co-partitioned with ledger.batches)
+        self.batch_state = self._raw_table(batch_state, table_options)
+        self.commands_topic = settings.topic(LedgerTopic.COMMANDS)
+        self.batches_topic = settings.topic(LedgerTopic.BATCHES)
         self.app.agent(commands_topic, name="ledger")(self._agent)
+        self.app.agent(batches_topic, name="batches")(self._agent)
+        self.app.timer(BATCH_TICK_INTERVAL_S, name="batch-ticks")(self._batch_ticks)
+        # partition of ledger.batches -> {batch_id: deadline_ms} of batches still reserving
+        self._open_batches: dict[int, dict[str, int]] = {}
+        self._open_batches_for: frozenset[int] | None = None  # owned partitions it was built for
+        self._tick_producer: Any = None
+        self._last_tick_ms: dict[int, int] = {}
         self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
         # partition -> (next_command_offset at the previous catch-up check, checks unchanged)
-        self._last_seen_offsets: dict[int, tuple[int, int]] = {}
-        self._catching_up: set[int] = set()  # partitions the timer feeds until they are current
+        self._last_seen_offsets: dict[tuple[str, int], tuple[int, int]] = {}
+        # input partitions the timer feeds until they are current
+        self._catching_up: set[tuple[str, int]] = set()
 
     def _raw_table(self, name: str, options: dict[str, Any]) -> Any:
         # Faust picks table serializers from the key/value *type* and falls back to JSON, ignoring
@@ -144,24 +169,43 @@ class LedgerWorker:
                 await self.handle(event)
 
     async def _catch_up(self) -> None:
-        """Decide commands of owned partitions that Faust stopped delivering.
+        """Keep every owned partition deciding and committing, whatever Faust's consumer does.
 
-        After kill -9 restarts, Faust was seen to start a partition past its committed offset
-        and then stall it (it never commits offsets it did not deliver). A partition whose
-        committed end is ahead of the ledger's next_command_offset, with no progress for
-        STALL_CHECKS checks, is read straight from Kafka and decided here in bounded chunks under
-        the event lock, tick after tick until it is current. Anything Faust delivers later is
-        below next_command_offset and only replays.
+        Two stalls were seen after kill -9 restarts (faust-streaming 0.15.3):
+        1. Faust started a partition past its committed offset. It commits only a run of acked
+           offsets that starts at the committed one, so that partition never committed again:
+           its transaction stayed open and readers saw none of its results. `_acknowledge`
+           marks every decided offset as acked, so the commit can always move up to
+           next_command_offset (the decisions are in committed transactions or the open one).
+        2. A partition whose committed end is ahead of next_command_offset gets no delivery for
+           STALL_CHECKS checks: its commands are read straight from Kafka and decided here in
+           bounded chunks, tick after tick until it is current. Anything Faust delivers later is
+           below next_command_offset and only replays.
+        A failing check is logged and retried at the next tick: the timer must never die.
         """
+        try:
+            await self._check_partitions()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a dead timer would hide the next stall
+            log.exception("catch-up check failed; retrying in %.0f s", CATCH_UP_INTERVAL_S)
+
+    async def _check_partitions(self) -> None:
+        for topic in (self.commands_topic, self.batches_topic):
+            await self._check_topic(topic)
+
+    async def _check_topic(self, topic: str) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        topic = self.settings.topic(LedgerTopic.COMMANDS)
         owned = sorted(tp.partition for tp in self.app.assignor.assigned_actives()
                        if tp.topic == topic)
         if not owned:
             return
+        for partition in owned:
+            self._acknowledge(topic, partition, self._next_offset(topic, partition))
         consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                    isolation_level="read_committed", enable_auto_commit=False)
+                                    isolation_level="read_committed", enable_auto_commit=False,
+                                    request_timeout_ms=CATCH_UP_REQUEST_TIMEOUT_MS)
         await consumer.start()
         try:
             ends = await consumer.end_offsets([TopicPartition(topic, p) for p in owned])
@@ -169,41 +213,80 @@ class LedgerWorker:
             await consumer.stop()
         for partition in owned:
             end = ends[TopicPartition(topic, partition)]
-            log_head = records.log_from_bytes(self.logs.get(str(partition).encode()))
-            done = log_head.next_command_offset
-            previous, unchanged = self._last_seen_offsets.get(partition, (-1, 0))
+            done = self._next_offset(topic, partition)
+            key = (topic, partition)
+            previous, unchanged = self._last_seen_offsets.get(key, (-1, 0))
             unchanged = unchanged + 1 if previous == done and done < end else 0
-            self._last_seen_offsets[partition] = (done, unchanged)
+            self._last_seen_offsets[key] = (done, unchanged)
             if done >= end:
-                self._catching_up.discard(partition)
+                self._catching_up.discard(key)
             elif unchanged >= STALL_CHECKS:
-                self._catching_up.add(partition)
-            if partition not in self._catching_up:
+                self._catching_up.add(key)
+            elif unchanged and unchanged % STALL_LOG_EVERY_CHECKS == 0:
+                log.info("%s:%s: at offset %s of %s, unchanged for %s checks", topic, partition,
+                         done, end, unchanged)
+            if key not in self._catching_up:
                 continue
             async with self.event_lock:
-                log_head = records.log_from_bytes(self.logs.get(str(partition).encode()))
-                start = log_head.next_command_offset
+                start = self._next_offset(topic, partition)
                 # A bounded chunk per tick: one transaction must stay far below its timeout.
                 stop = min(end, start + CATCH_UP_CHUNK_MAX)
-                log.warning("partition %s: no progress at offset %s of %s; deciding [%s, %s) "
-                            "from Kafka", partition, start, end, start, stop)
-                for command in await self._read_gap(partition, start, stop):
-                    await self._process(command)
-            self._last_seen_offsets[partition] = (stop, 0)
+                log.warning("%s:%s: no progress at offset %s of %s; deciding [%s, %s) from Kafka",
+                            topic, partition, start, end, start, stop)
+                for command in await self._read_gap(topic, partition, start, stop):
+                    await self._dispatch(command)
+                self._acknowledge(topic, partition, stop)
+            self._last_seen_offsets[key] = (stop, 0)
+
+    def _acknowledge(self, topic: str, partition: int, next_offset: int) -> None:
+        """Tell Faust's consumer that every offset of `partition` below next_offset is done.
+
+        Faust commits the longest run of acked offsets that starts at its committed offset. Offsets
+        decided without Faust delivering them (gap fill, catch-up) would otherwise never be acked
+        and hold back every later commit of the partition. Only decided offsets are added, so a
+        commit can never pass a command whose effects are not in its transaction or an earlier
+        one. Synchronous: no other task runs between reading and updating Faust's bookkeeping.
+        """
+        consumer: Any = self.app.consumer
+        tp = TP(topic, partition)
+        committed = consumer._committed_offset.get(tp)
+        if committed is None or committed >= next_offset:
+            return
+        acked_index = consumer._acked_index[tp]
+        acked = consumer._acked[tp]
+        missing = [offset for offset in range(committed, next_offset) if offset not in acked_index]
+        if missing:
+            acked_index.update(missing)
+            acked.extend(missing)
+            acked.sort()
+
+    def _next_offset(self, topic: str, partition: int) -> int:
+        """Offset of the next record of an input partition that no decision has recorded yet."""
+        if topic == self.commands_topic:
+            return records.log_next_command_offset(self.logs.get(str(partition).encode()))
+        return records.offset_from_bytes(self.batch_state.get(f"o:{partition}".encode()))
 
     # ------------------------------------------------------------------ per command
 
     async def handle(self, event: EventT) -> None:
-        """Decide one delivered command, after any commands the consumer skipped before it."""
+        """Decide one delivered record, after any records the consumer skipped before it."""
         message = event.message
         partition: int = message.partition
-        next_offset = records.log_next_command_offset(self.logs.get(str(partition).encode()))
+        next_offset = self._next_offset(message.topic, partition)
         if message.offset > next_offset:
-            # Kafka delivered past commands that no decision recorded: Faust committed offsets
-            # whose effects were lost (seen after kill -9). Decide the gap first, in order.
-            for skipped in await self._read_gap(partition, next_offset, message.offset):
-                await self._process(skipped)
-        await self._process(Command.of(message))
+            # Kafka delivered past records that no decision recorded: Faust started the partition
+            # past them or committed offsets whose effects were lost (both seen after kill -9).
+            # Decide the gap first, in order.
+            for skipped in await self._read_gap(message.topic, partition, next_offset, message.offset):
+                await self._dispatch(skipped)
+            self._acknowledge(message.topic, partition, message.offset)
+        await self._dispatch(Command.of(message))
+
+    async def _dispatch(self, command: Command) -> None:
+        if command.topic == self.commands_topic:
+            await self._process(command)
+        else:
+            await self._process_batch(command)
 
     async def _process(self, command: Command) -> None:
         partition = command.partition
@@ -212,7 +295,18 @@ class LedgerWorker:
         except CodecError as exc:
             await self._dead_letter(command, exc.reason, str(exc), None)
         else:
-            if name != "PostEntry":
+            if name in ("ReserveLeg", "SettleLeg"):
+                account_id = str(record["account_id"])
+                owner = core.partition_for(account_id, self.settings.partitions)
+                if owner != partition:
+                    await self._produce(self.commands_topic, account_id.encode(), command.value,
+                                        owner, transaction_of=partition)
+                elif name == "ReserveLeg":
+                    await self._reserve(records.reserve_from_wire(record, self.currencies), partition)
+                else:
+                    await self._settle(records.settle_from_wire(record), partition,
+                                       command.timestamp_ms)
+            elif name != "PostEntry":
                 await self._dead_letter(command, core.Reason.UNKNOWN_COMMAND,
                                         f"{name} is not a command of ledger.commands",
                                         record.get("command_id"))
@@ -226,13 +320,279 @@ class LedgerWorker:
                 elif (owner := core.partition_for(parsed.account_id, self.settings.partitions)) \
                         != partition:
                     # A producer with another partitioner put it here; only the owner decides it.
-                    await self._produce(self.settings.topic(LedgerTopic.COMMANDS),
-                                        parsed.account_id.encode(), command.value, owner,
-                                        transaction_of=partition)
+                    await self._produce(self.commands_topic, parsed.account_id.encode(),
+                                        command.value, owner, transaction_of=partition)
                 else:
                     await self._decide(parsed, partition, command.timestamp_ms, command.offset)
                     return
         await self._advance(partition, command.offset)
+
+    # ------------------------------------------------------------------ batches: account side
+
+    async def _reserve(self, message: batches.Reserve, partition: int) -> None:
+        account_key = core.account_key(message.leg.account_id, message.leg.currency).encode()
+        hold_key = message.hold_key.encode()
+        state = records.state_from_bytes(self.accounts.get(account_key))
+        step = batches.reserve(state, records.hold_from_bytes(self.holds.get(hold_key)), message)
+        if step.changed:
+            await self._put(self.holds, hold_key, records.hold_to_bytes(step.hold), partition)
+            if step.state != state:
+                await self._put(self.accounts, account_key, records.state_to_bytes(step.state),
+                                partition)
+                await self._balance_of(message.leg.account_id, message.leg.currency, step.state,
+                                       partition)
+        if step.report is not None:
+            await self._report(step.report, message.coordinator_partition, partition)
+
+    async def _settle(self, message: batches.Settle, partition: int, now_ms: int) -> None:
+        account_key = core.account_key(message.account_id, message.currency).encode()
+        hold_key = message.hold_key.encode()
+        state = records.state_from_bytes(self.accounts.get(account_key))
+        hold = records.hold_from_bytes(self.holds.get(hold_key))
+        if message.action is batches.SettleAction.VOID:
+            step = batches.void(state, hold, message)
+            if step.changed:
+                await self._put(self.holds, hold_key, records.hold_to_bytes(step.hold), partition)
+                if step.state != state:
+                    await self._put(self.accounts, account_key, records.state_to_bytes(step.state),
+                                    partition)
+                    await self._balance_of(message.account_id, message.currency, step.state,
+                                           partition)
+            return
+        log_key = str(partition).encode()
+        log_head = records.log_from_bytes(self.logs.get(log_key))
+        step = batches.post(state, log_head.frontier, hold, partition=partition, now_ms=now_ms)
+        if step.changed and step.frontier is not None:
+            await self._put(self.holds, hold_key, records.hold_to_bytes(step.hold), partition)
+            await self._put(self.accounts, account_key, records.state_to_bytes(step.state), partition)
+            log_head = replace(log_head, frontier=step.frontier)
+            if core.tree_head_due(log_head, now_ms):
+                await self._tree_head(partition, log_head, now_ms)
+                log_head = replace(log_head, head_tree_size=log_head.frontier.tree_size,
+                                   head_published_at_ms=now_ms)
+            await self._put(self.logs, log_key, records.log_to_bytes(log_head), partition)
+            await self._balance_of(message.account_id, message.currency, step.state, partition)
+        if step.entry is not None:
+            # Re-emitted when the post is repeated, as for PostEntry: consumers dedupe by entry_id.
+            await self._entry(step.entry, partition)
+        if step.report is not None:
+            await self._report(step.report, message.coordinator_partition, partition)
+
+    async def _report(self, report: batches.LegReport, coordinator_partition: int,
+                      partition: int) -> None:
+        await self._send(LedgerTopic.BATCHES, report.batch_id.encode(), "LegReport",
+                         records.report_to_wire(report, self.currencies), coordinator_partition,
+                         transaction_of=partition)
+
+    # ------------------------------------------------------------------ batches: coordinator
+
+    async def _process_batch(self, command: Command) -> None:
+        partition = command.partition
+        try:
+            name, record = self.codec.decode(command.value)
+        except CodecError as exc:
+            await self._dead_letter(command, exc.reason, str(exc), None)
+        else:
+            if name == "SubmitBatch":
+                await self._submit_batch(command, record, partition)
+            elif name == "RollbackBatch":
+                await self._rollback_batch(command, record, partition)
+            elif name == "LegReport":
+                await self._leg_report(records.report_from_wire(record, self.currencies),
+                                       partition, command.timestamp_ms)
+            elif name == "BatchTick":
+                await self._batch_tick(partition, core._ms(record["now"]) or 0)
+            else:
+                await self._dead_letter(command, core.Reason.UNKNOWN_COMMAND,
+                                        f"{name} is not a record of ledger.batches",
+                                        record.get("command_id") or record.get("batch_id"))
+        await self._put(self.batch_state, f"o:{partition}".encode(),
+                        records.offset_to_bytes(max(command.offset + 1,
+                                                    self._next_offset(command.topic, partition))),
+                        partition)
+
+    def _header(self, batch_id: str) -> batches.BatchHeader | None:
+        return records.header_from_bytes(self.batch_state.get(f"b:{batch_id}".encode()))
+
+    def _legs(self, header: batches.BatchHeader) -> list[batches.LegRecord]:
+        out: list[batches.LegRecord] = []
+        for index in range(header.leg_count):
+            data = self.batch_state.get(f"l:{batches.hold_key(header.batch_id, index)}".encode())
+            if data is None:
+                raise InvariantViolation(f"batch {header.batch_id} has no leg {index}")
+            out.append(records.leg_record_from_bytes(data))
+        return out
+
+    async def _put_header(self, header: batches.BatchHeader, partition: int) -> None:
+        await self._put(self.batch_state, f"b:{header.batch_id}".encode(),
+                        records.header_to_bytes(header), partition)
+        open_batches = self._open_batches.setdefault(partition, {})
+        if header.status is batches.BatchStatus.RESERVING:
+            open_batches[header.batch_id] = header.deadline_ms
+        else:
+            open_batches.pop(header.batch_id, None)
+
+    async def _put_leg(self, batch_id: str, index: int, leg: batches.LegRecord, partition: int) -> None:
+        await self._put(self.batch_state, f"l:{batches.hold_key(batch_id, index)}".encode(),
+                        records.leg_record_to_bytes(leg), partition)
+
+    async def _apply(self, step: batches.Step, partition: int) -> None:
+        """Write a coordinator step's state, then send its messages and result."""
+        for header in (step.header, *step.extra_headers):
+            if header is not None:
+                await self._put_header(header, partition)
+        if step.header is not None:
+            for index, leg in step.legs.items():
+                await self._put_leg(step.header.batch_id, index, leg, partition)
+        for reserve in step.reserves:
+            await self._send(LedgerTopic.COMMANDS, reserve.leg.account_id.encode(), "ReserveLeg",
+                             records.reserve_to_wire(reserve),
+                             core.partition_for(reserve.leg.account_id, self.settings.partitions),
+                             transaction_of=partition)
+        for settle in step.settles:
+            await self._send(LedgerTopic.COMMANDS, settle.account_id.encode(), "SettleLeg",
+                             records.settle_to_wire(settle),
+                             core.partition_for(settle.account_id, self.settings.partitions),
+                             transaction_of=partition)
+        if step.outcome is not None:
+            await self._batch_result(step.outcome, partition)
+
+    async def _batch_result(self, outcome: batches.BatchOutcome, partition: int) -> None:
+        await self._send(LedgerTopic.RESULTS, outcome.result_key.encode(), "Result",
+                         records.batch_outcome_to_wire(outcome, self.currencies), partition)
+
+    async def _submit_batch(self, command: Command, record: dict[str, Any], partition: int) -> None:
+        parsed = batches.parse_submit_batch(record, self.currencies)
+        if isinstance(parsed, batches.BatchRejection):
+            await self._dead_letter(command, parsed.reason, parsed.detail, parsed.batch_id)
+            if parsed.batch_id is not None:
+                await self._batch_result(batches.BatchOutcome(
+                    parsed.batch_id, parsed.batch_id, False, parsed.reason, parsed.detail,
+                    parsed.leg_index), partition)
+            return
+        existing = self._header(parsed.batch_id)
+        step = batches.submit(existing, parsed, coordinator_partition=partition,
+                              now_ms=command.timestamp_ms)
+        if existing is not None and step.outcome is None:
+            outcome = batches.decided_outcome(existing, self._legs(existing))
+            if outcome is not None:
+                await self._batch_result(outcome, partition)
+            return
+        await self._apply(step, partition)
+
+    async def _rollback_batch(self, command: Command, record: dict[str, Any], partition: int) -> None:
+        parsed = batches.parse_rollback(record)
+        if isinstance(parsed, batches.BatchRejection):
+            await self._dead_letter(command, parsed.reason, parsed.detail, parsed.batch_id)
+            if parsed.batch_id is not None:
+                await self._batch_result(batches.BatchOutcome(
+                    parsed.batch_id, str(record.get("batch_id")), False, parsed.reason,
+                    parsed.detail), partition)
+            return
+        original = self._header(parsed.batch_id)
+        compensation = self._header(batches.compensation_batch_id(parsed.batch_id, parsed.command_id))
+        if compensation is not None:
+            outcome = batches.decided_outcome(compensation, self._legs(compensation))
+            if outcome is not None:
+                await self._batch_result(outcome, partition)
+            return
+        legs = self._legs(original) if original is not None \
+            and original.status is batches.BatchStatus.COMMITTED else []
+        await self._apply(batches.rollback(original, legs, parsed, None,
+                                           coordinator_partition=partition,
+                                           now_ms=command.timestamp_ms), partition)
+
+    async def _leg_report(self, report: batches.LegReport, partition: int, now_ms: int) -> None:
+        header = self._header(report.batch_id)
+        if header is None or not 0 <= report.leg_index < header.leg_count:
+            raise InvariantViolation(f"report for unknown leg {report.batch_id}#{report.leg_index}")
+        leg_key = f"l:{batches.hold_key(report.batch_id, report.leg_index)}".encode()
+        leg_data = self.batch_state.get(leg_key)
+        if leg_data is None:
+            raise InvariantViolation(f"batch {report.batch_id} has no leg {report.leg_index}")
+        counted = batches.record_report(header, records.leg_record_from_bytes(leg_data), report)
+        if counted is None:
+            return  # a duplicate, or an answer after the batch was decided
+        header, leg = counted
+        await self._put_leg(header.batch_id, report.leg_index, leg, partition)
+        if batches.all_answered(header):
+            await self._decide_batch(header, partition, timed_out=False)
+        elif batches.all_posted(header):
+            header = replace(header, status=batches.BatchStatus.COMMITTED)
+            await self._put_header(header, partition)
+            await self._batch_result(batches.committed_outcome(header, self._legs(header)), partition)
+        else:
+            await self._put_header(header, partition)
+
+    async def _decide_batch(self, header: batches.BatchHeader, partition: int, *,
+                            timed_out: bool) -> None:
+        step = batches.decide(header, self._legs(header), coordinator_partition=partition,
+                              timed_out=timed_out)
+        await self._apply(step, partition)
+        decided = step.header
+        if decided is not None and decided.original_batch_id is not None:
+            original = self._header(decided.original_batch_id)
+            freed = None if original is None else batches.after_compensation(original, decided)
+            if freed is not None:
+                await self._put_header(freed, partition)
+
+    async def _batch_tick(self, partition: int, now_ms: int) -> None:
+        """Void the batches of this partition whose timeout is over (time from the tick)."""
+        self._rebuild_open_batches()
+        due = sorted(batch_id for batch_id, deadline in self._open_batches.get(partition, {}).items()
+                     if deadline <= now_ms)
+        for batch_id in due[:BATCH_TIMEOUTS_PER_TICK_MAX]:
+            header = self._header(batch_id)
+            if header is not None and batches.timed_out(header, now_ms):
+                log.warning("batch %s timed out (%s of %s legs answered)", batch_id,
+                            header.votes_yes + header.votes_no, header.leg_count)
+                await self._decide_batch(header, partition, timed_out=True)
+
+    def _rebuild_open_batches(self) -> None:
+        """After a (re)assignment, find the reserving batches of owned partitions in the table."""
+        owned = frozenset(tp.partition for tp in self.app.assignor.assigned_actives()
+                          if tp.topic == self.batches_topic)
+        if owned == self._open_batches_for:
+            return
+        rebuilt: dict[int, dict[str, int]] = {p: {} for p in owned}
+        data: Any = self.batch_state.data
+        for key, value in list(data.items()):
+            if key.startswith(b"b:"):
+                header = records.header_from_bytes(value)
+                partition = data._key_partition.get(key)
+                if header is not None and header.status is batches.BatchStatus.RESERVING \
+                        and partition in rebuilt:
+                    rebuilt[partition][header.batch_id] = header.deadline_ms
+        self._open_batches = rebuilt
+        self._open_batches_for = owned
+
+    async def _batch_ticks(self) -> None:
+        """Send a BatchTick to each owned partition of ledger.batches that has a batch past its
+        deadline. The coordinator voids them when it reads the tick: timeouts are decided inside
+        an event (its offset commits with them) and replay with the tick's own time."""
+        try:
+            self._rebuild_open_batches()
+            now_ms = time.time_ns() // 1_000_000
+            for partition, open_batches in self._open_batches.items():
+                if not open_batches or min(open_batches.values()) > now_ms:
+                    continue
+                if now_ms - self._last_tick_ms.get(partition, 0) < BATCH_TICK_INTERVAL_S * 1000:
+                    continue
+                if self._tick_producer is None:
+                    from aiokafka import AIOKafkaProducer
+
+                    self._tick_producer = AIOKafkaProducer(
+                        bootstrap_servers=self.settings.kafka_bootstrap, enable_idempotence=True)
+                    await self._tick_producer.start()
+                await self._tick_producer.send_and_wait(
+                    self.batches_topic, self.codec.encode("BatchTick", {
+                        "partition": partition, "now": now_ms}),
+                    key=str(partition).encode(), partition=partition)
+                self._last_tick_ms[partition] = now_ms
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a dead timer would leave holds pending forever
+            log.exception("batch tick failed; retrying in %.0f s", BATCH_TICK_INTERVAL_S)
 
     async def _advance(self, partition: int, offset: int) -> None:
         """Record that every command up to `offset` is decided (never moves backwards)."""
@@ -256,11 +616,11 @@ class LedgerWorker:
         table.data._key_partition[key] = partition
         await self._produce(table.changelog_topic.get_topic_name(), key, value, partition)
 
-    async def _read_gap(self, partition: int, start: int, end: int) -> list[Command]:
-        """The committed commands of one partition in [start, end), straight from Kafka."""
+    async def _read_gap(self, topic: str, partition: int, start: int, end: int) -> list[Command]:
+        """The committed records of one input partition in [start, end), straight from Kafka."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        tp = TopicPartition(self.settings.topic(LedgerTopic.COMMANDS), partition)
+        tp = TopicPartition(topic, partition)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
                                     isolation_level="read_committed", enable_auto_commit=False)
         found: list[Command] = []
@@ -328,9 +688,10 @@ class LedgerWorker:
     # one transaction, and ledger.entries partition p is written by p's owner alone (its Merkle log).
 
     async def _send(self, topic: str, key: bytes, record_name: str, record: dict[str, Any],
-                    partition: int) -> None:
+                    partition: int, *, transaction_of: int | None = None) -> None:
         value = self.codec.encode(record_name, record)
-        await self._produce(self.settings.topic(topic), key, value, partition)
+        await self._produce(self.settings.topic(topic), key, value, partition,
+                            transaction_of=transaction_of)
 
     async def _produce(self, topic: str, key: bytes | None, value: bytes, partition: int, *,
                        transaction_of: int | None = None) -> None:
@@ -365,10 +726,13 @@ class LedgerWorker:
                          records.outcome_to_wire(outcome, self.currencies), partition)
 
     async def _balance(self, command: core.PostEntry, state: core.AccountState, partition: int) -> None:
-        await self._send(LedgerTopic.BALANCES, command.account_key.encode(), "Balance",
-                         records.balance_to_wire(command.account_id,
-                                                 self.currencies[command.currency], state),
-                         partition)
+        await self._balance_of(command.account_id, command.currency, state, partition)
+
+    async def _balance_of(self, account_id: str, currency: str, state: core.AccountState,
+                          partition: int) -> None:
+        await self._send(LedgerTopic.BALANCES, core.account_key(account_id, currency).encode(),
+                         "Balance", records.balance_to_wire(account_id, self.currencies[currency],
+                                                            state), partition)
 
     async def _tree_head(self, partition: int, log_head: core.LogHead, now_ms: int) -> None:
         await self._send(LedgerTopic.TREE_HEADS, str(partition).encode(), "TreeHead",

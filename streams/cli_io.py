@@ -53,6 +53,8 @@ def _at_currency_scale(record: dict[str, Any]) -> dict[str, Any]:
     out = dict(record)
     if isinstance(out.get("entry"), Mapping):
         out["entry"] = _at_currency_scale(dict(out["entry"]))
+    if isinstance(out.get("entries"), list):
+        out["entries"] = [_at_currency_scale(dict(e)) for e in out["entries"]]
     currency = _CURRENCIES.get(out.get("currency") or "")
     if currency is None:
         return out
@@ -70,26 +72,55 @@ def _err(message: str) -> None:
     print(f"sardis-ledger: {message}", file=sys.stderr)
 
 
-def parse_command_line(line: str) -> dict[str, Any]:
-    """One JSON command -> a PostEntry record. Numbers are read as Decimal, never float."""
+COMMAND_TYPES = {"post_entry": "PostEntry", "submit_batch": "SubmitBatch",
+                 "rollback_batch": "RollbackBatch"}
+
+
+def _decimal(value: Any, what: str) -> Decimal:
+    if isinstance(value, Decimal):
+        return value
+    try:
+        return Decimal(str(value))
+    except ArithmeticError as exc:
+        raise ValueError(f"{what} {value!r} is not a decimal number") from exc
+
+
+def parse_command_line(line: str) -> tuple[str, dict[str, Any]]:
+    """One JSON command -> (Avro record name, record). Numbers are read as Decimal, never float.
+
+    `type` picks the command: post_entry (default), submit_batch or rollback_batch.
+    """
     raw = json.loads(line, parse_float=Decimal, parse_int=Decimal)
     if not isinstance(raw, dict):
         raise ValueError("a command is a JSON object")
     kind = raw.pop("type", "post_entry")
-    if kind != "post_entry":
-        raise ValueError(f"unknown command type {kind!r} (this version knows post_entry)")
-    if "amount" in raw and not isinstance(raw["amount"], Decimal):
-        try:
-            raw["amount"] = Decimal(str(raw["amount"]))
-        except ArithmeticError as exc:
-            raise ValueError(f"amount {raw['amount']!r} is not a decimal number") from exc
+    record_name = COMMAND_TYPES.get(kind)
+    if record_name is None:
+        raise ValueError(f"unknown command type {kind!r} (one of {', '.join(COMMAND_TYPES)})")
+    if record_name == "SubmitBatch":
+        legs = raw.get("legs")
+        if not isinstance(legs, list):
+            raise ValueError("submit_batch needs legs: a list of objects")
+        for index, leg in enumerate(legs):
+            if not isinstance(leg, dict):
+                raise ValueError(f"leg {index} is not an object")
+            if "amount" in leg:
+                leg["amount"] = _decimal(leg["amount"], f"leg {index} amount")
+            leg.setdefault("currency", "USDC")
+        if isinstance(raw.get("timeout_ms"), Decimal):
+            raw["timeout_ms"] = int(raw["timeout_ms"])
+        return record_name, raw
+    if record_name == "RollbackBatch":
+        return record_name, raw
+    if "amount" in raw:
+        raw["amount"] = _decimal(raw["amount"], "amount")
     for name in ("expected_sequence", "chain_log_index"):
         if isinstance(raw.get(name), Decimal):
             raw[name] = int(raw[name])
     if isinstance(raw.get("occurred_at"), str):
         raw["occurred_at"] = datetime.fromisoformat(raw["occurred_at"].replace("Z", "+00:00"))
     raw.setdefault("currency", "USDC")
-    return raw
+    return record_name, raw
 
 
 async def produce(settings: Settings, stdin: IO[str], stdout: IO[str], *, wait: bool) -> int:
@@ -111,17 +142,20 @@ async def produce(settings: Settings, stdin: IO[str], stdout: IO[str], *, wait: 
                 failed += 1
                 continue
             try:
-                record = parse_command_line(line)
-                fut = await client.send_command(record)
+                record_name, record = parse_command_line(line)
+                if record_name == "PostEntry":
+                    key, fut = record["command_id"], await client.send_command(record)
+                else:
+                    key, fut = await client.send_batch_command(record_name, record)
             except (ValueError, KeyError, CodecError) as exc:
                 _err(f"line {number}: {exc}; skipped")
                 failed += 1
                 continue
             if wait:
-                in_flight.append((record["command_id"], fut))
+                in_flight.append((key, fut))
                 await drain(IN_FLIGHT_MAX)
             else:
-                print(dumps({"command_id": record["command_id"], "sent": True}), file=stdout)
+                print(dumps({"command_id": key, "sent": True}), file=stdout)
         await drain(0)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 

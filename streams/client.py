@@ -24,6 +24,7 @@ from streams.money import Currency, currency_table, to_major, to_minor
 from streams.topics import LedgerTopic
 
 RESULT_TIMEOUT_S = 30.0
+BATCH_RESULT_MARGIN_S = 10.0  # a batch's result may come this long after its own timeout
 BALANCE_SCAN_TIMEOUT_S = 30.0
 FETCH_BATCH_MAX = 5000
 REQUEST_TIMEOUT_MS = 30_000
@@ -41,6 +42,23 @@ class LedgerRejected(LedgerError):
         self.command_id = command_id
         self.reason = reason
         self.detail = detail
+
+
+class BatchRejected(LedgerRejected):
+    """The ledger rejected a batch or rollback; `failed_leg_index` is the first failing leg."""
+
+    def __init__(self, key: str, reason: str, detail: str | None,
+                 failed_leg_index: int | None) -> None:
+        super().__init__(key, reason, detail)
+        self.failed_leg_index = failed_leg_index
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerBatch:
+    """A committed batch (or the compensating batch of a rollback) with its entries in leg order."""
+
+    batch_id: str
+    entries: tuple[LedgerEntry, ...]
 
 
 class LedgerTimeout(LedgerError):
@@ -223,6 +241,72 @@ class LedgerClient:
             raise LedgerClientError(f"producing {command_id}: {exc!r}", retriable=True) from exc
         return fut
 
+    async def send_batch_command(self, record_name: str,
+                                 record: dict[str, Any]) -> tuple[str, asyncio.Future[dict[str, Any]]]:
+        """Produce a SubmitBatch or RollbackBatch to ledger.batches (key batch_id); return the
+        key its Result will carry (batch_id, or the rollback's command_id) and its future."""
+        if self._producer is None:
+            raise LedgerClientError("client not started")
+        if record_name not in ("SubmitBatch", "RollbackBatch"):
+            raise ValueError(f"{record_name} is not a batch command")
+        key = record["batch_id"] if record_name == "SubmitBatch" else record["command_id"]
+        fut = self._pending.get(key)
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[key] = fut
+        fut.add_done_callback(functools.partial(self._forget, key))
+        value = self.codec.encode(record_name, record)
+        batch_id = record["batch_id"]
+        try:
+            await self._producer.send(
+                self.settings.topic(LedgerTopic.BATCHES), value, key=batch_id.encode(),
+                partition=core.partition_for(batch_id, self.settings.partitions))
+        except KafkaError as exc:
+            raise LedgerClientError(f"producing {key}: {exc!r}", retriable=True) from exc
+        return key, fut
+
+    async def create_batch(self, legs: list[Mapping[str, Any]], *, batch_id: str | None = None,
+                           require_balanced: bool = True,
+                           timeout_ms: int = 30_000) -> LedgerBatch:
+        """Post every leg or none; returns the batch with its entries, or raises BatchRejected
+        with the reason and the first failing leg.
+
+        Each leg: account_id, amount (Decimal or decimal string), entry_type, and optionally
+        currency (USDC), reference, metadata, allow_overdraft. Pass your own batch_id to make
+        retries safe: the same id and legs return the original batch, never a second posting.
+        """
+        wire_legs = []
+        for leg in legs:
+            amount = leg["amount"]
+            if isinstance(amount, float):
+                raise TypeError("amount must be a Decimal or a decimal string, never a float")
+            wire_legs.append({"account_id": leg["account_id"], "currency": leg.get("currency", "USDC"),
+                              "entry_type": str(leg["entry_type"]), "amount": Decimal(amount),
+                              "reference": leg.get("reference"),
+                              "metadata": dict(leg.get("metadata") or {}),
+                              "allow_overdraft": bool(leg.get("allow_overdraft", False))})
+        record = {"batch_id": batch_id or f"bat_{uuid.uuid4().hex}", "legs": wire_legs,
+                  "require_balanced": require_balanced, "timeout_ms": timeout_ms}
+        key, fut = await self.send_batch_command("SubmitBatch", record)
+        return self.batch_of(await self.wait(fut, key, timeout_ms / 1000))
+
+    async def rollback_batch(self, *, batch_id: str, reason: str = "", force: bool = False,
+                             command_id: str | None = None) -> LedgerBatch:
+        """Reverse a committed batch with a compensating batch of `reversal` entries; returns
+        the compensating batch. A retry with the same command_id reverses nothing twice."""
+        record = {"command_id": command_id or f"rb_{uuid.uuid4().hex}", "batch_id": batch_id,
+                  "reason": reason, "force": force}
+        key, fut = await self.send_batch_command("RollbackBatch", record)
+        return self.batch_of(await self.wait(fut, key))
+
+    def batch_of(self, result: Mapping[str, Any]) -> LedgerBatch:
+        if result["status"] != core.Status.COMMITTED:
+            raise BatchRejected(result["command_id"], result["reason"] or "rejected",
+                                result.get("detail"), result.get("failed_leg_index"))
+        return LedgerBatch(result.get("batch_id") or result["command_id"],
+                           tuple(LedgerEntry.from_wire(e, self.currencies)
+                                 for e in result.get("entries") or []))
+
     def _forget(self, command_id: str, fut: asyncio.Future[dict[str, Any]]) -> None:
         if self._pending.get(command_id) is fut:
             del self._pending[command_id]
@@ -251,12 +335,16 @@ class LedgerClient:
         result = await self.wait(await self.send_command(record), command_id)
         return self.entry_of(result)
 
-    async def wait(self, fut: asyncio.Future[dict[str, Any]], command_id: str) -> dict[str, Any]:
+    async def wait(self, fut: asyncio.Future[dict[str, Any]], command_id: str,
+                   at_least_s: float = 0.0) -> dict[str, Any]:
+        """The result of a sent command; waits result_timeout_s, or at_least_s if longer (a
+        batch's own timeout)."""
+        timeout_s = max(self.result_timeout_s, at_least_s + BATCH_RESULT_MARGIN_S if at_least_s else 0)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.result_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
         except TimeoutError as exc:
-            raise LedgerTimeout(f"no result for {command_id} within {self.result_timeout_s}s; "
-                                "retry with the same command_id") from exc
+            raise LedgerTimeout(f"no result for {command_id} within {timeout_s}s; "
+                                "retry with the same id") from exc
 
     def entry_of(self, result: Mapping[str, Any]) -> LedgerEntry:
         if result["status"] != core.Status.COMMITTED or result["entry"] is None:
@@ -266,9 +354,17 @@ class LedgerClient:
 
     # ------------------------------------------------------------------ queries
 
-    async def get_balance(self, account_id: str, currency: str = "USDC") -> Balance:
-        """Latest balance from the compacted ledger.balances topic (the account's partition)."""
+    async def get_balance(self, account_id: str, currency: str = "USDC",
+                          at: datetime | None = None) -> Balance:
+        """Latest balance from the compacted ledger.balances topic (the account's partition).
+
+        With `at` (a timezone-aware time): the posted balance right after the account's last
+        entry committed at or before it, from the PostgreSQL projection (`ledger.balance_at`,
+        schema from SARDIS_PG_SCHEMA); `available` equals `balance` there.
+        """
         decimals = self._decimals(currency)
+        if at is not None:
+            return await self._balance_at(account_id, currency, at, decimals)
         topic = self.settings.topic(LedgerTopic.BALANCES)
         tp = TopicPartition(topic, core.partition_for(account_id, self.settings.partitions))
         key = core.account_key(account_id, currency).encode()
@@ -300,6 +396,20 @@ class LedgerClient:
         return Balance(account_id, currency, _at_scale(latest["balance"], decimals),
                        _at_scale(latest["available"], decimals), latest["sequence"],
                        latest["updated_at"])
+
+    async def _balance_at(self, account_id: str, currency: str, at: datetime,
+                          decimals: int) -> Balance:
+        from sinks.queries import balance_at
+        from sinks.schema import pg_schema
+
+        if at.tzinfo is None:
+            raise LedgerClientError("at must be timezone-aware (e.g. datetime.now(UTC))")
+        found = await balance_at(self.settings.pg_dsn, pg_schema(), account_id, currency, at)
+        minor = to_minor(found.balance, decimals)
+        if minor is None:
+            raise LedgerClientError(f"{found.balance} has more decimals than {currency} allows")
+        balance = to_major(minor, decimals)
+        return Balance(account_id, currency, balance, balance, found.sequence, found.committed_at)
 
     def _decimals(self, currency: str) -> int:
         known = self.currencies.get(currency)

@@ -9,6 +9,20 @@ from decimal import Decimal
 from typing import Any
 
 from streams import merkle
+from streams.batches import (
+    BatchHeader,
+    BatchOutcome,
+    BatchStatus,
+    Hold,
+    HoldStatus,
+    Leg,
+    LegRecord,
+    LegReport,
+    ReportKind,
+    Reserve,
+    Settle,
+    SettleAction,
+)
 from streams.core import (
     EPOCH,
     ONE_MS,
@@ -113,6 +127,9 @@ def outcome_to_wire(outcome: Outcome, currencies: Mapping[str, Currency]) -> dic
         "reason": None if outcome.reason is None else str(outcome.reason),
         "detail": outcome.detail,
         "entry": None if entry is None else entry_to_wire(entry, currencies[entry.currency]),
+        "batch_id": None,
+        "failed_leg_index": None,
+        "entries": [],
     }
 
 
@@ -250,3 +267,169 @@ def log_from_bytes(data: bytes | None) -> LogHead:
                    head_tree_size=int.from_bytes(data[:8], "big"),
                    head_published_at_ms=int.from_bytes(data[8:16], "big"),
                    next_command_offset=int.from_bytes(data[16:24], "big"))
+
+
+# ------------------------------------------------------------------ batches: wire records and table values
+
+
+def _leg_to_json(leg: Leg) -> dict[str, Any]:
+    return {"account_id": leg.account_id, "currency": leg.currency,
+            "currency_decimals": leg.currency_decimals, "entry_type": leg.entry_type,
+            "amount_minor": leg.amount_minor, "sign": leg.sign, "reference": leg.reference,
+            "metadata": dict(leg.metadata), "allow_overdraft": leg.allow_overdraft,
+            "reverses_entry_id": leg.reverses_entry_id}
+
+
+def _leg_from_json(data: dict[str, Any]) -> Leg:
+    return Leg(**data)
+
+
+def _dumps(value: dict[str, Any]) -> bytes:
+    return json.dumps({"v": TABLE_VALUE_VERSION, **value}, separators=(",", ":")).encode()
+
+
+def _loads(data: bytes, what: str) -> dict[str, Any]:
+    raw: dict[str, Any] = json.loads(data)
+    if raw.pop("v") != TABLE_VALUE_VERSION:
+        raise InvariantViolation(f"{what} record version is not {TABLE_VALUE_VERSION}")
+    return raw
+
+
+def header_to_bytes(header: BatchHeader) -> bytes:
+    return _dumps({
+        "batch_id": header.batch_id, "digest": header.payload_digest.hex(),
+        "leg_count": header.leg_count, "status": str(header.status),
+        "deadline_ms": header.deadline_ms, "require_balanced": header.require_balanced,
+        "result_key": header.result_key, "votes_yes": header.votes_yes,
+        "votes_no": header.votes_no, "posted": header.posted,
+        "failed_leg_index": header.failed_leg_index,
+        "reason": None if header.reason is None else str(header.reason), "detail": header.detail,
+        "original_batch_id": header.original_batch_id, "rolled_back_by": header.rolled_back_by,
+    })
+
+
+def header_from_bytes(data: bytes | None) -> BatchHeader | None:
+    if data is None:
+        return None
+    raw = _loads(data, "batch header")
+    return BatchHeader(
+        batch_id=raw["batch_id"], payload_digest=bytes.fromhex(raw["digest"]),
+        leg_count=raw["leg_count"], status=BatchStatus(raw["status"]),
+        deadline_ms=raw["deadline_ms"], require_balanced=raw["require_balanced"],
+        result_key=raw["result_key"], votes_yes=raw["votes_yes"], votes_no=raw["votes_no"],
+        posted=raw["posted"], failed_leg_index=raw["failed_leg_index"],
+        reason=None if raw["reason"] is None else Reason(raw["reason"]), detail=raw["detail"],
+        original_batch_id=raw["original_batch_id"], rolled_back_by=raw["rolled_back_by"])
+
+
+def leg_record_to_bytes(record: LegRecord) -> bytes:
+    return _dumps({
+        "leg": _leg_to_json(record.leg), "vote": None if record.vote is None else str(record.vote),
+        "reason": None if record.reason is None else str(record.reason), "detail": record.detail,
+        "entry": None if record.entry is None else _entry_to_json(record.entry)})
+
+
+def leg_record_from_bytes(data: bytes) -> LegRecord:
+    raw = _loads(data, "batch leg")
+    return LegRecord(
+        leg=_leg_from_json(raw["leg"]),
+        vote=None if raw["vote"] is None else HoldStatus(raw["vote"]),
+        reason=None if raw["reason"] is None else Reason(raw["reason"]), detail=raw["detail"],
+        entry=None if raw["entry"] is None else _entry_from_json(raw["entry"]))
+
+
+def hold_to_bytes(hold: Hold) -> bytes:
+    return _dumps({
+        "batch_id": hold.batch_id, "leg_index": hold.leg_index, "batch_size": hold.batch_size,
+        "leg": None if hold.leg is None else _leg_to_json(hold.leg), "status": str(hold.status),
+        "reason": None if hold.reason is None else str(hold.reason), "detail": hold.detail,
+        "entry": None if hold.entry is None else _entry_to_json(hold.entry)})
+
+
+def hold_from_bytes(data: bytes | None) -> Hold | None:
+    if data is None:
+        return None
+    raw = _loads(data, "hold")
+    return Hold(
+        batch_id=raw["batch_id"], leg_index=raw["leg_index"], batch_size=raw["batch_size"],
+        leg=None if raw["leg"] is None else _leg_from_json(raw["leg"]),
+        status=HoldStatus(raw["status"]),
+        reason=None if raw["reason"] is None else Reason(raw["reason"]), detail=raw["detail"],
+        entry=None if raw["entry"] is None else _entry_from_json(raw["entry"]))
+
+
+def _leg_wire(leg: Leg) -> dict[str, Any]:
+    return {"account_id": leg.account_id, "currency": leg.currency, "entry_type": leg.entry_type,
+            "amount": to_wire(leg.amount_minor, leg.currency_decimals), "reference": leg.reference,
+            "metadata": dict(leg.metadata), "allow_overdraft": leg.allow_overdraft}
+
+
+def reserve_to_wire(message: Reserve) -> dict[str, Any]:
+    return {"batch_id": message.batch_id, "leg_index": message.leg_index,
+            "batch_size": message.batch_size, "coordinator_partition": message.coordinator_partition,
+            "sign": message.leg.sign, "reverses_entry_id": message.leg.reverses_entry_id,
+            **_leg_wire(message.leg)}
+
+
+def reserve_from_wire(record: Mapping[str, Any], currencies: Mapping[str, Currency]) -> Reserve:
+    """A ReserveLeg as the coordinator sent it (it validated the leg; a currency missing here
+    means workers run with different currency tables: a deployment bug)."""
+    currency = currencies.get(record["currency"])
+    if currency is None:
+        raise InvariantViolation(f"reserve for unknown currency {record['currency']!r}")
+    if record["sign"] not in (1, -1):
+        raise InvariantViolation(f"reserve with sign {record['sign']!r}")
+    leg = Leg(record["account_id"], currency.code, currency.decimals, record["entry_type"],
+              _minor(record["amount"], currency), record["sign"], record.get("reference"),
+              dict(record.get("metadata") or {}), bool(record.get("allow_overdraft")),
+              record.get("reverses_entry_id"))
+    return Reserve(record["batch_id"], record["leg_index"], record["batch_size"], leg,
+                   record["coordinator_partition"])
+
+
+def settle_to_wire(message: Settle) -> dict[str, Any]:
+    return {"batch_id": message.batch_id, "leg_index": message.leg_index,
+            "account_id": message.account_id, "currency": message.currency,
+            "action": str(message.action), "coordinator_partition": message.coordinator_partition}
+
+
+def settle_from_wire(record: Mapping[str, Any]) -> Settle:
+    return Settle(record["batch_id"], record["leg_index"], record["account_id"], record["currency"],
+                  SettleAction(record["action"]), record["coordinator_partition"])
+
+
+def report_to_wire(report: LegReport, currencies: Mapping[str, Currency]) -> dict[str, Any]:
+    entry = report.entry
+    return {"batch_id": report.batch_id, "leg_index": report.leg_index, "kind": str(report.kind),
+            "reason": None if report.reason is None else str(report.reason),
+            "detail": report.detail,
+            "entry": None if entry is None else entry_to_wire(entry, currencies[entry.currency])}
+
+
+def report_from_wire(record: Mapping[str, Any], currencies: Mapping[str, Currency]) -> LegReport:
+    entry = record.get("entry")
+    return LegReport(record["batch_id"], record["leg_index"], ReportKind(record["kind"]),
+                     None if record.get("reason") is None else Reason(record["reason"]),
+                     record.get("detail"),
+                     None if entry is None else entry_from_wire(entry, currencies))
+
+
+def batch_outcome_to_wire(outcome: BatchOutcome, currencies: Mapping[str, Currency]) -> dict[str, Any]:
+    return {
+        "command_id": outcome.result_key,
+        "status": str(Status.COMMITTED if outcome.committed else Status.REJECTED),
+        "reason": None if outcome.reason is None else str(outcome.reason),
+        "detail": outcome.detail,
+        "entry": None,
+        "batch_id": outcome.batch_id,
+        "failed_leg_index": outcome.failed_leg_index,
+        "entries": [entry_to_wire(e, currencies[e.currency]) for e in outcome.entries],
+    }
+
+
+def offset_to_bytes(offset: int) -> bytes:
+    return offset.to_bytes(8, "big")
+
+
+def offset_from_bytes(data: bytes | None) -> int:
+    return 0 if data is None else int.from_bytes(data, "big")

@@ -20,6 +20,12 @@ class LedgerTopic(StrEnum):
     BALANCES = "ledger.balances"
     TREE_HEADS = "ledger.tree-heads"
     DLQ = "ledger.dlq"
+    BATCHES = "ledger.batches"
+    RECEIPTS = "ledger.receipts"
+    ANCHORS = "ledger.anchors"
+    RECONCILIATIONS = "ledger.reconciliations"
+    DISCREPANCIES = "ledger.discrepancies"
+    CHAIN_TRANSFERS = "chain.transfers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,12 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(LedgerTopic.BALANCES, "account_id|currency", {"cleanup.policy": "compact"}),
     TopicSpec(LedgerTopic.TREE_HEADS, "partition", dict(RETAIN_FOREVER)),
     TopicSpec(LedgerTopic.DLQ, "source key", dict(RETAIN_FOREVER)),
+    TopicSpec(LedgerTopic.BATCHES, "batch_id", dict(RETAIN_FOREVER)),
+    TopicSpec(LedgerTopic.RECEIPTS, "entry_id", dict(RETAIN_FOREVER)),
+    TopicSpec(LedgerTopic.ANCHORS, "partition", dict(RETAIN_FOREVER)),
+    TopicSpec(LedgerTopic.RECONCILIATIONS, "tx_hash:log_index", dict(RETAIN_FOREVER)),
+    TopicSpec(LedgerTopic.DISCREPANCIES, "tx_hash or entry_id", dict(RETAIN_FOREVER)),
+    TopicSpec(LedgerTopic.CHAIN_TRANSFERS, "tx_hash", dict(RETAIN_FOREVER)),
 )
 
 
@@ -44,7 +56,7 @@ TOPICS: tuple[TopicSpec, ...] = (
 # before any worker starts: Faust would create them itself, but a worker whose metadata does not
 # yet show a fresh changelog's partitions crashes its agent (PartitionsMismatch).
 APP_NAME = "sardis-ledger"
-TABLES = ("accounts", "commands", "merkle-logs")
+TABLES = ("accounts", "commands", "merkle-logs", "holds", "batches")
 
 
 def changelog_topic_name(settings: Settings, table: str) -> str:

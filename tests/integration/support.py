@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.codec import AvroCodec
-from streams import core
+from streams import canonical, core, merkle, records
 from streams.config import Settings
 from streams.errors import CodecError
+from streams.money import currency_table
 
 FETCH_MAX = 5000
+CURRENCIES = currency_table()
 
 
 class RawProducer:
@@ -39,6 +42,12 @@ class RawProducer:
     async def raw(self, value: bytes, key: bytes, partition: int) -> None:
         await self.producer.send(self.settings.topic("ledger.commands"), value, key=key,
                                  partition=partition)
+
+    async def send(self, topic: str, record_name: str, record: dict[str, Any], key: str) -> None:
+        """Encode and produce any record to any ledger topic, at the key's default partition."""
+        await self.producer.send(self.settings.topic(topic), self.codec.encode(record_name, record),
+                                 key=key.encode(),
+                                 partition=core.partition_for(key, self.settings.partitions))
 
     async def flush(self) -> None:
         await self.producer.flush()
@@ -86,3 +95,26 @@ async def read_topic(settings: Settings, name: str, *, until: Any = None,
         await consumer.stop()
 
 
+def check_merkle_logs(entries: list[dict[str, Any]], tree_heads: list[dict[str, Any]]) -> None:
+    """Each partition of ledger.entries is an RFC 6962 log: recompute hashes, roots, tree heads."""
+    per_partition: dict[int, dict[int, core.Entry]] = defaultdict(dict)
+    for wire in entries:
+        entry = records.entry_from_wire(wire, CURRENCIES)
+        existing = per_partition[entry.partition].get(entry.leaf_index)
+        assert existing is None or existing == entry, "two entries at one leaf index"
+        per_partition[entry.partition][entry.leaf_index] = entry
+    roots: dict[int, list[bytes]] = {}
+    for partition, leaves in per_partition.items():
+        assert sorted(leaves) == list(range(len(leaves))), f"gap in leaf indexes of {partition}"
+        frontier = merkle.MerkleFrontier()
+        roots[partition] = []
+        for index in range(len(leaves)):
+            entry = leaves[index]
+            data = canonical.entry_bytes(entry)
+            assert canonical.entry_hash(data) == entry.entry_hash
+            frontier = frontier.append(merkle.leaf_hash(data))
+            assert frontier.root() == entry.merkle_root
+            roots[partition].append(entry.merkle_root)
+    for head in tree_heads:
+        size = head["tree_size"]
+        assert roots[head["partition"]][size - 1].hex() == head["root_hash"]

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from schemas.codec import SINGLE_OBJECT_MARKER
-from streams import canonical, core, merkle, records
+from streams import core, merkle, records
 from streams.client import LedgerClient, LedgerRejected
 from streams.config import Settings
 from streams.money import currency_table, to_major, to_minor
 from streams.topics import create_topics
 from streams.worker_process import WorkerProcess
-from tests.integration.support import RawProducer, read_topic
+from tests.integration.support import RawProducer, check_merkle_logs, read_topic
 
 CURRENCIES = currency_table()
 USDC = CURRENCIES["USDC"]
@@ -122,31 +122,6 @@ def check_entries_match_model(entries: list[dict[str, Any]], outcomes: dict[str,
         seen_sequences[key].add(got.sequence)
     for key, sequences in seen_sequences.items():
         assert sequences == set(range(1, len(sequences) + 1)), f"gap in sequences of {key}"
-
-
-def check_merkle_logs(entries: list[dict[str, Any]], tree_heads: list[dict[str, Any]]) -> None:
-    """Each partition of ledger.entries is an RFC 6962 log: recompute hashes, roots, tree heads."""
-    per_partition: dict[int, dict[int, core.Entry]] = defaultdict(dict)
-    for wire in entries:
-        entry = records.entry_from_wire(wire, CURRENCIES)
-        existing = per_partition[entry.partition].get(entry.leaf_index)
-        assert existing is None or existing == entry, "two entries at one leaf index"
-        per_partition[entry.partition][entry.leaf_index] = entry
-    roots: dict[int, list[bytes]] = {}
-    for partition, leaves in per_partition.items():
-        assert sorted(leaves) == list(range(len(leaves))), f"gap in leaf indexes of {partition}"
-        frontier = merkle.MerkleFrontier()
-        roots[partition] = []
-        for index in range(len(leaves)):
-            entry = leaves[index]
-            data = canonical.entry_bytes(entry)
-            assert canonical.entry_hash(data) == entry.entry_hash
-            frontier = frontier.append(merkle.leaf_hash(data))
-            assert frontier.root() == entry.merkle_root
-            roots[partition].append(entry.merkle_root)
-    for head in tree_heads:
-        size = head["tree_size"]
-        assert roots[head["partition"]][size - 1].hex() == head["root_hash"]
 
 
 async def results_for(settings: Settings, command_ids: set[str], timeout_s: float) -> list[dict[str, Any]]:
