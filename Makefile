@@ -41,6 +41,7 @@ test-integration: install ## integration tests only (starts the servers it needs
 
 bench: install ## end-to-end benchmarks (see README: Benchmarks)
 	$(BIN)/sardis-ledger bench
+	$(BIN)/python -m sinks.bench
 
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .

@@ -140,6 +140,13 @@ class LedgerWorker:
         self._open_batches: dict[int, dict[str, int]] = {}
         self._open_batches_for: frozenset[int] | None = None  # owned partitions it was built for
         self._tick_producer: Any = None
+        # Input partitions Faust delivered a record of since they were last assigned. Only the
+        # first delivery after an assignment can skip records (Faust starting past its committed
+        # offset); later jumps are transaction markers (coordinators write ledger.commands and
+        # accounts write ledger.batches transactionally) and need no read from Kafka.
+        self._delivered: set[tuple[str, int]] = set()
+        self.app.on_partitions_assigned.connect(self._on_assignment_change)  # type: ignore[arg-type]
+        self.app.on_partitions_revoked.connect(self._on_assignment_change)  # type: ignore[arg-type]
         self._last_tick_ms: dict[int, int] = {}
         self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
         # partition -> (next_command_offset at the previous catch-up check, checks unchanged)
@@ -162,6 +169,10 @@ class LedgerWorker:
         table.key_serializer = "raw"
         table.value_serializer = "raw"
         return table
+
+    async def _on_assignment_change(self, sender: Any, tps: Any, **_: Any) -> None:
+        for tp in tps:
+            self._delivered.discard((tp.topic, tp.partition))
 
     async def _agent(self, stream: StreamT[bytes]) -> None:
         async for event in stream.events():
@@ -235,6 +246,8 @@ class LedgerWorker:
                             topic, partition, start, end, start, stop)
                 for command in await self._read_gap(topic, partition, start, stop):
                     await self._dispatch(command)
+                # Offsets of [start, stop) that held no record were transaction markers.
+                await self._advance_to(topic, partition, stop)
                 self._acknowledge(topic, partition, stop)
             self._last_seen_offsets[key] = (stop, 0)
 
@@ -260,6 +273,15 @@ class LedgerWorker:
             acked.extend(missing)
             acked.sort()
 
+    async def _advance_to(self, topic: str, partition: int, next_offset: int) -> None:
+        if next_offset <= self._next_offset(topic, partition):
+            return
+        if topic == self.commands_topic:
+            await self._advance(partition, next_offset - 1)
+        else:
+            await self._put(self.batch_state, f"o:{partition}".encode(),
+                            records.offset_to_bytes(next_offset), partition)
+
     def _next_offset(self, topic: str, partition: int) -> int:
         """Offset of the next record of an input partition that no decision has recorded yet."""
         if topic == self.commands_topic:
@@ -273,7 +295,9 @@ class LedgerWorker:
         message = event.message
         partition: int = message.partition
         next_offset = self._next_offset(message.topic, partition)
-        if message.offset > next_offset:
+        first = (message.topic, partition) not in self._delivered
+        self._delivered.add((message.topic, partition))
+        if message.offset > next_offset and first:
             # Kafka delivered past records that no decision recorded: Faust started the partition
             # past them or committed offsets whose effects were lost (both seen after kill -9).
             # Decide the gap first, in order.

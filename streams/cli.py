@@ -78,6 +78,10 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 def _cmd_balance(args: argparse.Namespace) -> int:
     from streams import cli_io
 
+    if args.at is not None:
+        from sinks.cli import balance_at
+
+        return balance_at(args)
     return asyncio.run(cli_io.balance(_settings(), args.account, args.currency, sys.stdout))
 
 
@@ -160,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "an account in one currency, as JSON.")
     balance.add_argument("account")
     balance.add_argument("--currency", default="USDC")
+    balance.add_argument("--at", metavar="ISO",
+                         help="the posted balance at this time (ISO-8601, UTC without a zone), "
+                         "from the PostgreSQL projection (ledger.balance_at)")
+    balance.add_argument("--schema", help="PostgreSQL schema for --at (default: "
+                         "$SARDIS_PG_SCHEMA or ledger)")
     balance.set_defaults(func=_cmd_balance)
 
     bench = sub.add_parser(
@@ -183,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "overdraft, a duplicate, a sequence conflict) and print balances and "
                           "Merkle roots.")
     demo.set_defaults(func=_cmd_demo)
+
+    from sinks.cli import add_sink_commands
+
+    add_sink_commands(sub)
+
+    from streams.chain.cli import add_chain_commands
+
+    add_chain_commands(sub)
     return parser
 
 

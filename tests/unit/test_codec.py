@@ -31,7 +31,7 @@ from schemas.codec import (
 from streams.errors import CodecError
 
 NAMESPACE = "sardis.ledger"
-RECORDS = ("PostEntry", "Entry", "Result", "Balance", "TreeHead", "DeadLetter")
+RECORDS = ("PostEntry", "Entry", "Result", "Balance", "TreeHead", "DeadLetter", "Receipt")
 UINT64_MASK = 2**64 - 1
 
 CODEC = AvroCodec()
@@ -211,6 +211,17 @@ ROUND_TRIPS: list[tuple[str, str, dict[str, Any]]] = [
             "payload": b"",
             "command_id": "cmd_9",
             "failed_at": T_OCCURRED,
+        },
+    ),
+    (
+        "receipt",
+        "Receipt",
+        {
+            "entry_id": "ent_01JPAZ7W3M2X",
+            "immudb_tx": 4242,
+            "immudb_database": "defaultdb",
+            "verified": True,
+            "receipted_at": T_COMMITTED,
         },
     ),
 ]
@@ -398,6 +409,7 @@ PINNED_FINGERPRINTS = {
     "Balance": "c933eb6a5164d6df",
     "TreeHead": "a8e9be1a71c9135c",
     "DeadLetter": "a928b9a243f8986b",
+    "Receipt": "154847d2e55026ad",
 }
 
 
