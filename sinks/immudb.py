@@ -1,0 +1,558 @@
+"""immudb sink: each entry's canonical bytes under `entry:{entry_id}`, verified, with receipts.
+
+Writes are batched (one immudb transaction per batch) with a KeyMustNotExist precondition per
+key, so an entry is stored at most once even across crashes and concurrent sinks; every write
+and read is checked with immudb's inclusion proof (the entry is in its transaction) and dual
+proof (the transaction extends the trusted state). The trusted state is persisted in a file, so
+a server that rolls back or forks is caught after restarts too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from schemas.codec import AvroCodec
+from sinks import kafka
+from sinks.errors import SinkError, SinkUnavailable, VerificationError
+from streams import canonical, records
+from streams.config import Settings, host_port
+from streams.errors import CodecError, LedgerError
+from streams.money import Currency, currency_table
+from streams.topics import LedgerTopic
+
+WRITE_BATCH_MAX = 1000  # immudb's default limit is 1024 entries per transaction
+GRPC_TIMEOUT_S = 30
+POLL_TIMEOUT_MS = 100
+RETRY_BACKOFF_INITIAL_S = 0.5
+RETRY_BACKOFF_MAX_S = 10.0
+KAFKA_RETRIES_MAX = 5
+REPORT_EVERY_S = 10.0
+STATE_DIR_ENV = "SARDIS_STATE_DIR"
+STATE_FILE_VERSION = 1
+KEY_TEMPLATE = "{prefix}entry:{entry_id}"
+DIGEST_BYTES = 32  # SHA-256
+READY_MESSAGE = "sink immudb: ready"
+REQUEST_TIMEOUT_MS = 30_000
+TRANSACTION_TIMEOUT_MS = 60_000
+
+log = logging.getLogger("sardis.sinks.immudb")
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where trusted immudb states live: SARDIS_STATE_DIR or ~/.local/state/sardis-ledger."""
+    env = os.environ if env is None else env
+    configured = env.get(STATE_DIR_ENV)
+    if configured:
+        return Path(configured)
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sardis-ledger"
+
+
+def entry_key(settings: Settings, entry_id: str) -> bytes:
+    """The immudb key of an entry; the topic prefix keeps deployments sharing a database apart."""
+    return KEY_TEMPLATE.format(prefix=settings.topic_prefix, entry_id=entry_id).encode()
+
+
+# ------------------------------------------------------------------ trusted state
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedState:
+    """The last immudb state this client verified: transaction id and its accumulated hash."""
+
+    db: str
+    tx_id: int
+    tx_hash: bytes
+
+
+class StateFile:
+    """A trusted state on disk, written atomically and never moved backwards.
+
+    Several processes (sinks, `verify`, `receipt`) may share one file: each write happens under
+    an exclusive lock and keeps whichever state is newer, so the file only moves forward.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> TrustedState | None:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise SinkError(f"trusted immudb state {self.path} is unreadable: {exc}") from exc
+        if raw.get("version") != STATE_FILE_VERSION:
+            raise SinkError(f"trusted immudb state {self.path} has version {raw.get('version')}")
+        return TrustedState(raw["db"], int(raw["tx_id"]), bytes.fromhex(raw["tx_hash"]))
+
+    def save(self, state: TrustedState) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with (self.path.with_suffix(".lock")).open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.load()
+            if current is not None and current.tx_id >= state.tx_id:
+                return
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"version": STATE_FILE_VERSION, "db": state.db,
+                                       "tx_id": state.tx_id, "tx_hash": state.tx_hash.hex()}))
+            os.replace(tmp, self.path)
+
+
+def _root_service(state_file: StateFile) -> Any:
+    """An immudb-py RootService backed by our StateFile (trust on first use, then proofs)."""
+    from google.protobuf import empty_pb2
+    from immudb.rootService import RootService, State
+
+    class _Root(RootService):
+        def __init__(self) -> None:
+            self.state: Any = None
+
+        def init(self, dbname: str, service: Any) -> None:
+            saved = state_file.load()
+            if saved is not None:
+                self.state = State(db=saved.db, txId=saved.tx_id, txHash=saved.tx_hash,
+                                   publicKey=b"", signature=b"")
+            else:
+                self.state = State.FromGrpc(service.CurrentState(empty_pb2.Empty()))
+                log.info("trusting immudb state at tx %d (first use of %s)", self.state.txId,
+                         state_file.path)
+                self.set(self.state)
+
+        def get(self) -> Any:
+            return self.state
+
+        def set(self, root: Any) -> None:
+            self.state = root
+            state_file.save(TrustedState(str(root.db), int(root.txId), bytes(root.txHash)))
+
+    return _Root()
+
+
+# ------------------------------------------------------------------ the immudb store (sync)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """Where an entry is in immudb, and whether its proofs checked."""
+
+    tx_id: int
+    verified: bool
+
+
+def _grpc_code(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if callable(code):
+        with contextlib.suppress(Exception):
+            return str(code().name)
+    return ""
+
+
+RETRIABLE_GRPC_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED",
+                        "ABORTED", "CANCELLED", "UNKNOWN", "INTERNAL"}
+
+
+def translate(exc: Exception, what: str) -> SinkError:
+    """A grpc / immudb-py error as a SinkError (SinkUnavailable when a retry can help)."""
+    from immudb import exceptions as immudb_exceptions
+
+    if isinstance(exc, SinkError):
+        return exc
+    if isinstance(exc, immudb_exceptions.ErrCorruptedData):
+        return VerificationError(f"{what}: immudb's proof did not check ({type(exc).__name__})")
+    code = _grpc_code(exc)
+    if code in RETRIABLE_GRPC_CODES or isinstance(exc, (OSError, ConnectionError)):
+        return SinkUnavailable(f"{what}: immudb unavailable ({code or type(exc).__name__})")
+    details = getattr(exc, "details", None)
+    message = details() if callable(details) else str(exc)
+    return SinkError(f"{what}: immudb error {code or type(exc).__name__}: {message}")
+
+
+class ImmudbStore:
+    """Verified batch writes and reads of entries in immudb (blocking; run it in a thread)."""
+
+    def __init__(self, settings: Settings, directory: Path | None = None) -> None:
+        self.settings = settings
+        host, port = host_port(settings.immudb_addr)
+        self.address = f"{host}:{port}"
+        directory = directory or state_dir()
+        self.state_file = StateFile(directory / f"immudb-{host}_{port}-{settings.immudb_database}.json")
+        self.client: Any = None
+
+    def open(self) -> None:
+        from immudb import ImmudbClient
+
+        self.close()
+        try:
+            # immudb-py prints a warning to stdout for unreadable state files; ours never are.
+            with contextlib.redirect_stdout(io.StringIO()):
+                client = ImmudbClient(self.address, rs=_root_service(self.state_file),
+                                      timeout=GRPC_TIMEOUT_S)
+                client.login(self.settings.immudb_user, self.settings.immudb_password,
+                             database=self.settings.immudb_database.encode())
+        except Exception as exc:
+            raise translate(exc, f"connecting to immudb at {self.address}") from exc
+        self.client = client
+
+    def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.shutdown()
+            self.client = None
+
+    @property
+    def trusted(self) -> TrustedState:
+        state = self.client._rs.get()
+        return TrustedState(str(state.db), int(state.txId), bytes(state.txHash))
+
+    # -------------------------------------------------------------- writes
+
+    def write(self, items: Mapping[bytes, bytes]) -> dict[bytes, Stored]:
+        """Store every key once: new keys in one verified transaction, existing ones checked.
+
+        An existing key must hold exactly the same value (else VerificationError); its receipt
+        names the transaction that stored it first, found by a verified read.
+        """
+        if self.client is None:
+            self.open()
+        result: dict[bytes, Stored] = {}
+        pending = dict(items)
+        while pending:
+            try:
+                tx_id = self._verified_set_all(pending)
+            except Exception as exc:
+                if _grpc_code(exc) != "FAILED_PRECONDITION":
+                    raise translate(exc, "writing entries") from exc
+                # Some keys exist already (a restart after a write whose receipt was not yet
+                # published, or a concurrent sink): find them, check them, write the rest.
+                existing = self._get_all(list(pending))
+                for key, value in existing.items():
+                    if value != pending[key]:
+                        raise VerificationError(f"immudb holds a different value under "
+                                                f"{key.decode()}", entry_id=key.decode()) from exc
+                    result[key] = self.read_verified(key)[1]
+                    del pending[key]
+                continue
+            for key in pending:
+                result[key] = Stored(tx_id, True)
+            pending = {}
+        return result
+
+    def _get_all(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        try:
+            return dict(self.client.getAll(keys))
+        except Exception as exc:
+            raise translate(exc, "reading existing entries") from exc
+
+    def _verified_set_all(self, items: Mapping[bytes, bytes]) -> int:
+        """VerifiableSet of all items in one transaction; checks every inclusion and the dual proof."""
+        from immudb import schema as immudb_schema
+        from immudb.embedded import store
+        from immudb.grpc import schema_pb2
+        from immudb.rootService import State
+
+        state = self.client._rs.get()
+        kvs = [schema_pb2.KeyValue(key=key, value=value) for key, value in items.items()]
+        preconditions = [schema_pb2.Precondition(
+            keyMustNotExist=schema_pb2.Precondition.KeyMustNotExistPrecondition(key=key))
+            for key in items]
+        vtx = self.client._stub.VerifiableSet(schema_pb2.VerifiableSetRequest(
+            setRequest=schema_pb2.SetRequest(KVs=kvs, preconditions=preconditions),
+            proveSinceTx=state.txId))
+        if vtx.tx.header.nentries != len(kvs) or len(vtx.tx.entries) != len(kvs):
+            raise VerificationError(f"immudb transaction {vtx.tx.header.id} has "
+                                    f"{vtx.tx.header.nentries} entries, {len(kvs)} were written")
+        tx = immudb_schema.TxFromProto(vtx.tx)  # rebuilds the entries' hash tree, sets eh
+        if tx.header.iD <= state.txId:
+            raise VerificationError(f"immudb returned transaction {tx.header.iD}, not after the "
+                                    f"trusted {state.txId}: the server rolled back or forked")
+        self._check_entries(tx, items)
+        if tx.header.eh != immudb_schema.DigestFromProto(vtx.dualProof.targetTxHeader.eH):
+            raise VerificationError(f"immudb transaction {tx.header.iD}: entries hash differs "
+                                    "from the proven header")
+        if state.txId > 0 and not store.VerifyDualProof(
+                immudb_schema.DualProofFromProto(vtx.dualProof), state.txId, tx.header.iD,
+                immudb_schema.DigestFromProto(state.txHash), tx.header.Alh()):
+            raise VerificationError(f"immudb transaction {tx.header.iD} does not extend the "
+                                    f"trusted state at {state.txId} (dual proof failed)")
+        self.client._rs.set(State(db=state.db, txId=tx.header.iD, txHash=tx.header.Alh(),
+                                  publicKey=vtx.signature.publicKey,
+                                  signature=vtx.signature.signature))
+        return int(tx.header.iD)
+
+    @staticmethod
+    def _check_entries(tx: Any, items: Mapping[bytes, bytes]) -> None:
+        """Each item is in the transaction's entry hash tree with exactly this value."""
+        from immudb import database
+        from immudb.embedded import store
+
+        spec_digest = store.EntrySpecDigestFor(tx.header.version)
+        index = {entry.key(): i for i, entry in enumerate(tx.entries)}
+        for key, value in items.items():
+            position = index.get(database.EncodeKey(key))
+            if position is None:
+                raise VerificationError(f"{key.decode()} is not in immudb transaction "
+                                        f"{tx.header.iD}", entry_id=key.decode())
+            md = tx.entries[position].metadata()
+            if md is not None and md.Deleted():
+                raise VerificationError(f"{key.decode()} is marked deleted in immudb")
+            spec = database.EncodeEntrySpec(key, md, value)
+            proof = tx.htree.InclusionProof(position)
+            # immudb-py's HTree returns the proof's terms as one concatenated bytes object, which
+            # its own VerifyInclusion cannot iterate (it only ever proves 1-entry transactions).
+            terms = bytes(proof.terms)
+            proof.terms = [terms[i:i + DIGEST_BYTES] for i in range(0, len(terms), DIGEST_BYTES)]
+            if not store.VerifyInclusion(proof, spec_digest(spec), tx.header.eh):
+                raise VerificationError(f"{key.decode()}: value differs from immudb transaction "
+                                        f"{tx.header.iD} (inclusion proof failed)",
+                                        entry_id=key.decode())
+
+    # -------------------------------------------------------------- reads and checks
+
+    def read_verified(self, key: bytes) -> tuple[bytes, Stored]:
+        """A verified read: the value and the transaction it was written in."""
+        from immudb import exceptions as immudb_exceptions
+
+        if self.client is None:
+            self.open()
+        try:
+            got = self.client.verifiedGet(key)
+        except immudb_exceptions.ErrCorruptedData as exc:
+            raise VerificationError(f"{key.decode()}: immudb's proof did not check",
+                                    entry_id=key.decode()) from exc
+        except Exception as exc:
+            if _grpc_code(exc) == "NOT_FOUND" or "key not found" in str(exc):
+                raise SinkError(f"{key.decode()} is not in immudb") from exc
+            raise translate(exc, f"reading {key.decode()}") from exc
+        return bytes(got.value), Stored(int(got.id), bool(got.verified))
+
+    def verify_tx(self, tx_id: int, items: Mapping[bytes, bytes]) -> None:
+        """Check that transaction tx_id holds exactly these values and is consistent with the
+        trusted state (dual proof in whichever direction applies)."""
+        from immudb import schema as immudb_schema
+        from immudb.embedded import store
+        from immudb.grpc import schema_pb2
+        from immudb.rootService import State
+
+        if self.client is None:
+            self.open()
+        state = self.client._rs.get()
+        try:
+            vtx = self.client._stub.VerifiableTxById(schema_pb2.VerifiableTxRequest(
+                tx=tx_id, proveSinceTx=state.txId))
+        except Exception as exc:
+            raise translate(exc, f"reading immudb transaction {tx_id}") from exc
+        tx = immudb_schema.TxFromProto(vtx.tx)
+        self._check_entries(tx, items)
+        dual = immudb_schema.DualProofFromProto(vtx.dualProof)
+        if state.txId <= tx_id:
+            proven_eh = immudb_schema.DigestFromProto(vtx.dualProof.targetTxHeader.eH)
+            source = (state.txId, immudb_schema.DigestFromProto(state.txHash))
+            target = (tx_id, tx.header.Alh())
+        else:
+            proven_eh = immudb_schema.DigestFromProto(vtx.dualProof.sourceTxHeader.eH)
+            source = (tx_id, tx.header.Alh())
+            target = (state.txId, immudb_schema.DigestFromProto(state.txHash))
+        if tx.header.eh != proven_eh:
+            raise VerificationError(f"immudb transaction {tx_id}: entries differ from the "
+                                    "proven header")
+        if state.txId > 0 and not store.VerifyDualProof(dual, source[0], target[0], source[1],
+                                                        target[1]):
+            raise VerificationError(f"immudb transaction {tx_id} is not consistent with the "
+                                    f"trusted state at {state.txId} (dual proof failed)")
+        if target[0] > state.txId:
+            self.client._rs.set(State(db=state.db, txId=target[0], txHash=target[1],
+                                      publicKey=vtx.signature.publicKey,
+                                      signature=vtx.signature.signature))
+
+
+# ------------------------------------------------------------------ the sink (asyncio)
+
+
+def receipt_record(entry_id: str, stored: Stored, database: str, now: datetime) -> dict[str, Any]:
+    return {"entry_id": entry_id, "immudb_tx": stored.tx_id, "immudb_database": database,
+            "verified": stored.verified, "receipted_at": now}
+
+
+def entries_to_store(settings: Settings, messages: Iterable[Any], codec: AvroCodec,
+                     currencies: Mapping[str, Currency]) -> dict[str, tuple[bytes, bytes]]:
+    """entry_id -> (immudb key, canonical bytes) of the Entry records among `messages`."""
+    out: dict[str, tuple[bytes, bytes]] = {}
+    for message in messages:
+        try:
+            name, record = codec.decode(message.value)
+            if name != "Entry":
+                raise CodecError("unexpected_record", f"a {name} record on ledger.entries")
+            entry = records.entry_from_wire(record, currencies)
+        except (LedgerError, KeyError) as exc:
+            log.error("skipping unreadable record at offset %d: %s", message.offset, exc)
+            continue
+        data = canonical.entry_bytes(entry)
+        if canonical.entry_hash(data) != entry.entry_hash:
+            # Stored anyway: immudb keeps what the ledger published; `verify` flags the entry.
+            log.error("entry %s: entry_hash does not match its canonical bytes", entry.entry_id)
+        out.setdefault(entry.entry_id, (entry_key(settings, entry.entry_id), data))
+    return out
+
+
+class ImmudbSink:
+    """ledger.entries -> immudb, receipts -> ledger.receipts, exactly once.
+
+    Receipts and the consumer offsets commit in one Kafka transaction; the immudb write before
+    it is idempotent (KeyMustNotExist), so a crash between the two re-issues the same receipt.
+    """
+
+    def __init__(self, settings: Settings, *, directory: Path | None = None,
+                 currencies: Mapping[str, Currency] | None = None) -> None:
+        self.settings = settings
+        self.store = ImmudbStore(settings, directory)
+        self.codec = AvroCodec()
+        self.currencies = dict(currencies) if currencies is not None else currency_table()
+        self.group_id = f"{settings.topic_prefix}sardis-immudb-sink"
+        self.transactional_id = f"{settings.topic_prefix}sardis-immudb-sink"
+        self.entries_written = 0
+
+    async def run(self, stop: asyncio.Event | None = None) -> int:
+        stop = stop or asyncio.Event()
+        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                    transactional_id=self.transactional_id,
+                                    enable_idempotence=True, acks="all", linger_ms=5,
+                                    request_timeout_ms=REQUEST_TIMEOUT_MS,
+                                    transaction_timeout_ms=TRANSACTION_TIMEOUT_MS)
+        consumer = kafka.consumer(self.settings, group_id=self.group_id)
+        try:
+            # The producer first: init_transactions aborts a crashed predecessor's transaction,
+            # so the committed offsets read next are stable.
+            await producer.start()
+            await consumer.start()
+            tps = await kafka.partitions_of(consumer, self.settings.topic(LedgerTopic.ENTRIES))
+            consumer.assign(tps)
+            await self._seek_to_committed(consumer, tps)
+            await self._open_store(stop)
+            print(READY_MESSAGE, flush=True)
+            log.info("%s: %d partitions -> immudb %s/%s", READY_MESSAGE, len(tps),
+                     self.store.address, self.settings.immudb_database)
+            last_report = time.monotonic()
+            while not stop.is_set():
+                try:
+                    batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
+                                                     max_records=WRITE_BATCH_MAX)
+                except KafkaError as exc:
+                    log.warning("Kafka fetch failed (%r); retrying", exc)
+                    await asyncio.sleep(RETRY_BACKOFF_INITIAL_S)
+                    continue
+                if batches:
+                    await self._handle(consumer, producer, tps, batches, stop)
+                if time.monotonic() - last_report >= REPORT_EVERY_S:
+                    positions = {tp: await consumer.position(tp) for tp in tps}
+                    log.info("sink immudb: %d entries stored, lag %d records",
+                             self.entries_written, kafka.lag(consumer, positions))
+                    last_report = time.monotonic()
+        except ProducerFenced as exc:
+            raise SinkError("another immudb sink with the same transactional id took over") from exc
+        except KafkaError as exc:
+            raise kafka.kafka_error("immudb sink", exc) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            await asyncio.to_thread(self.store.close)
+        return self.entries_written
+
+    async def _seek_to_committed(self, consumer: Any, tps: list[TopicPartition]) -> None:
+        beginnings = await consumer.beginning_offsets(tps)
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            consumer.seek(tp, committed if committed is not None else beginnings[tp])
+
+    async def _open_store(self, stop: asyncio.Event) -> None:
+        delay = RETRY_BACKOFF_INITIAL_S
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.store.open)
+                return
+            except SinkError as exc:
+                if not exc.retriable:
+                    raise
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+
+    async def _store_with_retry(self, items: Mapping[bytes, bytes], behind: int,
+                                stop: asyncio.Event) -> dict[bytes, Stored] | None:
+        """Write until it works; immudb being down only delays (the sink reports it is behind)."""
+        delay = RETRY_BACKOFF_INITIAL_S
+        down_since: float | None = None
+        while not stop.is_set():
+            try:
+                stored = await asyncio.to_thread(self.store.write, items)
+                if down_since is not None:
+                    log.warning("immudb is back after %.0fs; catching up", time.monotonic() - down_since)
+                return stored
+            except SinkError as exc:
+                if not exc.retriable:
+                    raise
+                down_since = down_since or time.monotonic()
+                log.warning("%s; sink is behind by %d+ entries (down %.0fs), retrying in %.1fs",
+                            exc, behind, time.monotonic() - down_since, delay)
+                await asyncio.to_thread(self.store.close)  # a restarted server needs a new login
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+        return None
+
+    async def _handle(self, consumer: Any, producer: AIOKafkaProducer, tps: list[TopicPartition],
+                      batches: Mapping[TopicPartition, list[Any]], stop: asyncio.Event) -> None:
+        messages = [m for tp in sorted(batches, key=lambda t: t.partition) for m in batches[tp]]
+        offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batches.items() if msgs}
+        wanted = entries_to_store(self.settings, messages, self.codec, self.currencies)
+        items = dict(wanted.values())
+        behind = kafka.lag(consumer, {tp: offsets.get(tp, 0) for tp in offsets}) + len(items)
+        stored = await self._store_with_retry(items, behind, stop) if items else {}
+        if stored is None:  # stopping: nothing committed, the next start redoes this batch
+            return
+        now = datetime.now(UTC)
+        topic = self.settings.topic(LedgerTopic.RECEIPTS)
+        for attempt in range(1, KAFKA_RETRIES_MAX + 1):
+            try:
+                async with producer.transaction():
+                    for entry_id, (key, _value) in wanted.items():
+                        value = self.codec.encode("Receipt", receipt_record(
+                            entry_id, stored[key], self.settings.immudb_database, now))
+                        await producer.send(topic, value, key=entry_id.encode())
+                    await producer.send_offsets_to_transaction(offsets, self.group_id)
+                break
+            except ProducerFenced:
+                raise
+            except KafkaError as exc:
+                if attempt == KAFKA_RETRIES_MAX or not getattr(exc, "retriable", False):
+                    raise
+                log.warning("publishing receipts failed (%r); retrying", exc)
+                await asyncio.sleep(RETRY_BACKOFF_INITIAL_S * attempt)
+        self.entries_written += len(wanted)
+
+
+async def run_immudb_sink(settings: Settings, directory: Path | None = None) -> int:
+    """`sardis-ledger sink immudb`: run until SIGTERM/SIGINT."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await ImmudbSink(settings, directory=directory).run(stop)

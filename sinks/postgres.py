@@ -1,0 +1,370 @@
+"""PostgreSQL sink: ledger topics -> the `ledger` schema, rows and offsets in one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from schemas.codec import AvroCodec
+from sinks import kafka, rows
+from sinks.errors import SinkError, SinkUnavailable
+from sinks.schema import connect, migrate, quoted
+from streams.config import Settings
+from streams.errors import CodecError
+from streams.money import Currency, currency_table
+from streams.topics import LedgerTopic
+
+BATCH_RECORDS_MAX = 20_000  # records per database transaction
+POLL_TIMEOUT_MS = 100  # short: end-to-end lag stays well under a second when traffic is light
+RETRY_BACKOFF_INITIAL_S = 0.2
+RETRY_BACKOFF_MAX_S = 5.0
+LOCK_POLL_S = 1.0
+REPORT_EVERY_S = 10.0
+READY_MESSAGE = "sink postgres: ready"
+
+# What the sink consumes; ledger.entries must exist, the others are sunk when they exist.
+SOURCE_TOPICS: tuple[tuple[LedgerTopic, bool], ...] = (
+    (LedgerTopic.ENTRIES, True),
+    (LedgerTopic.TREE_HEADS, False),
+    (LedgerTopic.RECEIPTS, False),
+    (LedgerTopic.ANCHORS, False),
+)
+# Record names each topic carries; anything else on a topic is logged and skipped.
+RECORD_NAMES = {
+    LedgerTopic.ENTRIES: "Entry",
+    LedgerTopic.TREE_HEADS: "TreeHead",
+    LedgerTopic.RECEIPTS: "Receipt",
+    LedgerTopic.ANCHORS: "Anchor",
+}
+# SQLSTATE classes worth a reconnect and retry: connection problems, server shutting down,
+# resources, serialization failures. Everything else (constraint violations) is a real fault.
+RETRIABLE_SQLSTATE_PREFIXES = ("08", "57P", "53", "40001", "40P01", "58")
+
+log = logging.getLogger("sardis.sinks.postgres")
+
+
+@dataclass
+class Batch:
+    """Rows decoded from one poll, plus the next offset of every partition they came from."""
+
+    entries: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    batches: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    tree_heads: dict[tuple[int, int], tuple[Any, ...]] = field(default_factory=dict)
+    receipts: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    anchors: list[tuple[Any, ...]] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    records: int = 0
+    skipped: int = 0
+
+
+def build_batch(messages: Mapping[TopicPartition, list[Any]], topic_kinds: Mapping[str, LedgerTopic],
+                codec: AvroCodec, currencies: Mapping[str, Currency]) -> Batch:
+    """Decode one poll's messages into deduplicated rows (pure apart from logging)."""
+    batch = Batch()
+    for tp, messages_of_tp in messages.items():
+        kind = topic_kinds[tp.topic]
+        expected = RECORD_NAMES[kind]
+        for message in messages_of_tp:
+            batch.records += 1
+            batch.offsets[tp] = message.offset + 1
+            try:
+                name, record = codec.decode(message.value)
+            except CodecError as exc:
+                log.error("skipping undecodable record %s[%d]@%d: %s", tp.topic, tp.partition,
+                          message.offset, exc)
+                batch.skipped += 1
+                continue
+            if name != expected:
+                log.error("skipping a %s record on %s[%d]@%d (expected %s)", name, tp.topic,
+                          tp.partition, message.offset, expected)
+                batch.skipped += 1
+                continue
+            if kind is LedgerTopic.ENTRIES:
+                # The worker may re-emit an entry after a crash; entry_id dedupes it.
+                batch.entries.setdefault(record["entry_id"], rows.entry_row(record, currencies))
+                batch_row = rows.batch_row(record)
+                if batch_row is not None:
+                    batch.batches.setdefault(batch_row[0], batch_row)
+            elif kind is LedgerTopic.TREE_HEADS:
+                batch.tree_heads.setdefault((record["partition"], record["tree_size"]),
+                                            rows.tree_head_row(record))
+            elif kind is LedgerTopic.RECEIPTS:
+                batch.receipts.setdefault(record["entry_id"], rows.receipt_row(record))
+            else:
+                batch.anchors.append(rows.anchor_row(record))
+    return batch
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether a database error is worth reconnecting and retrying the same batch."""
+    import asyncpg
+
+    # InternalClientError: asyncpg's protocol state after a connection broke mid-COPY; a new
+    # connection starts clean.
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, SinkUnavailable,
+                        asyncpg.exceptions._base.InternalClientError)):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        return state.startswith(RETRIABLE_SQLSTATE_PREFIXES)
+    return False
+
+
+class PostgresSink:
+    """Copies ledger topics into one schema, exactly once.
+
+    Each transaction holds a batch's rows and the next offset of every partition they came
+    from (`sink_offsets`); on start and after any database error the consumer seeks to those
+    stored offsets, so a crash at any moment neither loses nor repeats a row. One sink per
+    schema writes at a time (a session advisory lock); a second one waits as a standby.
+    """
+
+    def __init__(self, settings: Settings, schema: str, *,
+                 currencies: Mapping[str, Currency] | None = None,
+                 start: Callable[[AIOKafkaConsumer, list[TopicPartition]],
+                                 Any] | None = None,
+                 stop_at_end: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.settings = settings
+        self.schema = schema
+        self.q = quoted(schema)
+        self.currencies = dict(currencies) if currencies is not None else currency_table()
+        self.codec = AvroCodec()
+        self.start = start  # replay: where to start when the schema has no offsets yet
+        self.stop_at_end = stop_at_end  # replay: stop once every partition reached its end
+        self.progress = progress
+        self.conn: Any = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.tps: list[TopicPartition] = []
+        self.topic_kinds: dict[str, LedgerTopic] = {}
+        self.positions: dict[TopicPartition, int] = {}
+        self.entries_written = 0
+        self.records_done = 0
+
+    # ------------------------------------------------------------------ database
+
+    async def _connect(self) -> None:
+        """Connect, migrate, take the schema's sink lock, prepare the staging table."""
+        await self._close_db()
+        conn = await connect(self.settings.pg_dsn)
+        try:
+            await migrate(conn, self.schema)
+            lock_key = f"sardis-ledger:sink:{self.schema}"
+            waiting_logged = False
+            while not await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                                          lock_key):
+                if not waiting_logged:
+                    log.warning("another postgres sink holds schema %s; waiting as standby",
+                                self.schema)
+                    waiting_logged = True
+                await asyncio.sleep(LOCK_POLL_S)
+            await conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS entries_stage "
+                f"(LIKE {self.q}.entries INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.terminate()
+            raise
+        self.conn = conn
+
+    async def _close_db(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.terminate()
+            self.conn = None
+
+    async def stored_offsets(self) -> dict[TopicPartition, int]:
+        result: dict[TopicPartition, int] = {}
+        for row in await self.conn.fetch(f"SELECT topic, partition, next_offset FROM {self.q}.sink_offsets"):
+            result[TopicPartition(row["topic"], row["partition"])] = row["next_offset"]
+        return result
+
+    async def write(self, batch: Batch) -> int:
+        """One transaction: every row of the batch and the offsets after it. Returns entries added."""
+        q = self.q
+        conn = self.conn
+        added = 0
+        async with conn.transaction():
+            if batch.entries:
+                await conn.copy_records_to_table("entries_stage", records=list(batch.entries.values()),
+                                                 columns=rows.ENTRY_COLUMNS)
+                columns = ", ".join(rows.ENTRY_COLUMNS)
+                status = await conn.execute(
+                    f"INSERT INTO {q}.entries ({columns}) SELECT {columns} FROM entries_stage "
+                    "ON CONFLICT (entry_id) DO NOTHING")
+                added = int(status.rsplit(" ", 1)[-1])
+            if batch.batches:
+                await conn.executemany(
+                    f"INSERT INTO {q}.batches ({', '.join(rows.BATCH_COLUMNS)}) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (batch_id) DO NOTHING",
+                    list(batch.batches.values()))
+            if batch.tree_heads:
+                await conn.execute(
+                    f"INSERT INTO {q}.tree_heads ({', '.join(rows.TREE_HEAD_COLUMNS)}) "
+                    "SELECT * FROM unnest($1::integer[], $2::bigint[], $3::text[], $4::timestamptz[]) "
+                    "ON CONFLICT (partition, tree_size) DO NOTHING",
+                    *_columns(batch.tree_heads.values(), len(rows.TREE_HEAD_COLUMNS)))
+            if batch.receipts:
+                await conn.execute(
+                    f"INSERT INTO {q}.receipts ({', '.join(rows.RECEIPT_COLUMNS)}) "
+                    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::boolean[], "
+                    "$5::timestamptz[]) ON CONFLICT (entry_id) DO NOTHING",
+                    *_columns(batch.receipts.values(), len(rows.RECEIPT_COLUMNS)))
+            if batch.anchors:
+                await conn.executemany(
+                    f"INSERT INTO {q}.anchors ({', '.join(rows.ANCHOR_COLUMNS)}) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING", batch.anchors)
+            if batch.offsets:
+                await conn.execute(
+                    f"INSERT INTO {q}.sink_offsets (topic, partition, next_offset) "
+                    "SELECT * FROM unnest($1::text[], $2::integer[], $3::bigint[]) "
+                    "ON CONFLICT (topic, partition) DO UPDATE "
+                    "SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+                    [tp.topic for tp in batch.offsets], [tp.partition for tp in batch.offsets],
+                    list(batch.offsets.values()))
+        return added
+
+    # ------------------------------------------------------------------ Kafka
+
+    async def _open_consumer(self) -> None:
+        self.consumer = kafka.consumer(self.settings)
+        try:
+            await self.consumer.start()
+        except KafkaError as exc:
+            raise kafka.kafka_error("starting the Kafka consumer", exc) from exc
+        for topic_name, required in SOURCE_TOPICS:
+            topic = self.settings.topic(topic_name)
+            found = await kafka.partitions_of(self.consumer, topic, required=required,
+                                              timeout_s=kafka.METADATA_TIMEOUT_S if required else 2.0)
+            self.tps += found
+            self.topic_kinds[topic] = topic_name
+        self.consumer.assign(self.tps)
+
+    async def _seek_to_stored(self) -> None:
+        """Position every partition at its stored next offset (replay: at its start offset)."""
+        assert self.consumer is not None
+        stored = await self.stored_offsets()
+        starts: Mapping[TopicPartition, int] = {}
+        if not stored and self.start is not None:
+            starts = await self.start(self.consumer, self.tps)
+        beginnings = await self.consumer.beginning_offsets(self.tps)
+        for tp in self.tps:
+            offset = stored.get(tp, starts.get(tp, beginnings[tp]))
+            self.consumer.seek(tp, offset)
+            self.positions[tp] = offset
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, stop: asyncio.Event | None = None) -> int:
+        """Sink until `stop` is set (or, for a replay, until the end). Returns entries written."""
+        stop = stop or asyncio.Event()
+        await self._open_consumer()
+        assert self.consumer is not None
+        try:
+            await self._reconnect(stop)
+            ends: dict[TopicPartition, int] = {}
+            if self.stop_at_end:
+                ends = await self.consumer.end_offsets(self.tps)
+            total = sum(max(0, ends[tp] - self.positions[tp]) for tp in ends)
+            print(READY_MESSAGE, flush=True)
+            log.info("%s: consuming %d partitions into schema %s", READY_MESSAGE, len(self.tps),
+                     self.schema)
+            last_report = time.monotonic()
+            written_at_report = 0
+            while not stop.is_set():
+                if self.stop_at_end and await self._reached(ends):
+                    break
+                try:
+                    messages = await self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
+                                                           max_records=BATCH_RECORDS_MAX)
+                except KafkaError as exc:
+                    log.warning("Kafka fetch failed (%r); retrying", exc)
+                    await asyncio.sleep(RETRY_BACKOFF_INITIAL_S)
+                    continue
+                if messages:
+                    batch = build_batch(messages, self.topic_kinds, self.codec, self.currencies)
+                    await self._write_with_retry(batch, stop)
+                    self.records_done += batch.records
+                    if self.progress is not None and total:
+                        self.progress(min(self.records_done, total), total)
+                now = time.monotonic()
+                if now - last_report >= REPORT_EVERY_S:
+                    rate = (self.entries_written - written_at_report) / (now - last_report)
+                    positions = {tp: await self.consumer.position(tp) for tp in self.tps}
+                    log.info("sink postgres: %d entries written (%.0f/s), lag %d records",
+                             self.entries_written, rate, kafka.lag(self.consumer, positions))
+                    last_report, written_at_report = now, self.entries_written
+        finally:
+            await self._close_db()
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+        return self.entries_written
+
+    async def _reached(self, ends: Mapping[TopicPartition, int]) -> bool:
+        assert self.consumer is not None
+        for tp, end in ends.items():
+            if await self.consumer.position(tp) < end:
+                return False
+        return True
+
+    async def _write_with_retry(self, batch: Batch, stop: asyncio.Event) -> None:
+        """Write a batch; after a database error, reconnect and resume from the stored offsets.
+
+        When the error hit during COMMIT nobody knows whether the batch committed; the stored
+        offsets say, so the batch is never written twice and never lost.
+        """
+        try:
+            self.entries_written += await self.write(batch)
+            self.positions.update(batch.offsets)
+            return
+        except Exception as exc:
+            if not is_retriable(exc) and not self.conn.is_closed():
+                raise SinkError(f"writing to PostgreSQL schema {self.schema}: {exc!r}") from exc
+            log.warning("PostgreSQL write failed (%r); reconnecting and resuming from the "
+                        "stored offsets", exc)
+        await self._reconnect(stop)
+
+    async def _reconnect(self, stop: asyncio.Event) -> None:
+        """Connect with backoff until it works, then seek to the stored offsets."""
+        delay = RETRY_BACKOFF_INITIAL_S
+        while not stop.is_set():
+            try:
+                await self._connect()
+                await self._seek_to_stored()
+                return
+            except Exception as exc:
+                if not is_retriable(exc):
+                    raise
+                log.warning("PostgreSQL unavailable (%r); sink is behind, retrying in %.1fs",
+                            exc, delay)
+                await self._close_db()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+
+
+def _columns(values: Any, width: int) -> list[list[Any]]:
+    """Rows as per-column lists, for INSERT ... SELECT FROM unnest(...)."""
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for row in values:
+        for i, value in enumerate(row):
+            columns[i].append(value)
+    return columns
+
+
+async def run_postgres_sink(settings: Settings, schema: str) -> int:
+    """`sardis-ledger sink postgres`: run until SIGTERM/SIGINT."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await PostgresSink(settings, schema).run(stop)
