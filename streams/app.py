@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from faust.types import TP, EventT, StreamT
+from faust.types import EventT, StreamT
 
 from schemas.codec import AvroCodec
 from streams import batches, core, records
@@ -260,8 +260,12 @@ class LedgerWorker:
         commit can never pass a command whose effects are not in its transaction or an earlier
         one. Synchronous: no other task runs between reading and updating Faust's bookkeeping.
         """
+        from aiokafka import TopicPartition
+
         consumer: Any = self.app.consumer
-        tp = TP(topic, partition)
+        # aiokafka's type, not Faust's TP (equal and same hash): a key created here reaches
+        # aiokafka's send_offsets_to_transaction, which accepts only TopicPartition.
+        tp = TopicPartition(topic, partition)
         committed = consumer._committed_offset.get(tp)
         if committed is None or committed >= next_offset:
             return

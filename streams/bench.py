@@ -30,6 +30,7 @@ class Scenario:
     name: str
     commands: int
     accounts: int
+    batches: bool = False  # two-leg batches on ledger.batches instead of PostEntry commands
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +102,34 @@ async def _kafka_baseline(settings: Settings, count: int) -> float:
         await consumer.stop()
 
 
-async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
+def _batches(scenario: Scenario, seed: int) -> list[dict[str, object]]:
+    """Two-leg transfers between random accounts (overdraft allowed): every batch commits."""
+    rng = random.Random(seed)
+    decimals = currency_table()["USDC"].decimals
+    out: list[dict[str, object]] = []
+    for i in range(scenario.commands):
+        payer, payee = rng.sample(range(scenario.accounts), 2)
+        amount = to_major(rng.randint(1, 10_000), decimals)
+        out.append({"batch_id": f"bench-{seed}-{i}", "legs": [
+            {"account_id": f"bench_{payer:05d}", "currency": "USDC", "entry_type": "debit",
+             "amount": amount, "allow_overdraft": True},
+            {"account_id": f"bench_{payee:05d}", "currency": "USDC", "entry_type": "credit",
+             "amount": amount}]})
+    return out
+
+
+def _encoded(settings: Settings, scenario: Scenario, seed: int) -> list[tuple[str, str, str, bytes]]:
+    """(result key, topic, partition key, value) of every message the scenario produces."""
     codec = AvroCodec()
-    commands = _commands(scenario, seed)
-    encoded = [(c["command_id"], str(c["account_id"]), codec.encode("PostEntry", c)) for c in commands]
+    if scenario.batches:
+        return [(str(b["batch_id"]), settings.topic("ledger.batches"), str(b["batch_id"]),
+                 codec.encode("SubmitBatch", b)) for b in _batches(scenario, seed)]
+    return [(str(c["command_id"]), settings.topic("ledger.commands"), str(c["account_id"]),
+             codec.encode("PostEntry", c)) for c in _commands(scenario, seed)]
+
+
+async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
+    encoded = _encoded(settings, scenario, seed)
     results_topic = settings.topic("ledger.results")
     producer, consumer = _clients(settings)
     await producer.start()
@@ -119,7 +144,7 @@ async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
             await consumer.position(tp)
 
         async def read_results() -> float:
-            pending = {cid for cid, _a, _v in encoded}
+            pending = {key for key, _t, _k, _v in encoded}
             deadline = time.monotonic() + RESULT_WAIT_S
             last_progress = 0.0
             while pending:
@@ -140,10 +165,10 @@ async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
 
         started = time.monotonic()
         reader = asyncio.create_task(read_results())
-        for i, (command_id, account, value) in enumerate(encoded):
-            sent_at[str(command_id)] = time.monotonic()
-            await producer.send(settings.topic("ledger.commands"), value, key=account.encode(),
-                                partition=core.partition_for(account, settings.partitions))
+        for i, (result_key, topic, key, value) in enumerate(encoded):
+            sent_at[result_key] = time.monotonic()
+            await producer.send(topic, value, key=key.encode(),
+                                partition=core.partition_for(key, settings.partitions))
             if i % PRODUCE_CHUNK == PRODUCE_CHUNK - 1:
                 await asyncio.sleep(0)  # let the reader run while producing
         await producer.flush()
@@ -160,7 +185,7 @@ async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
 
 
 def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
-              scenarios: Sequence[str]) -> int:
+              scenarios: Sequence[str], batches: int = 10_000) -> int:
     from infra import harness
 
     harness.up()
@@ -168,6 +193,7 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
     plan = {
         "spread": Scenario(f"(a) {commands} cmds / {accounts} accts", commands, accounts),
         "hot": Scenario(f"(b) {hot_commands} cmds / 1 account", hot_commands, 1),
+        "batches": Scenario(f"(c) {batches} 2-leg batches", batches, accounts, batches=True),
     }
     print(f"sardis-ledger bench: {runs} run(s) per scenario, median reported; one worker process, "
           "broker on the same machine", flush=True)
@@ -190,7 +216,8 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
             with WorkerProcess(settings):
                 figures.append(asyncio.run(_run(settings, scenario, seed=run)))
             asyncio.run(delete_topics_with_prefix(settings))
-        print(f"  {scenario.name:28s} {statistics.median(f.rate_per_s for f in figures):>9,.0f} cmd/s"
+        unit = "batch/s" if scenario.batches else "cmd/s"
+        print(f"  {scenario.name:28s} {statistics.median(f.rate_per_s for f in figures):>9,.0f} {unit}"
               f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"
               f"   p99 {statistics.median(f.p99_ms for f in figures):8.1f} ms"
               f"   runs: {', '.join(f'{f.rate_per_s:,.0f}' for f in figures)}", flush=True)

@@ -89,7 +89,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import run_bench
 
     return run_bench(runs=args.runs, commands=args.commands, accounts=args.accounts,
-                     hot_commands=args.hot_commands, scenarios=args.scenario or ["spread", "hot"])
+                     hot_commands=args.hot_commands, batches=args.batches,
+                     scenarios=args.scenario or ["spread", "hot", "batches"])
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -182,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--accounts", type=int, default=10_000, help="accounts in scenario (a)")
     bench.add_argument("--hot-commands", type=int, default=20_000,
                        help="commands in scenario (b), all on one account")
-    bench.add_argument("--scenario", action="append", choices=["spread", "hot"],
+    bench.add_argument("--batches", type=int, default=10_000,
+                       help="two-leg batches in scenario (c)")
+    bench.add_argument("--scenario", action="append", choices=["spread", "hot", "batches"],
                        help="run only this scenario (repeatable)")
     bench.set_defaults(func=_cmd_bench)
 

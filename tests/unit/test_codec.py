@@ -31,7 +31,9 @@ from schemas.codec import (
 from streams.errors import CodecError
 
 NAMESPACE = "sardis.ledger"
-RECORDS = ("PostEntry", "Entry", "Result", "Balance", "TreeHead", "DeadLetter", "Receipt")
+RECORDS = ("PostEntry", "Entry", "Result", "Balance", "TreeHead", "DeadLetter", "Receipt",
+           "BatchLeg", "SubmitBatch", "RollbackBatch", "ReserveLeg", "SettleLeg", "LegReport",
+           "BatchTick")
 UINT64_MASK = 2**64 - 1
 
 CODEC = AvroCodec()
@@ -153,6 +155,23 @@ ROUND_TRIPS: list[tuple[str, str, dict[str, Any]]] = [
             "reason": None,
             "detail": None,
             "entry": entry(),
+            "batch_id": None,
+            "failed_leg_index": None,
+            "entries": [],
+        },
+    ),
+    (
+        "result_batch_committed",
+        "Result",
+        {
+            "command_id": "bat_55",
+            "status": "committed",
+            "reason": None,
+            "detail": None,
+            "entry": None,
+            "batch_id": "bat_55",
+            "failed_leg_index": None,
+            "entries": [entry(), entry()],
         },
     ),
     (
@@ -164,6 +183,9 @@ ROUND_TRIPS: list[tuple[str, str, dict[str, Any]]] = [
             "reason": "insufficient_funds",
             "detail": "available 10.00 USDC < 12.50 USDC",
             "entry": None,
+            "batch_id": "bat_9",
+            "failed_leg_index": 1,
+            "entries": [],
         },
     ),
     (
@@ -213,6 +235,43 @@ ROUND_TRIPS: list[tuple[str, str, dict[str, Any]]] = [
             "failed_at": T_OCCURRED,
         },
     ),
+    ("batch_leg", "BatchLeg", {"account_id": "acct_sender", "currency": "USDC", "entry_type": "debit",
+             "amount": Decimal("500.000000000000000000"), "reference": None, "metadata": {},
+             "allow_overdraft": False}),
+    (
+        "submit_batch",
+        "SubmitBatch",
+        {"batch_id": "bat_1", "legs": [{"account_id": "acct_sender", "currency": "USDC", "entry_type": "debit",
+             "amount": Decimal("500.000000000000000000"), "reference": None, "metadata": {},
+             "allow_overdraft": False}], "require_balanced": True, "timeout_ms": 30_000},
+    ),
+    (
+        "rollback_batch",
+        "RollbackBatch",
+        {"command_id": "rb_1", "batch_id": "bat_1", "reason": "dispute", "force": False},
+    ),
+    (
+        "reserve_leg",
+        "ReserveLeg",
+        {"batch_id": "bat_1:rollback:rb_1", "leg_index": 3, "batch_size": 4,
+         "coordinator_partition": 7, "account_id": "acct_sender", "currency": "USDC",
+         "entry_type": "reversal", "amount": Decimal("500.000000000000000000"), "sign": 1,
+         "reference": "dispute", "metadata": {"rollback_command_id": "rb_1"},
+         "allow_overdraft": True, "reverses_entry_id": "ent_01JPAZ7W3M2X"},
+    ),
+    (
+        "settle_leg",
+        "SettleLeg",
+        {"batch_id": "bat_1", "leg_index": 0, "account_id": "acct_sender", "currency": "USDC",
+         "action": "post", "coordinator_partition": 7},
+    ),
+    (
+        "leg_report_posted",
+        "LegReport",
+        {"batch_id": "bat_1", "leg_index": 0, "kind": "posted", "reason": None, "detail": None,
+         "entry": entry()},
+    ),
+    ("batch_tick", "BatchTick", {"partition": 7, "now": T_COMMITTED}),
     (
         "receipt",
         "Receipt",
@@ -284,7 +343,8 @@ def test_omitted_fields_take_their_schema_defaults() -> None:
 
 
 def test_decode_accepts_bytearray_and_memoryview() -> None:
-    data = CODEC.encode("TreeHead", ROUND_TRIPS[8][2])
+    tree_head = next(case[2] for case in ROUND_TRIPS if case[1] == "TreeHead")
+    data = CODEC.encode("TreeHead", tree_head)
     assert CODEC.decode(bytearray(data)) == CODEC.decode(data)
     assert CODEC.decode(memoryview(data)) == CODEC.decode(data)
 
@@ -405,11 +465,18 @@ def test_fingerprints_agree_with_fastavro(record_name: str) -> None:
 PINNED_FINGERPRINTS = {
     "PostEntry": "f9c5d8289a98fb93",
     "Entry": "2d29897226d27c00",
-    "Result": "dfe651e4f677bdd5",
+    "Result": "ee2b4c1a03fb8647",
     "Balance": "c933eb6a5164d6df",
     "TreeHead": "a8e9be1a71c9135c",
     "DeadLetter": "a928b9a243f8986b",
     "Receipt": "154847d2e55026ad",
+    "BatchLeg": "9be981032edb16f4",
+    "SubmitBatch": "50170d5d9ff265d7",
+    "RollbackBatch": "bb33fe42606d7718",
+    "ReserveLeg": "766b5e1458071bc3",
+    "SettleLeg": "bf6683fe939c064a",
+    "LegReport": "d26f9a362f4a1074",
+    "BatchTick": "5bae980dff60825c",
 }
 
 
