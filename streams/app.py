@@ -499,8 +499,11 @@ class LedgerWorker:
                     parsed.leg_index), partition)
             return
         existing = self._header(parsed.batch_id)
+        # The timeout runs from when the coordinator starts the batch, not from when it was
+        # produced: a backlog (or a restart) must not void every queued batch at once. The
+        # deadline is stored with the batch, so a replay does not move it.
         step = batches.submit(existing, parsed, coordinator_partition=partition,
-                              now_ms=command.timestamp_ms)
+                              now_ms=max(command.timestamp_ms, time.time_ns() // 1_000_000))
         if existing is not None and step.outcome is None:
             outcome = batches.decided_outcome(existing, self._legs(existing))
             if outcome is not None:
@@ -528,7 +531,8 @@ class LedgerWorker:
             and original.status is batches.BatchStatus.COMMITTED else []
         await self._apply(batches.rollback(original, legs, parsed, None,
                                            coordinator_partition=partition,
-                                           now_ms=command.timestamp_ms), partition)
+                                           now_ms=max(command.timestamp_ms,
+                                                      time.time_ns() // 1_000_000)), partition)
 
     async def _leg_report(self, report: batches.LegReport, partition: int, now_ms: int) -> None:
         header = self._header(report.batch_id)

@@ -152,7 +152,8 @@ def plan_batches(seed: int, count: int, accounts: list[str]) -> list[dict[str, A
         legs = [{"account_id": payer, "currency": "USDC", "entry_type": "debit", "amount": sum(parts)}]
         legs += [{"account_id": p, "currency": "USDC", "entry_type": "credit", "amount": a}
                  for p, a in zip(payees, parts, strict=True)]
-        planned.append({"batch_id": f"bat-{seed}-{i}", "legs": legs})
+        # A long timeout: this workload tests all-or-nothing, not timeouts (tested separately).
+        planned.append({"batch_id": f"bat-{seed}-{i}", "legs": legs, "timeout_ms": 600_000})
     return planned
 
 
