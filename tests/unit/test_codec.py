@@ -33,7 +33,7 @@ from streams.errors import CodecError
 NAMESPACE = "sardis.ledger"
 RECORDS = ("PostEntry", "Entry", "Result", "Balance", "TreeHead", "DeadLetter", "Receipt",
            "BatchLeg", "SubmitBatch", "RollbackBatch", "ReserveLeg", "SettleLeg", "LegReport",
-           "BatchTick")
+           "BatchTick", "ChainTransfer", "Anchor")
 UINT64_MASK = 2**64 - 1
 
 CODEC = AvroCodec()
@@ -241,9 +241,11 @@ ROUND_TRIPS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "submit_batch",
         "SubmitBatch",
-        {"batch_id": "bat_1", "legs": [{"account_id": "acct_sender", "currency": "USDC", "entry_type": "debit",
-             "amount": Decimal("500.000000000000000000"), "reference": None, "metadata": {},
-             "allow_overdraft": False}], "require_balanced": True, "timeout_ms": 30_000},
+        {"batch_id": "bat_1",
+         "legs": [{"account_id": "acct_sender", "currency": "USDC", "entry_type": "debit",
+                   "amount": Decimal("500.000000000000000000"), "reference": None, "metadata": {},
+                   "allow_overdraft": False}],
+         "require_balanced": True, "timeout_ms": 30_000},
     ),
     (
         "rollback_batch",
@@ -272,6 +274,22 @@ ROUND_TRIPS: list[tuple[str, str, dict[str, Any]]] = [
          "entry": entry()},
     ),
     ("batch_tick", "BatchTick", {"partition": 7, "now": T_COMMITTED}),
+    (
+        "chain_transfer",
+        "ChainTransfer",
+        {"chain": "base", "block_number": 19_000_000, "block_hash": "0x" + "ab" * 32,
+         "tx_hash": "0x" + "cd" * 32, "log_index": 7, "token": "0x" + "12" * 20,
+         "from_address": "0x" + "34" * 20, "to_address": "0x" + "56" * 20,
+         "amount": Decimal("1500.250000000000000000"), "currency": "USDC",
+         "account_id": "acct_sender", "direction": "out", "status": "confirmed"},
+    ),
+    (
+        "anchor",
+        "Anchor",
+        {"partition": 3, "tree_size": 1000, "root_hash": "ef" * 32, "chain": "base",
+         "tx_hash": "0x" + "01" * 32, "block_number": 19_000_001,
+         "contract_address": "0x" + "78" * 20, "anchored_at": T_COMMITTED},
+    ),
     (
         "receipt",
         "Receipt",
@@ -477,6 +495,8 @@ PINNED_FINGERPRINTS = {
     "SettleLeg": "bf6683fe939c064a",
     "LegReport": "d26f9a362f4a1074",
     "BatchTick": "5bae980dff60825c",
+    "ChainTransfer": "28ce911a28829f51",
+    "Anchor": "891068decbc09a62",
 }
 
 
