@@ -43,6 +43,8 @@ CATCH_UP_REQUEST_TIMEOUT_MS = 10_000
 STALL_LOG_EVERY_CHECKS = 4
 BATCH_TICK_INTERVAL_S = 1.0
 BATCH_TIMEOUTS_PER_TICK_MAX = 200  # batches voided per tick: one transaction stays bounded
+BATCH_RESEND_AFTER_MS = 30_000  # an unsettled batch's unanswered messages are sent again
+BATCH_NO_DEADLINE_MS = 2**62  # posting and voided batches wait for answers, not for a deadline
 GAP_READ_TIMEOUT_S = 120.0
 GAP_FETCH_BATCH_MAX = 5000
 
@@ -148,6 +150,7 @@ class LedgerWorker:
         self.app.on_partitions_assigned.connect(self._on_assignment_change)  # type: ignore[arg-type]
         self.app.on_partitions_revoked.connect(self._on_assignment_change)  # type: ignore[arg-type]
         self._last_tick_ms: dict[int, int] = {}
+        self._resend_at_ms: dict[str, int] = {}  # batch_id -> when to send its messages again
         self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
         # partition -> (next_command_offset at the previous catch-up check, checks unchanged)
         self._last_seen_offsets: dict[tuple[str, int], tuple[int, int]] = {}
@@ -386,6 +389,8 @@ class LedgerWorker:
                                     partition)
                     await self._balance_of(message.account_id, message.currency, step.state,
                                            partition)
+            if step.report is not None:
+                await self._report(step.report, message.coordinator_partition, partition)
             return
         log_key = str(partition).encode()
         log_head = records.log_from_bytes(self.logs.get(log_key))
@@ -454,11 +459,20 @@ class LedgerWorker:
     async def _put_header(self, header: batches.BatchHeader, partition: int) -> None:
         await self._put(self.batch_state, f"b:{header.batch_id}".encode(),
                         records.header_to_bytes(header), partition)
+        self._track(header, partition)
+
+    def _track(self, header: batches.BatchHeader, partition: int) -> None:
+        """Keep the in-memory index of unsettled batches (for timeouts and resends) current."""
         open_batches = self._open_batches.setdefault(partition, {})
-        if header.status is batches.BatchStatus.RESERVING:
-            open_batches[header.batch_id] = header.deadline_ms
-        else:
+        if batches.settled(header):
             open_batches.pop(header.batch_id, None)
+            self._resend_at_ms.pop(header.batch_id, None)
+        else:
+            deadline = header.deadline_ms if header.status is batches.BatchStatus.RESERVING \
+                else BATCH_NO_DEADLINE_MS
+            open_batches[header.batch_id] = deadline
+            self._resend_at_ms.setdefault(header.batch_id,
+                                          time.time_ns() // 1_000_000 + BATCH_RESEND_AFTER_MS)
 
     async def _put_leg(self, batch_id: str, index: int, leg: batches.LegRecord, partition: int) -> None:
         await self._put(self.batch_state, f"l:{batches.hold_key(batch_id, index)}".encode(),
@@ -568,17 +582,28 @@ class LedgerWorker:
             if freed is not None:
                 await self._put_header(freed, partition)
 
+    def _due(self, partition: int, now_ms: int) -> list[str]:
+        return sorted(batch_id for batch_id, deadline in self._open_batches.get(partition, {}).items()
+                      if deadline <= now_ms or self._resend_at_ms.get(batch_id, 0) <= now_ms)
+
     async def _batch_tick(self, partition: int, now_ms: int) -> None:
-        """Void the batches of this partition whose timeout is over (time from the tick)."""
+        """Void the batches of this partition whose timeout is over and send again what unsettled
+        batches have waited on for BATCH_RESEND_AFTER_MS (time from the tick)."""
         self._rebuild_open_batches()
-        due = sorted(batch_id for batch_id, deadline in self._open_batches.get(partition, {}).items()
-                     if deadline <= now_ms)
-        for batch_id in due[:BATCH_TIMEOUTS_PER_TICK_MAX]:
+        for batch_id in self._due(partition, now_ms)[:BATCH_TIMEOUTS_PER_TICK_MAX]:
             header = self._header(batch_id)
-            if header is not None and batches.timed_out(header, now_ms):
+            if header is None or batches.settled(header):
+                continue
+            if batches.timed_out(header, now_ms):
                 log.warning("batch %s timed out (%s of %s legs answered)", batch_id,
                             header.votes_yes + header.votes_no, header.leg_count)
                 await self._decide_batch(header, partition, timed_out=True)
+            elif self._resend_at_ms.get(batch_id, 0) <= now_ms:
+                step = batches.resend(header, self._legs(header), coordinator_partition=partition)
+                log.warning("batch %s (%s): sending %s unanswered message(s) again", batch_id,
+                            header.status, len(step.reserves) + len(step.settles))
+                await self._apply(step, partition)
+                self._resend_at_ms[batch_id] = now_ms + BATCH_RESEND_AFTER_MS
 
     def _rebuild_open_batches(self) -> None:
         """After a (re)assignment, find the reserving batches of owned partitions in the table."""
@@ -592,9 +617,10 @@ class LedgerWorker:
             if key.startswith(b"b:"):
                 header = records.header_from_bytes(value)
                 partition = data._key_partition.get(key)
-                if header is not None and header.status is batches.BatchStatus.RESERVING \
-                        and partition in rebuilt:
-                    rebuilt[partition][header.batch_id] = header.deadline_ms
+                if header is not None and not batches.settled(header) and partition in rebuilt:
+                    rebuilt[partition][header.batch_id] = \
+                        header.deadline_ms if header.status is batches.BatchStatus.RESERVING \
+                        else BATCH_NO_DEADLINE_MS
         self._open_batches = rebuilt
         self._open_batches_for = owned
 
@@ -605,8 +631,8 @@ class LedgerWorker:
         try:
             self._rebuild_open_batches()
             now_ms = time.time_ns() // 1_000_000
-            for partition, open_batches in self._open_batches.items():
-                if not open_batches or min(open_batches.values()) > now_ms:
+            for partition in list(self._open_batches):
+                if not self._due(partition, now_ms):
                     continue
                 if now_ms - self._last_tick_ms.get(partition, 0) < BATCH_TICK_INTERVAL_S * 1000:
                     continue

@@ -52,6 +52,7 @@ class ReportKind(StrEnum):
     RESERVED = "reserved"
     REFUSED = "refused"
     POSTED = "posted"
+    VOIDED = "voided"
 
 
 class SettleAction(StrEnum):
@@ -116,6 +117,7 @@ class BatchHeader:
     votes_yes: int = 0
     votes_no: int = 0
     posted: int = 0
+    voided: int = 0  # legs that confirmed the void of a voided batch
     failed_leg_index: int | None = None
     reason: Reason | None = None
     detail: str | None = None
@@ -132,6 +134,7 @@ class LegRecord:
     reason: Reason | None = None
     detail: str | None = None
     entry: Entry | None = None
+    voided: bool = False  # the account confirmed the void (voided batches only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +340,10 @@ def submit(existing: BatchHeader | None, batch: SubmitBatch, *, coordinator_part
 def record_report(header: BatchHeader, leg: LegRecord,
                   report: LegReport) -> tuple[BatchHeader, LegRecord] | None:
     """Count one leg's answer; None when it changes nothing (a duplicate or a late answer)."""
+    if report.kind is ReportKind.VOIDED:
+        if header.status is not BatchStatus.VOIDED or leg.voided:
+            return None
+        return replace(header, voided=header.voided + 1), replace(leg, voided=True)
     if report.kind is ReportKind.POSTED:
         if header.status is not BatchStatus.POSTING or leg.entry is not None:
             return None
@@ -363,6 +370,37 @@ def all_answered(header: BatchHeader) -> bool:
 
 def all_posted(header: BatchHeader) -> bool:
     return header.status is BatchStatus.POSTING and header.posted == header.leg_count
+
+
+def settled(header: BatchHeader) -> bool:
+    """Nothing more to send: committed, rejected before any reserve, or every void confirmed."""
+    if header.status is BatchStatus.COMMITTED:
+        return True
+    return header.status is BatchStatus.VOIDED and header.voided >= header.leg_count
+
+
+def resend(header: BatchHeader, legs: Sequence[LegRecord], *, coordinator_partition: int) -> Step:
+    """The messages of an unsettled batch that have not been answered yet, sent again.
+
+    Reserve, post and void are idempotent at the account (by batch_id and leg_index), so a
+    resend is always safe; it makes the batch finish even if a message or its answer was lost
+    (exactly-once is assumed to fail sometimes, see README).
+    """
+    if len(legs) != header.leg_count:
+        raise InvariantViolation(f"batch {header.batch_id}: {len(legs)} legs, header says {header.leg_count}")
+    if header.status is BatchStatus.RESERVING:
+        return Step(None, reserves=tuple(
+            Reserve(header.batch_id, i, header.leg_count, leg.leg, coordinator_partition)
+            for i, leg in enumerate(legs) if leg.vote is None))
+    if header.status is BatchStatus.POSTING:
+        action, pending = SettleAction.POST, [i for i, leg in enumerate(legs) if leg.entry is None]
+    elif header.status is BatchStatus.VOIDED:
+        action, pending = SettleAction.VOID, [i for i, leg in enumerate(legs) if not leg.voided]
+    else:
+        return Step(None)
+    return Step(None, settles=tuple(
+        Settle(header.batch_id, i, legs[i].leg.account_id, legs[i].leg.currency, action,
+               coordinator_partition) for i in pending))
 
 
 def decide(header: BatchHeader, legs: Sequence[LegRecord], *, coordinator_partition: int,
@@ -544,18 +582,19 @@ def post(state: AccountState, frontier: merkle.MerkleFrontier, hold: Hold | None
 
 def void(state: AccountState, hold: Hold | None, message: Settle) -> HoldStep:
     """Release a pending hold. A void before its reserve leaves a tombstone that refuses it."""
+    report = LegReport(message.batch_id, message.leg_index, ReportKind.VOIDED)
     if hold is None:
         tombstone = Hold(message.batch_id, message.leg_index, 0, None, HoldStatus.VOIDED,
                          Reason.HOLD_VOIDED, "the batch was voided before this leg was reserved")
-        return HoldStep(state, tombstone, None)
+        return HoldStep(state, tombstone, report)
     if hold.status is HoldStatus.POSTED:
         raise InvariantViolation(f"void of posted hold {hold.batch_id}#{hold.leg_index}")
     if hold.status is not HoldStatus.PENDING or hold.leg is None:
-        return HoldStep(state, hold, None, changed=False)
+        return HoldStep(state, hold, report, changed=False)
     leg = hold.leg
     if leg.sign < 0:
         pending = state.pending_debit_minor - leg.amount_minor
         if pending < 0:
             raise InvariantViolation(f"pending debit of {leg.account_id}|{leg.currency} below zero")
         state = replace(state, pending_debit_minor=pending)
-    return HoldStep(state, replace(hold, status=HoldStatus.VOIDED, reason=Reason.HOLD_VOIDED), None)
+    return HoldStep(state, replace(hold, status=HoldStatus.VOIDED, reason=Reason.HOLD_VOIDED), report)

@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     from streams.chain.cli import add_chain_commands
 
     add_chain_commands(sub)
+
+    from streams.reconcile_report import add_reconcile_commands
+
+    add_reconcile_commands(sub)
     return parser
 
 

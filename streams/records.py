@@ -301,7 +301,7 @@ def header_to_bytes(header: BatchHeader) -> bytes:
         "leg_count": header.leg_count, "status": str(header.status),
         "deadline_ms": header.deadline_ms, "require_balanced": header.require_balanced,
         "result_key": header.result_key, "votes_yes": header.votes_yes,
-        "votes_no": header.votes_no, "posted": header.posted,
+        "votes_no": header.votes_no, "posted": header.posted, "voided": header.voided,
         "failed_leg_index": header.failed_leg_index,
         "reason": None if header.reason is None else str(header.reason), "detail": header.detail,
         "original_batch_id": header.original_batch_id, "rolled_back_by": header.rolled_back_by,
@@ -317,7 +317,7 @@ def header_from_bytes(data: bytes | None) -> BatchHeader | None:
         leg_count=raw["leg_count"], status=BatchStatus(raw["status"]),
         deadline_ms=raw["deadline_ms"], require_balanced=raw["require_balanced"],
         result_key=raw["result_key"], votes_yes=raw["votes_yes"], votes_no=raw["votes_no"],
-        posted=raw["posted"], failed_leg_index=raw["failed_leg_index"],
+        posted=raw["posted"], voided=raw["voided"], failed_leg_index=raw["failed_leg_index"],
         reason=None if raw["reason"] is None else Reason(raw["reason"]), detail=raw["detail"],
         original_batch_id=raw["original_batch_id"], rolled_back_by=raw["rolled_back_by"])
 
@@ -326,7 +326,8 @@ def leg_record_to_bytes(record: LegRecord) -> bytes:
     return _dumps({
         "leg": _leg_to_json(record.leg), "vote": None if record.vote is None else str(record.vote),
         "reason": None if record.reason is None else str(record.reason), "detail": record.detail,
-        "entry": None if record.entry is None else _entry_to_json(record.entry)})
+        "entry": None if record.entry is None else _entry_to_json(record.entry),
+        "voided": record.voided})
 
 
 def leg_record_from_bytes(data: bytes) -> LegRecord:
@@ -335,7 +336,8 @@ def leg_record_from_bytes(data: bytes) -> LegRecord:
         leg=_leg_from_json(raw["leg"]),
         vote=None if raw["vote"] is None else HoldStatus(raw["vote"]),
         reason=None if raw["reason"] is None else Reason(raw["reason"]), detail=raw["detail"],
-        entry=None if raw["entry"] is None else _entry_from_json(raw["entry"]))
+        entry=None if raw["entry"] is None else _entry_from_json(raw["entry"]),
+        voided=raw["voided"])
 
 
 def hold_to_bytes(hold: Hold) -> bytes:

@@ -341,3 +341,27 @@ def test_no_sequence_of_hold_operations_breaks_the_invariants(
         assert state.balance_minor == expected_balance
         assert all(len(ids) == 1 for ids in posted_entries.values())  # never posted twice
         assert state.sequence == sum(len(ids) for ids in posted_entries.values()) == frontier.tree_size
+
+
+def test_resend_repeats_only_unanswered_messages_and_voids_until_confirmed() -> None:
+    batch = parsed([leg("alice", "debit", "1"), leg("bob", "credit", "1")])
+    step = b.submit(None, batch, coordinator_partition=2, now_ms=0)
+    assert step.header is not None
+    header, legs = step.header, dict(step.legs)
+    counted = b.record_report(header, legs[0], b.LegReport("bat_1", 0, b.ReportKind.RESERVED))
+    assert counted is not None
+    header, legs[0] = counted
+    again = b.resend(header, [legs[0], legs[1]], coordinator_partition=2)
+    assert [r.leg_index for r in again.reserves] == [1] and not again.settles
+    decided = b.decide(header, [legs[0], legs[1]], coordinator_partition=2, timed_out=True)
+    assert decided.header is not None and not b.settled(decided.header)
+    header = decided.header
+    voids = b.resend(header, [legs[0], legs[1]], coordinator_partition=2)
+    void = b.SettleAction.VOID
+    assert [(s.leg_index, s.action) for s in voids.settles] == [(0, void), (1, void)]
+    for index in (0, 1):
+        counted = b.record_report(header, legs[index], b.LegReport("bat_1", index, b.ReportKind.VOIDED))
+        assert counted is not None
+        header, legs[index] = counted
+        assert b.record_report(header, legs[index], b.LegReport("bat_1", index, b.ReportKind.VOIDED)) is None
+    assert b.settled(header) and b.resend(header, [legs[0], legs[1]], coordinator_partition=2) == b.Step(None)
