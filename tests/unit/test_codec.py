@@ -33,7 +33,7 @@ from streams.errors import CodecError
 NAMESPACE = "sardis.ledger"
 RECORDS = ("PostEntry", "Entry", "Result", "Balance", "TreeHead", "DeadLetter", "Receipt",
            "BatchLeg", "SubmitBatch", "RollbackBatch", "ReserveLeg", "SettleLeg", "LegReport",
-           "BatchTick", "ChainTransfer", "Anchor")
+           "BatchTick", "ChainTransfer", "Anchor", "Discrepancy", "Reconciliation")
 UINT64_MASK = 2**64 - 1
 
 CODEC = AvroCodec()
@@ -291,6 +291,32 @@ ROUND_TRIPS: list[tuple[str, str, dict[str, Any]]] = [
          "contract_address": "0x" + "78" * 20, "anchored_at": T_COMMITTED},
     ),
     (
+        "discrepancy_open",
+        "Discrepancy",
+        {"discrepancy_id": HASH_A, "type": "amount_mismatch", "status": "open",
+         "severity": "high", "entry_id": "ent_01JPAZ7W3M2X", "tx_hash": TX_HASH, "log_index": 7,
+         "expected": "1250.000001", "actual": "1250", "description": "entry books 1250 USDC",
+         "detected_at": T_COMMITTED},
+    ),
+    (
+        "discrepancy_missing_in_ledger",
+        "Discrepancy",
+        {"discrepancy_id": HASH_B, "type": "missing_in_ledger", "status": "resolved",
+         "severity": "medium", "entry_id": None, "tx_hash": TX_HASH, "log_index": 0,
+         "expected": "5 USDC in acct_1", "actual": None, "description": "no entry",
+         "detected_at": T_OCCURRED},
+    ),
+    (
+        "reconciliation",
+        "Reconciliation",
+        {"reconciliation_id": HASH_A, "status": "matched", "entry_id": "ent_01JPAZ7W3M2X",
+         "tx_hash": TX_HASH, "log_index": 7, "direction": "in", "chain": "base",
+         "block_number": 19_000_000, "block_hash": "0x" + "ab" * 32,
+         "account_id": "acct_merchant_42", "currency": "USDC",
+         "amount": Decimal("1250.000001000000000000"), "entry_committed_at": T_COMMITTED,
+         "reconciled_at": T_OCCURRED},
+    ),
+    (
         "receipt",
         "Receipt",
         {
@@ -497,6 +523,8 @@ PINNED_FINGERPRINTS = {
     "BatchTick": "5bae980dff60825c",
     "ChainTransfer": "28ce911a28829f51",
     "Anchor": "891068decbc09a62",
+    "Discrepancy": "b57a4100e7a9b190",
+    "Reconciliation": "316c952ec548be92",
 }
 
 
