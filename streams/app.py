@@ -621,6 +621,9 @@ class LedgerWorker:
                     rebuilt[partition][header.batch_id] = \
                         header.deadline_ms if header.status is batches.BatchStatus.RESERVING \
                         else BATCH_NO_DEADLINE_MS
+                    # After a restart the backlog usually answers them: wait before resending.
+                    self._resend_at_ms.setdefault(
+                        header.batch_id, time.time_ns() // 1_000_000 + BATCH_RESEND_AFTER_MS)
         self._open_batches = rebuilt
         self._open_batches_for = owned
 
