@@ -34,6 +34,7 @@ HEARTBEAT_INTERVAL_S = 1.0
 
 
 GAP_FETCH_TIMEOUT_MS = 50  # per poll; a gap of markers only is passed in one fetch
+GAP_FETCH_MAX_WAIT_MS = 5
 CATCH_UP_INTERVAL_S = 5.0
 # Behind and unchanged for this many checks in a row (60 s) counts as stalled. A busy single agent
 # can leave a partition without a turn for many seconds; that is not a stall.
@@ -676,8 +677,11 @@ class LedgerWorker:
 
         tp = TopicPartition(topic, partition)
         if self._gap_consumer is None:
+            # fetch_max_wait_ms: a fetch left waiting at the end of the previous gap's partition
+            # would hold the next gap's fetch back for aiokafka's default 500 ms.
             consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                        isolation_level="read_committed", enable_auto_commit=False)
+                                        isolation_level="read_committed", enable_auto_commit=False,
+                                        fetch_max_wait_ms=GAP_FETCH_MAX_WAIT_MS)
             await consumer.start()
             self._gap_consumer = consumer
         consumer = self._gap_consumer
