@@ -1,4 +1,4 @@
-"""A `sardis-ledger worker` child process: start, wait until ready, stop, or kill -9 (tests)."""
+"""`sardis-ledger` child processes (worker, sinks, chain watcher): start, wait ready, stop, kill -9."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from streams.config import Settings
@@ -15,17 +16,28 @@ from streams.errors import LedgerError
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+READY_POLL_S = 0.1
 READY_MARKER = "Worker]: Ready"  # Faust's log line once recovery is done and streams run
 LOG_TAIL_LINES = 40
 
 
-class WorkerProcess:
-    """One worker child with its own log file per start (`name-N.log` in `log_dir`)."""
+class ChildProcess:
+    """One `sardis-ledger ARGS…` child with its own log file per start (`name-N.log` in
+    `log_dir`); ready once `ready_marker` appears in that log."""
 
-    def __init__(self, settings: Settings, log_dir: Path | None = None, name: str = "worker") -> None:
+    error: type[LedgerError] = LedgerError
+
+    def __init__(self, settings: Settings, args: Sequence[str], ready_marker: str, *,
+                 log_dir: Path | None = None, name: str = "child",
+                 env: Mapping[str, str] | None = None,
+                 ready_timeout_s: float = READY_TIMEOUT_S) -> None:
         self.settings = settings
-        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="sardis-worker-"))
+        self.args = list(args)
+        self.ready_marker = ready_marker
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"sardis-{name}-"))
         self.name = name
+        self.env = dict(env or {})
+        self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -33,7 +45,7 @@ class WorkerProcess:
     def log_path(self) -> Path:
         return self.log_dir / f"{self.name}-{self.starts}.log"
 
-    def __enter__(self) -> WorkerProcess:
+    def __enter__(self) -> ChildProcess:
         self.start()
         return self
 
@@ -44,36 +56,47 @@ class WorkerProcess:
         self.starts += 1
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
+                [sys.executable, "-m", "streams.cli", *self.args],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **self.settings.as_env()})
+                env={**os.environ, **self.settings.as_env(), **self.env})
         if wait_ready:
             self.wait_ready()
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while READY_MARKER not in self.log_path.read_text(errors="replace"):
+        deadline = time.monotonic() + self.ready_timeout_s
+        while self.ready_marker not in self.log_path.read_text(errors="replace"):
             if self.proc is not None and self.proc.poll() is not None:
-                raise LedgerError(f"worker exited with {self.proc.returncode}; log "
-                                  f"{self.log_path}:\n{self.tail()}")
+                raise self.error(f"{self.name} exited with {self.proc.returncode}; log "
+                                 f"{self.log_path}:\n{self.tail()}")
             if time.monotonic() > deadline:
-                raise LedgerError(f"worker not ready after {READY_TIMEOUT_S:.0f}s; log "
-                                  f"{self.log_path}:\n{self.tail()}")
-            time.sleep(0.2)
+                raise self.error(f"{self.name} not ready after {self.ready_timeout_s:.0f}s; log "
+                                 f"{self.log_path}:\n{self.tail()}")
+            time.sleep(READY_POLL_S)
 
     def tail(self) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
 
     def kill9(self) -> None:
         """SIGKILL, no goodbye: what a crash looks like."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None and self.alive():
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=STOP_TIMEOUT_S)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None and self.alive():
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self.kill9()
+
+
+class WorkerProcess(ChildProcess):
+    """`sardis-ledger worker`."""
+
+    def __init__(self, settings: Settings, log_dir: Path | None = None, name: str = "worker") -> None:
+        super().__init__(settings, ["worker", "--loglevel", "info"], READY_MARKER,
+                         log_dir=log_dir, name=name)

@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +16,13 @@ from streams.chain import eth
 from streams.chain.solc import compile_contract
 from streams.config import Settings
 from streams.errors import LedgerError
+from streams.worker_process import ChildProcess
 
 TRANSFER_SELECTOR = "a9059cbb"  # transfer(address,uint256)
 MINT_SELECTOR = "40c10f19"  # mint(address,uint256)
 SEND_BATCH_SIZE = 200  # JSON-RPC requests per HTTP batch
 RPC_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
-LOG_TAIL_LINES = 40
 
 _ids = itertools.count(1)
 
@@ -199,52 +194,12 @@ def write_config(path: Path, token: Token, wallets: dict[str, str], **options: A
     return path
 
 
-class WatcherProcess:
-    """`sardis-ledger chain watch` as a child process, like streams.worker_process for workers."""
+class WatcherProcess(ChildProcess):
+    """`sardis-ledger chain watch --config CONFIG` as a child process."""
 
     def __init__(self, settings: Settings, config: Path, log_dir: Path, name: str = "watch") -> None:
-        self.settings = settings
-        self.config = config
-        self.log_dir = log_dir
-        self.name = name
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"{self.name}-{self.starts}.log"
-
-    def start(self, wait_ready: bool = True) -> None:
         from streams.chain.watch import READY_MARKER
 
-        self.starts += 1
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "chain", "watch", "--config", str(self.config),
-                 "--loglevel", "info"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **self.settings.as_env()})
-        if wait_ready:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while READY_MARKER not in self.log_path.read_text(errors="replace"):
-                if self.proc.poll() is not None:
-                    raise LedgerError(f"watcher exited with {self.proc.returncode}:\n{self.tail()}")
-                if time.monotonic() > deadline:
-                    raise LedgerError(f"watcher not ready after {READY_TIMEOUT_S:.0f}s:\n{self.tail()}")
-                time.sleep(0.1)
-
-    def tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+        self.config = config
+        super().__init__(settings, ["chain", "watch", "--config", str(config), "--loglevel", "info"],
+                         READY_MARKER, log_dir=log_dir, name=name, ready_timeout_s=READY_TIMEOUT_S)
