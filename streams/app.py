@@ -321,14 +321,10 @@ class LedgerWorker:
             await self._dead_letter(command, exc.reason, str(exc), None)
         else:
             if name in ("ReserveLeg", "SettleLeg"):
-                account_id = str(record["account_id"])
-                owner = core.partition_for(account_id, self.settings.partitions)
-                if owner != partition:
-                    await self._produce(self.commands_topic, account_id.encode(), command.value,
-                                        owner, transaction_of=partition)
-                elif name == "ReserveLeg":
+                forwarded = await self._forwarded(command, str(record["account_id"]))
+                if not forwarded and name == "ReserveLeg":
                     await self._reserve(records.reserve_from_wire(record, self.currencies), partition)
-                else:
+                elif not forwarded:
                     await self._settle(records.settle_from_wire(record), partition,
                                        command.timestamp_ms)
             elif name != "PostEntry":
@@ -342,15 +338,20 @@ class LedgerWorker:
                     if parsed.command_id is not None:
                         await self._result(core.Outcome(parsed.command_id, core.Status.REJECTED,
                                                         parsed.reason, parsed.detail), partition)
-                elif (owner := core.partition_for(parsed.account_id, self.settings.partitions)) \
-                        != partition:
-                    # A producer with another partitioner put it here; only the owner decides it.
-                    await self._produce(self.commands_topic, parsed.account_id.encode(),
-                                        command.value, owner, transaction_of=partition)
-                else:
+                elif not await self._forwarded(command, parsed.account_id):
                     await self._decide(parsed, partition, command.timestamp_ms, command.offset)
                     return
         await self._advance(partition, command.offset)
+
+    async def _forwarded(self, command: Command, account_id: str) -> bool:
+        """Forward a command that sits on another partition than its account's owner (a producer
+        with another partitioner put it there); only the owner decides it."""
+        owner = core.partition_for(account_id, self.settings.partitions)
+        if owner == command.partition:
+            return False
+        await self._produce(self.commands_topic, account_id.encode(), command.value, owner,
+                            transaction_of=command.partition)
+        return True
 
     # ------------------------------------------------------------------ batches: account side
 
