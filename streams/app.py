@@ -20,6 +20,7 @@ from streams import batches, core, records
 from streams.config import Settings
 from streams.errors import CodecError, InvariantViolation
 from streams.money import Currency, currency_table
+from streams.reconciler import RECONCILE_TICK_INTERVAL_S, Reconciler
 from streams.topics import APP_NAME, TABLES, LedgerTopic, changelog_topic_name
 from streams.transactions import ledger_transport
 
@@ -72,7 +73,7 @@ class Command:
 
 
 class LedgerWorker:
-    """Owns the Faust app, its tables and its one agent (one per process, any number of processes)."""
+    """Owns the Faust app, its tables and its agents (one per process, any number of processes)."""
 
     def __init__(self, settings: Settings, currencies: Mapping[str, Currency] | None = None) -> None:
         self.settings = settings
@@ -125,7 +126,7 @@ class LedgerWorker:
         # account_id|currency -> AccountState; command_id -> CommandRecord; partition -> LogHead.
         # _put writes each changelog record to the deciding command's partition, so the tables
         # are co-partitioned with ledger.commands.
-        accounts, commands, logs, holds, batch_state = TABLES
+        accounts, commands, logs, holds, batch_state, joins = TABLES
         self.accounts = self._raw_table(accounts, table_options)
         self.commands = self._raw_table(commands, table_options)
         self.logs = self._raw_table(logs, table_options)
@@ -138,6 +139,12 @@ class LedgerWorker:
         self.batches_topic = settings.topic(LedgerTopic.BATCHES)
         self.app.agent(commands_topic, name="ledger")(self._agent)
         self.app.agent(batches_topic, name="batches")(self._agent)
+        # tx_hash:log_index -> the join of a chain transfer and the entries that claim it
+        # (co-partitioned with chain.transfers and ledger.chain-claims, so with ledger.commands)
+        self.reconciler = Reconciler(self, self._raw_table(joins, table_options))
+        self.app.agent(self.app.topic(*self.reconciler.topics, partitions=settings.partitions,
+                                      internal=False, **raw), name="reconciler")(self._agent)
+        self.app.timer(RECONCILE_TICK_INTERVAL_S, name="reconcile-ticks")(self.reconciler.ticks)
         self.app.timer(BATCH_TICK_INTERVAL_S, name="batch-ticks")(self._batch_ticks)
         # partition of ledger.batches -> {batch_id: deadline_ms} of batches still reserving
         self._open_batches: dict[int, dict[str, int]] = {}
@@ -150,10 +157,30 @@ class LedgerWorker:
         self._last_tick_ms: dict[int, int] = {}
         self._resend_at_ms: dict[str, int] = {}  # batch_id -> when to send its messages again
         self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
+        worker = self
+
+        class OwnClients(faust.Service):
+            """Stops the worker's own Kafka clients with the app (else aiokafka warns at exit)."""
+
+            async def on_stop(self) -> None:
+                await worker.close_clients()
+
+        self.app.service(OwnClients)
         # partition -> (next_command_offset at the previous catch-up check, checks unchanged)
         self._last_seen_offsets: dict[tuple[str, int], tuple[int, int]] = {}
         # input partitions the timer feeds until they are current
         self._catching_up: set[tuple[str, int]] = set()
+
+    async def close_clients(self) -> None:
+        """Stop the tick producer and the gap and chain-head consumers (best effort at exit)."""
+        for client in (self._tick_producer, self._gap_consumer):
+            if client is not None:
+                try:
+                    await client.stop()
+                except Exception:  # stopping anyway; a failing close must not hide the exit
+                    log.exception("closing %s", type(client).__name__)
+        self._tick_producer = self._gap_consumer = None
+        await self.reconciler.chain_head.close()
 
     def _raw_table(self, name: str, options: dict[str, Any]) -> Any:
         # Faust picks table serializers from the key/value *type* and falls back to JSON, ignoring
@@ -199,7 +226,7 @@ class LedgerWorker:
             log.exception("catch-up check failed; retrying in %.0f s", CATCH_UP_INTERVAL_S)
 
     async def _check_partitions(self) -> None:
-        for topic in (self.commands_topic, self.batches_topic):
+        for topic in (self.commands_topic, self.batches_topic, *self.reconciler.topics):
             await self._check_topic(topic)
 
     async def _check_topic(self, topic: str) -> None:
@@ -279,6 +306,8 @@ class LedgerWorker:
             return
         if topic == self.commands_topic:
             await self._advance(partition, next_offset - 1)
+        elif topic in self.reconciler.topics:
+            await self.reconciler.advance_to(topic, partition, next_offset)
         else:
             await self._put(self.batch_state, f"o:{partition}".encode(),
                             records.offset_to_bytes(next_offset), partition)
@@ -287,6 +316,8 @@ class LedgerWorker:
         """Offset of the next record of an input partition that no decision has recorded yet."""
         if topic == self.commands_topic:
             return records.log_next_command_offset(self.logs.get(str(partition).encode()))
+        if topic in self.reconciler.topics:
+            return self.reconciler.next_offset(topic, partition)
         return records.offset_from_bytes(self.batch_state.get(f"o:{partition}".encode()))
 
     # ------------------------------------------------------------------ per command
@@ -310,6 +341,8 @@ class LedgerWorker:
     async def _dispatch(self, command: Command) -> None:
         if command.topic == self.commands_topic:
             await self._process(command)
+        elif command.topic in self.reconciler.topics:
+            await self.reconciler.process(command)
         else:
             await self._process_batch(command)
 
@@ -634,21 +667,26 @@ class LedgerWorker:
                     continue
                 if now_ms - self._last_tick_ms.get(partition, 0) < BATCH_TICK_INTERVAL_S * 1000:
                     continue
-                if self._tick_producer is None:
-                    from aiokafka import AIOKafkaProducer
-
-                    self._tick_producer = AIOKafkaProducer(
-                        bootstrap_servers=self.settings.kafka_bootstrap, enable_idempotence=True)
-                    await self._tick_producer.start()
-                await self._tick_producer.send_and_wait(
-                    self.batches_topic, self.codec.encode("BatchTick", {
-                        "partition": partition, "now": now_ms}),
-                    key=str(partition).encode(), partition=partition)
+                await self._send_tick(self.batches_topic, partition, "BatchTick",
+                                      {"partition": partition, "now": now_ms})
                 self._last_tick_ms[partition] = now_ms
         except asyncio.CancelledError:
             raise
         except Exception:  # a dead timer would leave holds pending forever
             log.exception("batch tick failed; retrying in %.0f s", BATCH_TICK_INTERVAL_S)
+
+    async def _send_tick(self, topic: str, partition: int, record_name: str,
+                         record: dict[str, Any]) -> None:
+        """Produce a timer's tick to an input partition, outside any transaction: it is an input
+        that the partition's owner decides like any other record."""
+        if self._tick_producer is None:
+            from aiokafka import AIOKafkaProducer
+
+            self._tick_producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.kafka_bootstrap, enable_idempotence=True)
+            await self._tick_producer.start()
+        await self._tick_producer.send_and_wait(topic, self.codec.encode(record_name, record),
+                                                key=str(partition).encode(), partition=partition)
 
     async def _advance(self, partition: int, offset: int) -> None:
         """Record that every command up to `offset` is decided (never moves backwards)."""
@@ -778,8 +816,11 @@ class LedgerWorker:
         return producer
 
     async def _entry(self, entry: core.Entry, partition: int) -> None:
-        await self._send(LedgerTopic.ENTRIES, entry.account_id.encode(), "Entry",
-                         records.entry_to_wire(entry, self.currencies[entry.currency]), partition)
+        value = self.codec.encode("Entry", records.entry_to_wire(entry,
+                                                                 self.currencies[entry.currency]))
+        await self._produce(self.settings.topic(LedgerTopic.ENTRIES), entry.account_id.encode(),
+                            value, partition)
+        await self.reconciler.claim(entry, value, partition)
 
     async def _result(self, outcome: core.Outcome, partition: int) -> None:
         await self._send(LedgerTopic.RESULTS, outcome.command_id.encode(), "Result",

@@ -22,6 +22,13 @@ CHAIN_RPC_DEFAULT = "http://127.0.0.1:8545"
 PARTITIONS_DEFAULT = 12
 PARTITIONS_MAX = 1024
 TOPIC_PREFIX_LENGTH_MAX = 100
+# The streaming reconciler's grace window: a one-sided chain transfer or entry becomes a
+# missing_* discrepancy only after both have passed. Defaults cover ordinary latency between a
+# booking and the watcher publishing (12 confirmations, ~2.5 min on Ethereum, then the poll).
+RECONCILE_GRACE_S_DEFAULT = 900
+RECONCILE_GRACE_BLOCKS_DEFAULT = 64
+RECONCILE_GRACE_S_MAX = 30 * 24 * 3600
+RECONCILE_GRACE_BLOCKS_MAX = 10_000_000
 
 ENV_NAMES = (
     "SARDIS_KAFKA_BOOTSTRAP",
@@ -33,6 +40,8 @@ ENV_NAMES = (
     "SARDIS_IMMUDB_DATABASE",
     "SARDIS_CHAIN_RPC",
     "SARDIS_PARTITIONS",
+    "SARDIS_RECONCILE_GRACE_S",
+    "SARDIS_RECONCILE_GRACE_BLOCKS",
 )
 
 
@@ -49,6 +58,8 @@ class Settings:
     immudb_database: str = IMMUDB_DATABASE_DEFAULT
     chain_rpc: str = CHAIN_RPC_DEFAULT
     partitions: int = PARTITIONS_DEFAULT
+    reconcile_grace_s: int = RECONCILE_GRACE_S_DEFAULT
+    reconcile_grace_blocks: int = RECONCILE_GRACE_BLOCKS_DEFAULT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -70,13 +81,7 @@ class Settings:
                 f"SARDIS_TOPIC_PREFIX={prefix!r}: use at most {TOPIC_PREFIX_LENGTH_MAX} "
                 "characters from [A-Za-z0-9._-]"
             )
-        raw_partitions = env.get("SARDIS_PARTITIONS", str(PARTITIONS_DEFAULT))
-        try:
-            partitions = int(raw_partitions)
-        except ValueError as exc:
-            raise ConfigError(f"SARDIS_PARTITIONS={raw_partitions!r} is not a whole number") from exc
-        if not 1 <= partitions <= PARTITIONS_MAX:
-            raise ConfigError(f"SARDIS_PARTITIONS={partitions} must be 1..{PARTITIONS_MAX}")
+        partitions = _whole(env, "SARDIS_PARTITIONS", PARTITIONS_DEFAULT, 1, PARTITIONS_MAX)
         return cls(
             kafka_bootstrap=env.get("SARDIS_KAFKA_BOOTSTRAP", KAFKA_BOOTSTRAP_DEFAULT),
             topic_prefix=prefix,
@@ -87,6 +92,11 @@ class Settings:
             immudb_database=env.get("SARDIS_IMMUDB_DATABASE", IMMUDB_DATABASE_DEFAULT),
             chain_rpc=env.get("SARDIS_CHAIN_RPC", CHAIN_RPC_DEFAULT),
             partitions=partitions,
+            reconcile_grace_s=_whole(env, "SARDIS_RECONCILE_GRACE_S", RECONCILE_GRACE_S_DEFAULT,
+                                     0, RECONCILE_GRACE_S_MAX),
+            reconcile_grace_blocks=_whole(env, "SARDIS_RECONCILE_GRACE_BLOCKS",
+                                          RECONCILE_GRACE_BLOCKS_DEFAULT, 0,
+                                          RECONCILE_GRACE_BLOCKS_MAX),
         )
 
     def topic(self, name: str) -> str:
@@ -105,7 +115,20 @@ class Settings:
             "SARDIS_IMMUDB_DATABASE": self.immudb_database,
             "SARDIS_CHAIN_RPC": self.chain_rpc,
             "SARDIS_PARTITIONS": str(self.partitions),
+            "SARDIS_RECONCILE_GRACE_S": str(self.reconcile_grace_s),
+            "SARDIS_RECONCILE_GRACE_BLOCKS": str(self.reconcile_grace_blocks),
         }
+
+
+def _whole(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from exc
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value} must be {low}..{high}")
+    return value
 
 
 def host_port(address: str) -> tuple[str, int]:

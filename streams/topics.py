@@ -26,6 +26,7 @@ class LedgerTopic(StrEnum):
     RECONCILIATIONS = "ledger.reconciliations"
     DISCREPANCIES = "ledger.discrepancies"
     CHAIN_TRANSFERS = "chain.transfers"
+    CHAIN_CLAIMS = "ledger.chain-claims"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(LedgerTopic.RECONCILIATIONS, "tx_hash:log_index", dict(RETAIN_FOREVER)),
     TopicSpec(LedgerTopic.DISCREPANCIES, "tx_hash or entry_id", dict(RETAIN_FOREVER)),
     TopicSpec(LedgerTopic.CHAIN_TRANSFERS, "tx_hash", dict(RETAIN_FOREVER)),
+    # Entries that name a chain transfer, re-keyed by tx hash so they meet chain.transfers in the
+    # same partition (and the reconciler's ticks). Kept: a rebuilt reconciler replays it.
+    TopicSpec(LedgerTopic.CHAIN_CLAIMS, "tx_hash", dict(RETAIN_FOREVER)),
 )
 
 
@@ -56,7 +60,7 @@ TOPICS: tuple[TopicSpec, ...] = (
 # before any worker starts: Faust would create them itself, but a worker whose metadata does not
 # yet show a fresh changelog's partitions crashes its agent (PartitionsMismatch).
 APP_NAME = "sardis-ledger"
-TABLES = ("accounts", "commands", "merkle-logs", "holds", "batches")
+TABLES = ("accounts", "commands", "merkle-logs", "holds", "batches", "reconcile")
 
 
 def changelog_topic_name(settings: Settings, table: str) -> str:

@@ -57,11 +57,13 @@ Row = tuple[int, int, Any, dict[str, Any]]  # partition, offset, key, decoded re
 
 
 async def read_topic(settings: Settings, name: str, *, until: Any = None,
-                     timeout_s: float = 120.0, idle_s: float | None = None) -> list[Row]:
+                     timeout_s: float = 120.0, idle_s: float | None = None,
+                     timestamps_ms: list[int] | None = None) -> list[Row]:
     """All committed records of a topic as (partition, offset, key, decoded record), in order.
 
     Stops when `until(records)` is true, after `idle_s` without a new record, or at the timeout
-    (then raises TimeoutError, so a test never passes on a partial read).
+    (then raises TimeoutError, so a test never passes on a partial read). `timestamps_ms`, when
+    given, receives each record's Kafka timestamp, index for index.
     """
     codec = AvroCodec()
     topic = settings.topic(name)
@@ -90,6 +92,8 @@ async def read_topic(settings: Settings, name: str, *, until: Any = None,
                     except CodecError as exc:
                         decoded = {"__undecodable__": str(exc)}
                     out.append((tp.partition, message.offset, message.key, decoded))
+                    if timestamps_ms is not None:
+                        timestamps_ms.append(message.timestamp)
                     last_new = time.monotonic()
     finally:
         await consumer.stop()

@@ -33,7 +33,8 @@ from streams.errors import CodecError
 NAMESPACE = "sardis.ledger"
 RECORDS = ("PostEntry", "Entry", "Result", "Balance", "TreeHead", "DeadLetter", "Receipt",
            "BatchLeg", "SubmitBatch", "RollbackBatch", "ReserveLeg", "SettleLeg", "LegReport",
-           "BatchTick", "ChainTransfer", "Anchor", "Discrepancy", "Reconciliation")
+           "BatchTick", "ChainTransfer", "Anchor", "Discrepancy", "Reconciliation",
+           "ReconcileTick")
 UINT64_MASK = 2**64 - 1
 
 CODEC = AvroCodec()
@@ -274,6 +275,10 @@ ROUND_TRIPS: list[tuple[str, str, dict[str, Any]]] = [
          "entry": entry()},
     ),
     ("batch_tick", "BatchTick", {"partition": 7, "now": T_COMMITTED}),
+    ("reconcile_tick", "ReconcileTick",
+     {"partition": 7, "now": T_COMMITTED, "chain_head_block": 19_000_012}),
+    ("reconcile_tick_no_head", "ReconcileTick",
+     {"partition": 0, "now": T_COMMITTED, "chain_head_block": None}),
     (
         "chain_transfer",
         "ChainTransfer",
@@ -525,6 +530,7 @@ PINNED_FINGERPRINTS = {
     "Anchor": "891068decbc09a62",
     "Discrepancy": "b57a4100e7a9b190",
     "Reconciliation": "316c952ec548be92",
+    "ReconcileTick": "ebfa2075014cbe77",
 }
 
 

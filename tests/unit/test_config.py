@@ -36,6 +36,8 @@ def test_topic_prefix_is_prepended() -> None:
         ({"SARDIS_PARTITIONS": "100000"}, "must be 1.."),
         ({"SARDIS_TOPIC_PREFIX": "bad prefix"}, "SARDIS_TOPIC_PREFIX"),
         ({"SARDIS_IMMUDB_ADDR": "immudb.internal:3322"}, "SARDIS_IMMUDB_USER"),
+        ({"SARDIS_RECONCILE_GRACE_S": "15m"}, "SARDIS_RECONCILE_GRACE_S.*not a whole number"),
+        ({"SARDIS_RECONCILE_GRACE_BLOCKS": "-1"}, "SARDIS_RECONCILE_GRACE_BLOCKS=-1 must be 0.."),
     ],
 )
 def test_bad_settings_raise_config_error_naming_the_variable(
@@ -54,7 +56,10 @@ def test_external_immudb_takes_credentials_from_environment_not_defaults() -> No
 
 
 def test_as_env_round_trips() -> None:
-    settings = Settings.from_env({"SARDIS_TOPIC_PREFIX": "x.", "SARDIS_PARTITIONS": "3"})
+    settings = Settings.from_env({"SARDIS_TOPIC_PREFIX": "x.", "SARDIS_PARTITIONS": "3",
+                                  "SARDIS_RECONCILE_GRACE_S": "5",
+                                  "SARDIS_RECONCILE_GRACE_BLOCKS": "0"})
+    assert (settings.reconcile_grace_s, settings.reconcile_grace_blocks) == (5, 0)
     assert Settings.from_env(settings.as_env()) == settings
 
 
