@@ -108,10 +108,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     report = asyncio.run(verify(Settings.from_env(), _schema(args), partition=args.partition,
                                 account=args.account, check_immudb=not args.no_immudb,
+                                check_anchors=not args.no_anchors,
                                 state_directory=_state_dir(args)))
     print(f"checked {report.entries} entries in {report.partitions} partitions, "
           f"{report.tree_heads} tree heads, {report.accounts} accounts, "
-          f"{report.immudb_checked} immudb copies")
+          f"{report.immudb_checked} immudb copies, {report.anchors} anchors")
     if report.ok:
         print("verify: OK")
         return EXIT_OK
@@ -187,11 +188,15 @@ def add_sink_commands(sub: argparse._SubParsersAction) -> None:
         description="Recompute each partition's Merkle log from the entries in PostgreSQL and "
         "check it against every published tree head (roots, consistency between heads, "
         "sampled inclusion proofs); check per-account sequences are gapless and running "
-        "balances add up; check each entry against its immudb copy with verified reads. Exits 1 "
-        "and names the first bad entry on any mismatch.")
+        "balances add up; check each entry against its immudb copy with verified reads; check "
+        "every anchor recorded by `sardis-ledger anchor` against the root its contract holds on "
+        "chain (SARDIS_CHAIN_RPC) and against the recomputed log. Exits 1 and names the first "
+        "bad entry on any mismatch.")
     verify.add_argument("--partition", type=int, help="only this partition")
     verify.add_argument("--account", help="only the entries of this account (and their partitions)")
     verify.add_argument("--no-immudb", action="store_true", help="skip the immudb comparison")
+    verify.add_argument("--no-anchors", action="store_true",
+                        help="skip checking anchored roots on chain (SARDIS_CHAIN_RPC)")
     verify.add_argument("--schema", help=SCHEMA_HELP)
     verify.add_argument("--state-dir", help=STATE_DIR_HELP)
     verify.set_defaults(func=_cmd_verify)

@@ -47,6 +47,7 @@ class Report:
     tree_heads: int = 0
     accounts: int = 0
     immudb_checked: int = 0
+    anchors: int = 0
     problems: list[Problem] = field(default_factory=list)
 
     def add(self, problem: Problem) -> None:
@@ -125,6 +126,42 @@ def check_partition(partition: int, entries: Sequence[core.Entry],
     return leaf_hashes
 
 
+@dataclass(frozen=True, slots=True)
+class AnchorRow:
+    """One row of the anchors table and the root its contract holds (None: not read)."""
+
+    partition: int
+    tree_size: int
+    root_hash: str
+    tx_hash: str
+    contract_address: str | None
+    chain_root: bytes | None
+
+
+def check_anchor(anchor: AnchorRow, leaf_hashes: Sequence[bytes], report: Report) -> None:
+    """An anchored root against the chain and against the log recomputed from stored entries."""
+    report.anchors += 1
+    where = f"anchor of tree size {anchor.tree_size} (tx {anchor.tx_hash})"
+    trusted = anchor.chain_root
+    if trusted is None or trusted == bytes(merkle.HASH_SIZE_BYTES):
+        report.add(Problem(f"{where}: the anchor contract {anchor.contract_address} holds no root "
+                           "for it", None, anchor.partition))
+        trusted = bytes.fromhex(anchor.root_hash)
+    elif trusted.hex() != anchor.root_hash:
+        report.add(Problem(f"{where}: the anchors table says root {anchor.root_hash}, the chain "
+                           f"holds {trusted.hex()}", None, anchor.partition))
+    if anchor.tree_size > len(leaf_hashes):
+        report.add(Problem(f"{where} covers {anchor.tree_size} entries, only {len(leaf_hashes)} "
+                           "are stored in order (missing or deleted)", None, anchor.partition,
+                           len(leaf_hashes)))
+        return
+    recomputed = merkle.root_from_leaf_hashes(leaf_hashes[:anchor.tree_size])
+    if recomputed != trusted:
+        report.add(Problem(f"{where}: the stored entries give root {recomputed.hex()}, the chain "
+                           f"holds {trusted.hex()}: an entry below leaf {anchor.tree_size} was "
+                           "changed", None, anchor.partition))
+
+
 def check_accounts(entries: Iterable[core.Entry], report: Report) -> None:
     """Per (account, currency): sequences 1, 2, 3, ... and running balances that add up."""
     chains: dict[tuple[str, str], list[core.Entry]] = defaultdict(list)
@@ -175,7 +212,7 @@ async def load_entries(conn: Any, schema: str, currencies: Mapping[str, Currency
 
 
 async def verify(settings: Settings, schema: str, *, partition: int | None = None,
-                 account: str | None = None, check_immudb: bool = True,
+                 account: str | None = None, check_immudb: bool = True, check_anchors: bool = True,
                  state_directory: Path | None = None,
                  currencies: Mapping[str, Currency] | None = None) -> Report:
     """Check the projection in `schema` (and the immudb copy); the report lists the problems."""
@@ -201,12 +238,19 @@ async def verify(settings: Settings, schema: str, *, partition: int | None = Non
             heads[row["partition"]].append((row["tree_size"], row["root_hash"]))
         receipts = {r["entry_id"]: r for r in await conn.fetch(
             f"SELECT entry_id, immudb_tx, immudb_database, verified FROM {q}.receipts")}
+        anchor_rows = await conn.fetch(
+            f"SELECT partition, tree_size, root_hash, tx_hash, contract_address FROM {q}.anchors "
+            "ORDER BY partition, tree_size") if check_anchors else []
     finally:
         await conn.close()
 
     wanted_partitions = set(per_partition) | (set(heads) if partitions is None else set(partitions))
+    leaf_hashes: dict[int, list[bytes]] = {}
     for p in sorted(wanted_partitions):
-        check_partition(p, per_partition.get(p, []), heads.get(p, []), report)
+        leaf_hashes[p] = check_partition(p, per_partition.get(p, []), heads.get(p, []), report)
+    for anchor in await _anchors(settings, [r for r in anchor_rows
+                                            if r["partition"] in wanted_partitions], report):
+        check_anchor(anchor, leaf_hashes.get(anchor.partition, []), report)
     report.partitions = len(wanted_partitions)
     all_entries = [e for p in sorted(per_partition) for e in per_partition[p]]
     selected = [e for e in all_entries if account is None or e.account_id == account]
@@ -219,6 +263,27 @@ async def verify(settings: Settings, schema: str, *, partition: int | None = Non
     if check_immudb:
         await asyncio.to_thread(_check_immudb, settings, selected, receipts, report, state_directory)
     return report
+
+
+async def _anchors(settings: Settings, anchor_rows: Sequence[Any], report: Report) -> list[AnchorRow]:
+    """The anchors with the roots their contracts hold (read from the chain node)."""
+    if not anchor_rows:
+        return []
+    from streams.chain.anchor import anchored_roots
+
+    keys = [(r["contract_address"], r["partition"], r["tree_size"]) for r in anchor_rows
+            if r["contract_address"]]
+    roots: dict[tuple[str, int, int], bytes] = {}
+    try:
+        roots = await anchored_roots(settings, keys)
+    except LedgerError as exc:
+        report.add(Problem(f"anchored roots cannot be read from {settings.chain_rpc}: {exc} "
+                           "(--no-anchors skips the anchor check)"))
+        return []
+    return [AnchorRow(r["partition"], r["tree_size"], r["root_hash"], r["tx_hash"],
+                      r["contract_address"],
+                      roots.get((r["contract_address"], r["partition"], r["tree_size"])))
+            for r in anchor_rows]
 
 
 def _check_immudb(settings: Settings, entries: Sequence[core.Entry], receipts: Mapping[str, Any],

@@ -342,6 +342,34 @@ def _first_inconsistent(leaves: dict[int, _Leaf], size: int) -> tuple[int, _Leaf
     return None
 
 
+AnchorKey = tuple[str, int, int]  # contract address, partition, tree size
+
+
+async def anchored_roots(settings: Settings, keys: list[AnchorKey]) -> dict[AnchorKey, bytes]:
+    """The root each anchor contract holds for (address, partition, tree size); ZERO_ROOT where
+    it holds none. An unreachable node or contract raises (retriable where retrying helps)."""
+    compiled = compile_contract(CONTRACT_NAME)
+    w3 = eth.connect(settings.chain_rpc)
+    contracts: dict[str, Any] = {}
+    roots: dict[AnchorKey, bytes] = {}
+    try:
+        for address, partition, size in keys:
+            if (address, partition, size) in roots:
+                continue
+            if address not in contracts:
+                contracts[address] = w3.eth.contract(address=w3.to_checksum_address(address),
+                                                     abi=compiled.abi)
+            try:
+                roots[(address, partition, size)] = bytes(
+                    await contracts[address].functions.rootAt(partition, size).call())
+            except Exception as exc:  # translated: the caller reports which anchor failed
+                raise eth.rpc_error(f"reading rootAt({partition}, {size}) at {address}", exc) \
+                    from exc
+    finally:
+        await w3.provider.disconnect()
+    return roots
+
+
 async def verify_anchors(settings: Settings, *, entries_topic: str = LedgerTopic.ENTRIES,
                          anchors_topic: str = LedgerTopic.ANCHORS,
                          currencies: Mapping[str, Currency] | None = None) -> VerifyReport:
@@ -352,62 +380,51 @@ async def verify_anchors(settings: Settings, *, entries_topic: str = LedgerTopic
                      key=lambda r: (r["partition"], r["tree_size"]))
     leaves, conflicts = _leaves_by_partition(await read_records(settings, entries_topic),
                                              currencies)
-    compiled = compile_contract(CONTRACT_NAME)
-    w3 = eth.connect(settings.chain_rpc)
+    roots = await anchored_roots(settings, [(r["contract_address"], r["partition"], r["tree_size"])
+                                            for r in anchors])
     checks: list[AnchorCheck] = []
-    contracts: dict[str, Any] = {}
     last_good: dict[int, int] = {}
-    try:
-        for record in anchors:
-            partition, size = record["partition"], record["tree_size"]
-            check = AnchorCheck(partition, size, record["root_hash"], record["contract_address"],
-                                record["tx_hash"])
-            checks.append(check)
-            address = record["contract_address"]
-            if address not in contracts:
-                contracts[address] = w3.eth.contract(address=w3.to_checksum_address(address),
-                                                     abi=compiled.abi)
-            try:
-                chain_root = bytes(await contracts[address].functions.rootAt(partition, size).call())
-            except Exception as exc:  # a missing contract or node: reported, not fatal
-                raise eth.rpc_error(f"reading rootAt({partition}, {size}) at {address}", exc) \
-                    from exc
-            if chain_root == ZERO_ROOT:
-                check.problems.append(f"the contract at {address} holds no root for partition "
-                                      f"{partition} size {size}")
-            elif chain_root.hex() != record["root_hash"]:
-                check.problems.append(f"the anchor record's root {record['root_hash']} differs "
-                                      f"from the chain's {chain_root.hex()}")
-            trusted = chain_root if chain_root != ZERO_ROOT else _root_bytes(record["root_hash"])
-            partition_leaves = leaves.get(partition, {})
-            missing = [i for i in range(size) if i not in partition_leaves]
-            if missing:
-                check.problems.append(f"partition {partition} lacks {len(missing)} of the first "
-                                      f"{size} entries (first missing leaf {missing[0]})")
-                continue
-            check.problems.extend(conflicts.get(partition, []))
-            bad = [partition_leaves[i] for i in range(size) if partition_leaves[i].problem]
-            if bad:
-                check.problems.append(f"entry {bad[0].entry_id}: {bad[0].problem}")
-                continue
-            recomputed = merkle.root_from_leaf_hashes([partition_leaves[i].leaf_hash
-                                                       for i in range(size)])
-            if recomputed != trusted:
-                where = f"partition {partition}: the first {size} entries hash to root " \
-                        f"{recomputed.hex()}, anchored is {trusted.hex()}"
-                first = _first_inconsistent(partition_leaves, size)
-                if first is not None:
-                    index, leaf, why = first
-                    check.first_bad_leaf, check.first_bad_entry_id = index, leaf.entry_id
-                    where += f"; first bad entry {leaf.entry_id} (leaf {index}): {why}"
-                else:
-                    low = last_good.get(partition, 0)
-                    where += (f"; every entry matches its own recorded hashes, so the change is "
-                              f"in leaves {low}..{size - 1} (the last verified anchor covers "
-                              f"{low})")
-                check.problems.append(where)
-            elif not check.problems:
-                last_good[partition] = size
-    finally:
-        await w3.provider.disconnect()
+    for record in anchors:
+        partition, size = record["partition"], record["tree_size"]
+        check = AnchorCheck(partition, size, record["root_hash"], record["contract_address"],
+                            record["tx_hash"])
+        checks.append(check)
+        address = record["contract_address"]
+        chain_root = roots[(address, partition, size)]
+        if chain_root == ZERO_ROOT:
+            check.problems.append(f"the contract at {address} holds no root for partition "
+                                  f"{partition} size {size}")
+        elif chain_root.hex() != record["root_hash"]:
+            check.problems.append(f"the anchor record's root {record['root_hash']} differs "
+                                  f"from the chain's {chain_root.hex()}")
+        trusted = chain_root if chain_root != ZERO_ROOT else _root_bytes(record["root_hash"])
+        partition_leaves = leaves.get(partition, {})
+        missing = [i for i in range(size) if i not in partition_leaves]
+        if missing:
+            check.problems.append(f"partition {partition} lacks {len(missing)} of the first "
+                                  f"{size} entries (first missing leaf {missing[0]})")
+            continue
+        check.problems.extend(conflicts.get(partition, []))
+        bad = [partition_leaves[i] for i in range(size) if partition_leaves[i].problem]
+        if bad:
+            check.problems.append(f"entry {bad[0].entry_id}: {bad[0].problem}")
+            continue
+        recomputed = merkle.root_from_leaf_hashes([partition_leaves[i].leaf_hash
+                                                   for i in range(size)])
+        if recomputed != trusted:
+            where = f"partition {partition}: the first {size} entries hash to root " \
+                    f"{recomputed.hex()}, anchored is {trusted.hex()}"
+            first = _first_inconsistent(partition_leaves, size)
+            if first is not None:
+                index, leaf, why = first
+                check.first_bad_leaf, check.first_bad_entry_id = index, leaf.entry_id
+                where += f"; first bad entry {leaf.entry_id} (leaf {index}): {why}"
+            else:
+                low = last_good.get(partition, 0)
+                where += (f"; every entry matches its own recorded hashes, so the change is "
+                          f"in leaves {low}..{size - 1} (the last verified anchor covers "
+                          f"{low})")
+            check.problems.append(where)
+        elif not check.problems:
+            last_good[partition] = size
     return VerifyReport(checks)

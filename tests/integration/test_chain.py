@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 
 from schemas.codec import AvroCodec
+from sinks.postgres import PostgresSink
+from sinks.schema import connect, quoted
+from sinks.verify import verify
 from streams import canonical, merkle, records
 from streams.chain import anchor
 from streams.chain import config as wc
@@ -440,7 +443,7 @@ def rehash_partition(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def test_anchored_roots_verify_and_tampered_entries_fail(
-        settings: Settings, worker: WorkerProcess) -> None:
+        settings: Settings, worker: WorkerProcess, pg_schema: str) -> None:
     worker.start()
     await post_waves(settings, "a")
     heads = await settled_heads(settings)
@@ -492,3 +495,32 @@ async def test_anchored_roots_verify_and_tampered_entries_fail(
     assert {c.partition for c in report.mismatches} == {victim["partition"]}
     assert all("every entry matches its own recorded hashes" in c.problems[0]
                for c in report.mismatches)
+
+    # `sardis-ledger verify` checks the anchors of the PostgreSQL projection against the chain.
+    await PostgresSink(settings, pg_schema, stop_at_end=True).run()
+    report = await verify(settings, pg_schema, check_immudb=False)
+    assert report.ok and report.anchors == len(recorded) + len(later.anchored), report.problems
+    # The careful tamperer again, in PostgreSQL (triggers off): amount, entry_hash, merkle_root
+    # and the published tree heads all rewritten. The anchors on chain still catch it.
+    conn = await connect(settings.pg_dsn)
+    q = quoted(pg_schema)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            for record in rewritten.values():
+                await conn.execute(f"UPDATE {q}.entries SET amount = $2, entry_hash = $3, "
+                                   "merkle_root = $4 WHERE entry_id = $1", record["entry_id"],
+                                   record["amount"], record["entry_hash"], record["merkle_root"])
+            await conn.execute(f"UPDATE {q}.tree_heads h SET root_hash = e.merkle_root "
+                               f"FROM {q}.entries e WHERE e.partition = h.partition "
+                               "AND e.leaf_index = h.tree_size - 1 AND h.partition = $1",
+                               victim["partition"])
+    finally:
+        await conn.close()
+    report = await verify(settings, pg_schema, check_immudb=False)
+    anchor_problems = [p for p in report.problems if "anchor of tree size" in p.detail]
+    assert anchor_problems and {p.partition for p in anchor_problems} == {victim["partition"]}, \
+        report.problems
+    assert not [p for p in report.problems if "tree head" in p.detail], report.problems
+    skipped = await verify(settings, pg_schema, check_immudb=False, check_anchors=False)
+    assert skipped.anchors == 0 and not any("anchor" in p.detail for p in skipped.problems)

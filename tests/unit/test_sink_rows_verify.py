@@ -17,9 +17,9 @@ from sinks.immudb import StateFile, TrustedState, entry_key, receipt_record
 from sinks.kafka import parse_from_offsets, parse_time
 from sinks.postgres import build_batch
 from sinks.schema import check_schema_name, migrations, pg_schema, quoted
-from sinks.verify import Report, check_accounts, check_partition
+from sinks.verify import AnchorRow, Report, check_accounts, check_anchor, check_partition
 from sinks.workload import LedgerWorkload
-from streams import records
+from streams import merkle, records
 from streams.config import Settings
 from streams.money import currency_table
 from streams.topics import LedgerTopic
@@ -97,6 +97,41 @@ def test_verify_names_an_edited_entry() -> None:
     report = Report()
     check_partition(0, entries, [], report)
     assert report.problems[0].entry_id == entries[40].entry_id
+
+
+def _anchor(leaf_hashes: list[bytes], size: int, chain_root: bytes | None = b"",
+            root_hash: str | None = None) -> AnchorRow:
+    root = merkle.root_from_leaf_hashes(leaf_hashes[:size])
+    return AnchorRow(0, size, root_hash or root.hex(), "0xabc", "0xc0ffee",
+                     root if chain_root == b"" else chain_root)
+
+
+@pytest.mark.parametrize(("case", "problem"), [
+    ("intact", None),
+    ("chain holds nothing", "holds no root"),
+    ("row differs from chain", "the anchors table says root"),
+    ("entries missing", "only 20 are stored"),
+    ("entry changed", "was changed"),
+])
+def test_check_anchor(case: str, problem: str | None) -> None:
+    entries = _core(_entries(40))
+    leaf_hashes = check_partition(0, entries, [], Report())
+    anchor = _anchor(leaf_hashes, 30)
+    if case == "chain holds nothing":
+        anchor = dataclasses.replace(anchor, chain_root=bytes(32))
+    elif case == "row differs from chain":
+        anchor = dataclasses.replace(anchor, root_hash="00" * 32)
+    elif case == "entries missing":
+        leaf_hashes = leaf_hashes[:20]
+    elif case == "entry changed":
+        leaf_hashes = [*leaf_hashes[:7], bytes(32), *leaf_hashes[8:]]
+    report = Report()
+    check_anchor(anchor, leaf_hashes, report)
+    assert report.anchors == 1
+    if problem is None:
+        assert report.ok, report.problems
+    else:
+        assert problem in report.problems[0].detail and report.problems[0].partition == 0
 
 
 def test_verify_names_the_gap_of_a_deleted_entry() -> None:
