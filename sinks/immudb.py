@@ -277,23 +277,60 @@ class ImmudbStore:
         if vtx.tx.header.nentries != len(kvs) or len(vtx.tx.entries) != len(kvs):
             raise VerificationError(f"immudb transaction {vtx.tx.header.id} has "
                                     f"{vtx.tx.header.nentries} entries, {len(kvs)} were written")
-        tx = immudb_schema.TxFromProto(vtx.tx)  # rebuilds the entries' hash tree, sets eh
-        if tx.header.iD <= state.txId:
-            raise VerificationError(f"immudb returned transaction {tx.header.iD}, not after the "
+        header = immudb_schema.TxHeaderFromProto(vtx.tx.header)
+        if header.iD <= state.txId:
+            raise VerificationError(f"immudb returned transaction {header.iD}, not after the "
                                     f"trusted {state.txId}: the server rolled back or forked")
-        self._check_entries(tx, items)
-        if tx.header.eh != immudb_schema.DigestFromProto(vtx.dualProof.targetTxHeader.eH):
-            raise VerificationError(f"immudb transaction {tx.header.iD}: entries hash differs "
+        if header.eh != immudb_schema.DigestFromProto(vtx.dualProof.targetTxHeader.eH):
+            raise VerificationError(f"immudb transaction {header.iD}: entries hash differs "
                                     "from the proven header")
+        if self._entries_root(header.version, vtx.tx.entries, items) != header.eh:
+            # Name the entry that differs: one inclusion proof per entry, as verify does.
+            self._check_entries(immudb_schema.TxFromProto(vtx.tx), items)
+            raise VerificationError(f"immudb transaction {header.iD} does not hold exactly the "
+                                    "entries written")
         if state.txId > 0 and not store.VerifyDualProof(
-                immudb_schema.DualProofFromProto(vtx.dualProof), state.txId, tx.header.iD,
-                immudb_schema.DigestFromProto(state.txHash), tx.header.Alh()):
-            raise VerificationError(f"immudb transaction {tx.header.iD} does not extend the "
+                immudb_schema.DualProofFromProto(vtx.dualProof), state.txId, header.iD,
+                immudb_schema.DigestFromProto(state.txHash), header.Alh()):
+            raise VerificationError(f"immudb transaction {header.iD} does not extend the "
                                     f"trusted state at {state.txId} (dual proof failed)")
-        self.client._rs.set(State(db=state.db, txId=tx.header.iD, txHash=tx.header.Alh(),
+        self.client._rs.set(State(db=state.db, txId=header.iD, txHash=header.Alh(),
                                   publicKey=vtx.signature.publicKey,
                                   signature=vtx.signature.signature))
-        return int(tx.header.iD)
+        return int(header.iD)
+
+    @staticmethod
+    def _entries_root(version: int, tx_entries: Iterable[Any],
+                      items: Mapping[bytes, bytes]) -> bytes | None:
+        """The root of the transaction's entry hash tree rebuilt from OUR values, or None when
+        the transaction's keys are not exactly the items' keys (or one is marked deleted).
+
+        Each leaf is the digest of an item's key, metadata and value as written, in the order
+        the transaction lists its keys, so a root equal to the proven entries hash is every
+        item's inclusion proof at once (an inclusion proof recomputes that same root from one
+        leaf and its siblings): 2n hashes for the batch instead of n proofs of log n each, and
+        nothing else can be in the transaction.
+        """
+        from immudb import database
+        from immudb import schema as immudb_schema
+        from immudb.embedded import htree, store
+
+        spec_digest = store.EntrySpecDigestFor(version)
+        by_encoded_key = {database.EncodeKey(key): (key, value) for key, value in items.items()}
+        digests = []
+        for entry in tx_entries:
+            item = by_encoded_key.pop(entry.key, None)
+            if item is None:
+                return None
+            md = immudb_schema.KVMetadataFromProto(entry.metadata)
+            if md is not None and md.Deleted():
+                return None
+            digests.append(spec_digest(database.EncodeEntrySpec(item[0], md, item[1])))
+        if by_encoded_key or not digests:
+            return None
+        tree = htree.HTree(len(digests))
+        tree.BuildWith(digests)
+        return bytes(tree.root)
 
     @staticmethod
     def _check_entries(tx: Any, items: Mapping[bytes, bytes]) -> None:
