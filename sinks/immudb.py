@@ -31,11 +31,17 @@ from sinks import kafka
 from sinks.errors import SinkError, SinkUnavailable, VerificationError
 from streams import canonical, records
 from streams.config import Settings, host_port
+from streams.core import murmur2
 from streams.errors import CodecError, LedgerError
 from streams.money import Currency, currency_table
 from streams.topics import LedgerTopic
 
 WRITE_BATCH_MAX = 1000  # immudb's default limit is 1024 entries per transaction
+# Records per Kafka transaction (receipts + offsets): several verified immudb transactions of
+# WRITE_BATCH_MAX each, so the Kafka commit's round trips are paid once per 5000 entries.
+KAFKA_BATCH_RECORDS_MAX = 5000
+# Room for one Kafka transaction's receipts of a partition in one record batch (~110 bytes each).
+RECEIPT_BATCH_MAX_BYTES = 1024 * 1024
 GRPC_TIMEOUT_S = 30
 POLL_TIMEOUT_MS = 100
 RETRY_BACKOFF_INITIAL_S = 0.5
@@ -231,6 +237,15 @@ class ImmudbStore:
         if self.client is None:
             self.open()
         result: dict[bytes, Stored] = {}
+        keys = list(items)
+        for start in range(0, len(keys), WRITE_BATCH_MAX):
+            chunk = {key: items[key] for key in keys[start:start + WRITE_BATCH_MAX]}
+            result.update(self._write_chunk(chunk))
+        return result
+
+    def _write_chunk(self, items: Mapping[bytes, bytes]) -> dict[bytes, Stored]:
+        """write() for at most WRITE_BATCH_MAX items: one immudb transaction for the new ones."""
+        result: dict[bytes, Stored] = {}
         pending = dict(items)
         while pending:
             try:
@@ -277,23 +292,60 @@ class ImmudbStore:
         if vtx.tx.header.nentries != len(kvs) or len(vtx.tx.entries) != len(kvs):
             raise VerificationError(f"immudb transaction {vtx.tx.header.id} has "
                                     f"{vtx.tx.header.nentries} entries, {len(kvs)} were written")
-        tx = immudb_schema.TxFromProto(vtx.tx)  # rebuilds the entries' hash tree, sets eh
-        if tx.header.iD <= state.txId:
-            raise VerificationError(f"immudb returned transaction {tx.header.iD}, not after the "
+        header = immudb_schema.TxHeaderFromProto(vtx.tx.header)
+        if header.iD <= state.txId:
+            raise VerificationError(f"immudb returned transaction {header.iD}, not after the "
                                     f"trusted {state.txId}: the server rolled back or forked")
-        self._check_entries(tx, items)
-        if tx.header.eh != immudb_schema.DigestFromProto(vtx.dualProof.targetTxHeader.eH):
-            raise VerificationError(f"immudb transaction {tx.header.iD}: entries hash differs "
+        if header.eh != immudb_schema.DigestFromProto(vtx.dualProof.targetTxHeader.eH):
+            raise VerificationError(f"immudb transaction {header.iD}: entries hash differs "
                                     "from the proven header")
+        if self._entries_root(header.version, vtx.tx.entries, items) != header.eh:
+            # Name the entry that differs: one inclusion proof per entry, as verify does.
+            self._check_entries(immudb_schema.TxFromProto(vtx.tx), items)
+            raise VerificationError(f"immudb transaction {header.iD} does not hold exactly the "
+                                    "entries written")
         if state.txId > 0 and not store.VerifyDualProof(
-                immudb_schema.DualProofFromProto(vtx.dualProof), state.txId, tx.header.iD,
-                immudb_schema.DigestFromProto(state.txHash), tx.header.Alh()):
-            raise VerificationError(f"immudb transaction {tx.header.iD} does not extend the "
+                immudb_schema.DualProofFromProto(vtx.dualProof), state.txId, header.iD,
+                immudb_schema.DigestFromProto(state.txHash), header.Alh()):
+            raise VerificationError(f"immudb transaction {header.iD} does not extend the "
                                     f"trusted state at {state.txId} (dual proof failed)")
-        self.client._rs.set(State(db=state.db, txId=tx.header.iD, txHash=tx.header.Alh(),
+        self.client._rs.set(State(db=state.db, txId=header.iD, txHash=header.Alh(),
                                   publicKey=vtx.signature.publicKey,
                                   signature=vtx.signature.signature))
-        return int(tx.header.iD)
+        return int(header.iD)
+
+    @staticmethod
+    def _entries_root(version: int, tx_entries: Iterable[Any],
+                      items: Mapping[bytes, bytes]) -> bytes | None:
+        """The root of the transaction's entry hash tree rebuilt from OUR values, or None when
+        the transaction's keys are not exactly the items' keys (or one is marked deleted).
+
+        Each leaf is the digest of an item's key, metadata and value as written, in the order
+        the transaction lists its keys, so a root equal to the proven entries hash is every
+        item's inclusion proof at once (an inclusion proof recomputes that same root from one
+        leaf and its siblings): 2n hashes for the batch instead of n proofs of log n each, and
+        nothing else can be in the transaction.
+        """
+        from immudb import database
+        from immudb import schema as immudb_schema
+        from immudb.embedded import htree, store
+
+        spec_digest = store.EntrySpecDigestFor(version)
+        by_encoded_key = {database.EncodeKey(key): (key, value) for key, value in items.items()}
+        digests = []
+        for entry in tx_entries:
+            item = by_encoded_key.pop(entry.key, None)
+            if item is None:
+                return None
+            md = immudb_schema.KVMetadataFromProto(entry.metadata)
+            if md is not None and md.Deleted():
+                return None
+            digests.append(spec_digest(database.EncodeEntrySpec(item[0], md, item[1])))
+        if by_encoded_key or not digests:
+            return None
+        tree = htree.HTree(len(digests))
+        tree.BuildWith(digests)
+        return bytes(tree.root)
 
     @staticmethod
     def _check_entries(tx: Any, items: Mapping[bytes, bytes]) -> None:
@@ -433,7 +485,8 @@ class ImmudbSink:
                                     transactional_id=self.transactional_id,
                                     enable_idempotence=True, acks="all", linger_ms=5,
                                     request_timeout_ms=REQUEST_TIMEOUT_MS,
-                                    transaction_timeout_ms=TRANSACTION_TIMEOUT_MS)
+                                    transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+                                    max_batch_size=RECEIPT_BATCH_MAX_BYTES)
         consumer = kafka.consumer(self.settings, group_id=self.group_id)
         try:
             # The producer first: init_transactions aborts a crashed predecessor's transaction,
@@ -451,7 +504,7 @@ class ImmudbSink:
             while not stop.is_set():
                 try:
                     batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
-                                                     max_records=WRITE_BATCH_MAX)
+                                                     max_records=KAFKA_BATCH_RECORDS_MAX)
                 except KafkaError as exc:
                     log.warning("Kafka fetch failed (%r); retrying", exc)
                     await asyncio.sleep(RETRY_BACKOFF_INITIAL_S)
@@ -531,10 +584,7 @@ class ImmudbSink:
         for attempt in range(1, KAFKA_RETRIES_MAX + 1):
             try:
                 async with producer.transaction():
-                    for entry_id, (key, _value) in wanted.items():
-                        value = self.codec.encode("Receipt", receipt_record(
-                            entry_id, stored[key], self.settings.immudb_database, now))
-                        await producer.send(topic, value, key=entry_id.encode())
+                    await self._send_receipts(producer, topic, wanted, stored, now)
                     await producer.send_offsets_to_transaction(offsets, self.group_id)
                 break
             except ProducerFenced:
@@ -545,6 +595,33 @@ class ImmudbSink:
                 log.warning("publishing receipts failed (%r); retrying", exc)
                 await asyncio.sleep(RETRY_BACKOFF_INITIAL_S * attempt)
         self.entries_written += len(wanted)
+
+    async def _send_receipts(self, producer: AIOKafkaProducer, topic: str,
+                             wanted: Mapping[str, tuple[bytes, bytes]],
+                             stored: Mapping[bytes, Stored], now: datetime) -> None:
+        """Receipts into the open transaction, one record batch per partition.
+
+        Keyed by entry_id and partitioned as the producer's default partitioner would (Kafka's
+        murmur2 of the key), but appended to record batches directly: send() costs a future
+        and a partitioner call per receipt, more than encoding it.
+        """
+        partitions = sorted(await producer.partitions_for(topic))
+        builders: dict[int, Any] = {}
+        for entry_id, (key, _value) in wanted.items():
+            value = self.codec.encode("Receipt", receipt_record(
+                entry_id, stored[key], self.settings.immudb_database, now))
+            key_bytes = entry_id.encode()
+            partition = partitions[(murmur2(key_bytes) & 0x7FFFFFFF) % len(partitions)]
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = producer.create_batch()
+            if builder.append(timestamp=None, key=key_bytes, value=value) is None:
+                # Full: send it, start another (one receipt always fits an empty batch).
+                await producer.send_batch(builder, topic, partition=partition)
+                builder = builders[partition] = producer.create_batch()
+                builder.append(timestamp=None, key=key_bytes, value=value)
+        for partition, builder in builders.items():
+            await producer.send_batch(builder, topic, partition=partition)
 
 
 async def run_immudb_sink(settings: Settings, directory: Path | None = None) -> int:
