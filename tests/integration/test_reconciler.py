@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import statistics
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ TYPES = ("amount_mismatch", "currency_mismatch", "account_mismatch", "missing_on
          "missing_in_ledger", "duplicate_entry", "status_mismatch")
 DELAY_TRANSFERS = 600
 DELAY_PAIRS_PER_TX = 100
+KILL_TRANSFERS = 2_000
+KILL_COUNT = 3
 
 
 @pytest.fixture
@@ -208,24 +211,9 @@ async def test_match_delay_from_chain_publication(
     """Entries booked first, then the watcher publishes the transfers: each matches once, and
     the delay from a transfer's record on chain.transfers to its match is printed."""
     settings = reconcile_settings
-    a = await actors(settings)
-    w1 = next(iter(a.watched))
-    await cs.wait_pool_empty(settings)
-    first_block = await cs.block_number(settings) + 1
-    txs = [cs.transfer_many_tx(a.token, w1, [(a.strangers[j % len(a.strangers)],
-                                              1000 + k * DELAY_PAIRS_PER_TX + j)
-                                             for j in range(DELAY_PAIRS_PER_TX)])
-           for k in range(DELAY_TRANSFERS // DELAY_PAIRS_PER_TX)]
-    hashes = await cs.send_all(settings, txs)
-    bookings = []
-    for k, receipt in enumerate(await cs.receipts(settings, hashes)):
-        for j, log in enumerate(receipt["logs"]):
-            bookings.append(booking(f"e_{k}_{j}", "debit", "acc_1",
-                                    _major(1000 + k * DELAY_PAIRS_PER_TX + j),
-                                    receipt["transactionHash"], int(log["logIndex"], 16)))
-    assert len(bookings) == DELAY_TRANSFERS
+    config, bookings = await many_transfers(settings, DELAY_TRANSFERS)
     await post_and_wait(settings, bookings)
-    await run_watch(settings, watch_config(a, start_block=first_block), once=True)
+    await run_watch(settings, config, once=True)
     match_stamps: list[int] = []
     matches = await read_topic(settings, "ledger.reconciliations", timestamps_ms=match_stamps,
                                until=lambda rows: len(rows) >= DELAY_TRANSFERS, timeout_s=120)
@@ -241,6 +229,73 @@ async def test_match_delay_from_chain_publication(
     p99 = delays_ms[min(len(delays_ms) - 1, len(delays_ms) * 99 // 100)]
     print(f"\nreconciler match delay over {len(delays_ms)} transfers: "
           f"p50 {statistics.median(delays_ms):.0f} ms, p99 {p99} ms, max {delays_ms[-1]} ms")
+
+
+async def many_transfers(settings: Settings, count: int) -> tuple[Any, list[dict[str, Any]]]:
+    """`count` transfers out of acc_1's wallet (DELAY_PAIRS_PER_TX per transaction), all mined,
+    and the bookings that match them exactly."""
+    a = await actors(settings)
+    w1 = next(iter(a.watched))
+    await cs.wait_pool_empty(settings)
+    first_block = await cs.block_number(settings) + 1
+    txs = [cs.transfer_many_tx(a.token, w1, [(a.strangers[j % len(a.strangers)],
+                                              1000 + k * DELAY_PAIRS_PER_TX + j)
+                                             for j in range(DELAY_PAIRS_PER_TX)])
+           for k in range(count // DELAY_PAIRS_PER_TX)]
+    hashes = await cs.send_all(settings, txs)
+    bookings = []
+    for k, receipt in enumerate(await cs.receipts(settings, hashes)):
+        for j, log in enumerate(receipt["logs"]):
+            bookings.append(booking(f"e_{k}_{j}", "debit", "acc_1",
+                                    _major(1000 + k * DELAY_PAIRS_PER_TX + j),
+                                    receipt["transactionHash"], int(log["logIndex"], 16)))
+    assert len(bookings) == count
+    return watch_config(a, start_block=first_block), bookings
+
+
+@pytest.mark.slow
+async def test_kill_9_during_reconciliation_matches_each_transfer_once(
+        settings: Settings, snapshot: Any, tmp_path: Path) -> None:
+    """Bookings and transfers stream in while the worker is killed with kill -9 and restarted:
+    every transfer is matched exactly once and nothing is flagged (default grace windows)."""
+    settings = dataclasses.replace(settings, partitions=3)
+    config, bookings = await many_transfers(settings, KILL_TRANSFERS)
+    await create_topics(settings)
+    worker = WorkerProcess(settings, tmp_path)
+    await asyncio.to_thread(worker.start)
+    kills = 0
+    rng = random.Random(21)
+
+    async def crash_loop() -> None:
+        nonlocal kills
+        while kills < KILL_COUNT:
+            await asyncio.sleep(rng.uniform(1.0, 4.0))
+            worker.kill9()
+            kills += 1
+            await asyncio.to_thread(worker.start)
+
+    try:
+        crasher = asyncio.create_task(crash_loop())
+        watcher = asyncio.create_task(run_watch(settings, config, once=True))
+        async with RawProducer(settings) as producer:
+            for i, record in enumerate(bookings):
+                await producer.post_entry(record)
+                if i % 200 == 199:
+                    await producer.flush()
+                    await asyncio.sleep(0.5)  # stream in over time, so kills land mid-stream
+            await producer.flush()
+        await watcher
+        await crasher
+        matches = await read_topic(settings, "ledger.reconciliations", timeout_s=300,
+                                   until=lambda rows: len(rows) >= KILL_TRANSFERS)
+        matches = await read_topic(settings, "ledger.reconciliations", idle_s=3.0)
+    finally:
+        worker.stop()
+    ids = Counter(r[3]["reconciliation_id"] for r in matches)
+    assert len(ids) == KILL_TRANSFERS and max(ids.values()) == 1, ids.most_common(3)
+    assert {r[3]["status"] for r in matches} == {"matched"}
+    assert not await read_topic(settings, "ledger.discrepancies", idle_s=2.0)
+    assert kills == KILL_COUNT
 
 
 def _major(minor: int) -> str:
