@@ -8,12 +8,14 @@ import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
 from infra import harness
 from streams.config import Settings
 from streams.topics import delete_topics_with_prefix
+from tests.integration import chain_support
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -70,3 +72,18 @@ async def pg_schema(stack: Settings) -> AsyncIterator[str]:
         with contextlib.suppress(Exception):
             await conn.execute(f'DROP SCHEMA "{name}" CASCADE')
         await conn.close()
+
+
+@pytest.fixture
+async def snapshot(stack: Settings) -> Any:
+    """evm_snapshot before the test, evm_revert after: the chain state tests leave is undone.
+
+    The revert waits until anvil has mined every pending transaction: a transaction left pending
+    across a revert keeps a nonce the reverted account no longer has and blocks that account.
+    (anvil_dropAllTransactions is no way out: on anvil 1.7.1, dropping thousands of pending
+    transactions left the node mining empty blocks without end.)
+    """
+    snap = await chain_support.rpc(stack.chain_rpc, "evm_snapshot")
+    yield snap
+    await chain_support.wait_pool_empty(stack)
+    await chain_support.rpc(stack.chain_rpc, "evm_revert", [snap])

@@ -42,21 +42,6 @@ def chain_settings(settings: Settings) -> Settings:
     return dataclasses.replace(settings, partitions=3)
 
 
-@pytest.fixture
-async def snapshot(stack: Settings) -> Any:
-    """evm_snapshot before the test, evm_revert after: the chain state tests leave is undone.
-
-    The revert waits until anvil has mined every pending transaction: a transaction left pending
-    across a revert keeps a nonce the reverted account no longer has and blocks that account.
-    (anvil_dropAllTransactions is no way out: on anvil 1.7.1, dropping thousands of pending
-    transactions left the node mining empty blocks without end.)
-    """
-    snap = await cs.rpc(stack.chain_rpc, "evm_snapshot")
-    yield snap
-    await cs.wait_pool_empty(stack)
-    await cs.rpc(stack.chain_rpc, "evm_revert", [snap])
-
-
 @dataclasses.dataclass
 class Actors:
     token: cs.Token

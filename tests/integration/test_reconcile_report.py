@@ -24,7 +24,7 @@ from streams.config import Settings
 from streams.reconcile_report import EXIT_DISCREPANCIES, ReconciliationEngine
 from tests.integration import chain_support as cs
 from tests.integration.support import RawProducer
-from tests.integration.test_chain import actors, watch_config
+from tests.integration.test_chain import Actors, actors, watch_config
 
 UNITS = 10**6  # the test token has 6 decimals, booked as USDC (6 decimals too)
 CLI_TIMEOUT_S = 120
@@ -34,15 +34,6 @@ CLI_TIMEOUT_S = 120
 def report_settings(settings: Settings) -> Settings:
     """Few partitions: the report reads whole topics."""
     return dataclasses.replace(settings, partitions=3)
-
-
-@pytest.fixture
-async def snapshot(stack: Settings) -> Any:
-    """evm_snapshot before, evm_revert after (once every transaction sent is mined)."""
-    snap = await cs.rpc(stack.chain_rpc, "evm_snapshot")
-    yield snap
-    await cs.wait_pool_empty(stack)
-    await cs.rpc(stack.chain_rpc, "evm_revert", [snap])
 
 
 class Entries:
@@ -80,22 +71,11 @@ class Entries:
         assert written == len(self.records)
 
 
-async def log_of(settings: Settings, tx_hash: str) -> tuple[int, int]:
-    """(block number, log index) of a one-log transaction."""
-    [receipt] = await cs.receipts(settings, [tx_hash])
-    [log] = receipt["logs"]
-    return int(log["blockNumber"], 16), int(log["logIndex"], 16)
-
-
-async def test_range_report_flags_each_planted_difference_once(
-        report_settings: Settings, pg_schema: str, snapshot: Any) -> None:
-    settings = report_settings
-    a = await actors(settings)
-    w1, w2 = list(a.watched)  # acc_1, acc_2
+def planted_transfers(a: Actors) -> dict[str, dict[str, Any]]:
+    """One transaction per planted case, by name (the watched wallets are acc_1 and acc_2)."""
+    w1, w2 = list(a.watched)
     s0, s1 = a.strangers[:2]
-    await cs.wait_pool_empty(settings)  # every mint mined: none may land in the range
-    mint_block = await cs.block_number(settings)
-    txs = {
+    return {
         "in": cs.transfer_tx(a.token, s0, w1, 1_500_000),
         "out": cs.transfer_tx(a.token, w1, s0, 2 * UNITS),
         "both": cs.transfer_tx(a.token, w1, w2, 3 * UNITS),
@@ -107,6 +87,41 @@ async def test_range_report_flags_each_planted_difference_once(
         "unwatched": cs.transfer_tx(a.token, s0, s1, 9 * UNITS),
         "orphaned": cs.transfer_tx(a.token, s1, w1, 10 * UNITS),
     }
+
+
+# (entry_id, entry_type, account, amount, planted transfer, currency): the bookings of the planted
+# transfers, with one difference of each type; "missing_in_ledger" is booked by none of them.
+PLANTED_BOOKINGS = [
+    ("e_in", "credit", "acc_1", "1.5", "in", "USDC"),
+    ("e_out", "debit", "acc_1", "2", "out", "USDC"),
+    ("e_both_out", "debit", "acc_1", "3", "both", "USDC"),
+    ("e_both_in", "credit", "acc_2", "3", "both", "USDC"),
+    ("e_amount", "credit", "acc_2", "4.000001", "amount", "USDC"),
+    ("e_currency", "credit", "acc_2", "5", "currency", "USDT"),
+    ("e_account", "credit", "acc_2", "6", "account", "USDC"),
+    ("e_dup_1", "credit", "acc_1", "8", "duplicate", "USDC"),
+    ("e_dup_2", "credit", "acc_1", "8", "duplicate", "USDC"),
+    ("e_not_on_chain", "credit", "acc_1", "9", "unwatched", "USDC"),
+    ("e_orphaned", "credit", "acc_1", "10", "orphaned", "USDC"),
+]
+
+
+async def log_of(settings: Settings, tx_hash: str) -> tuple[int, int]:
+    """(block number, log index) of a one-log transaction."""
+    [receipt] = await cs.receipts(settings, [tx_hash])
+    [log] = receipt["logs"]
+    return int(log["blockNumber"], 16), int(log["logIndex"], 16)
+
+
+async def test_range_report_flags_each_planted_difference_once(
+        report_settings: Settings, pg_schema: str, snapshot: Any) -> None:
+    settings = report_settings
+    a = await actors(settings)
+    w1 = next(iter(a.watched))  # acc_1
+    s0, s1 = a.strangers[:2]
+    await cs.wait_pool_empty(settings)  # every mint mined: none may land in the range
+    mint_block = await cs.block_number(settings)
+    txs = planted_transfers(a)
     hashes = dict(zip(txs, await cs.send_all(settings, list(txs.values())), strict=True))
     await cs.receipts(settings, list(hashes.values()))
     first_block = mint_block + 1
@@ -123,17 +138,8 @@ async def test_range_report_flags_each_planted_difference_once(
     last_block = await cs.block_number(settings)
 
     book = Entries(settings)
-    book.add("e_in", "credit", "acc_1", "1.5", hashes["in"], logs["in"])
-    book.add("e_out", "debit", "acc_1", "2", hashes["out"], logs["out"])
-    book.add("e_both_out", "debit", "acc_1", "3", hashes["both"], logs["both"])
-    book.add("e_both_in", "credit", "acc_2", "3", hashes["both"], logs["both"])
-    book.add("e_amount", "credit", "acc_2", "4.000001", hashes["amount"], logs["amount"])
-    book.add("e_currency", "credit", "acc_2", "5", hashes["currency"], logs["currency"], "USDT")
-    book.add("e_account", "credit", "acc_2", "6", hashes["account"], logs["account"])
-    book.add("e_dup_1", "credit", "acc_1", "8", hashes["duplicate"], logs["duplicate"])
-    book.add("e_dup_2", "credit", "acc_1", "8", hashes["duplicate"], logs["duplicate"])
-    book.add("e_not_on_chain", "credit", "acc_1", "9", hashes["unwatched"], logs["unwatched"])
-    book.add("e_orphaned", "credit", "acc_1", "10", hashes["orphaned"], logs["orphaned"])
+    for entry_id, entry_type, account, amount, name, currency in PLANTED_BOOKINGS:
+        book.add(entry_id, entry_type, account, amount, hashes[name], logs[name], currency)
     book.add("e_off_chain", "credit", "acc_1", "100", None, None)  # no chain reference
     # A wrong booking of a transfer before the range is not this report's business.
     mint_of_w1 = await cs.rpc(settings.chain_rpc, "eth_getLogs", [{

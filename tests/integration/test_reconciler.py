@@ -23,7 +23,7 @@ from streams.worker_process import WorkerProcess
 from tests.integration import chain_support as cs
 from tests.integration.support import RawProducer, read_topic
 from tests.integration.test_chain import actors, watch_config
-from tests.integration.test_reconcile_report import log_of
+from tests.integration.test_reconcile_report import PLANTED_BOOKINGS, log_of, planted_transfers
 
 UNITS = 10**6  # the test token has 6 decimals, booked as USDC (6 decimals too)
 GRACE_S = 2
@@ -41,15 +41,6 @@ def reconcile_settings(settings: Settings) -> Settings:
     """Few partitions (a faster worker start) and a short grace window."""
     return dataclasses.replace(settings, partitions=3, reconcile_grace_s=GRACE_S,
                                reconcile_grace_blocks=GRACE_BLOCKS)
-
-
-@pytest.fixture
-async def snapshot(stack: Settings) -> Any:
-    """evm_snapshot before, evm_revert after (once every transaction sent is mined)."""
-    snap = await cs.rpc(stack.chain_rpc, "evm_snapshot")
-    yield snap
-    await cs.wait_pool_empty(stack)
-    await cs.rpc(stack.chain_rpc, "evm_revert", [snap])
 
 
 @pytest.fixture
@@ -95,22 +86,10 @@ async def test_each_planted_difference_is_emitted_once_and_a_late_entry_resolves
         reconcile_settings: Settings, snapshot: Any, worker: WorkerProcess) -> None:
     settings = reconcile_settings
     a = await actors(settings)
-    w1, w2 = list(a.watched)  # acc_1, acc_2
     s0, s1 = a.strangers[:2]
     await cs.wait_pool_empty(settings)  # every mint mined: the watcher starts after them
     first_block = await cs.block_number(settings) + 1
-    txs = {
-        "in": cs.transfer_tx(a.token, s0, w1, 1_500_000),
-        "out": cs.transfer_tx(a.token, w1, s0, 2 * UNITS),
-        "both": cs.transfer_tx(a.token, w1, w2, 3 * UNITS),
-        "amount": cs.transfer_tx(a.token, s1, w2, 4 * UNITS),
-        "currency": cs.transfer_tx(a.token, s1, w2, 5 * UNITS),
-        "account": cs.transfer_tx(a.token, s1, w1, 6 * UNITS),
-        "late": cs.transfer_tx(a.token, s0, w2, 7 * UNITS),
-        "duplicate": cs.transfer_tx(a.token, s0, w1, 8 * UNITS),
-        "unwatched": cs.transfer_tx(a.token, s0, s1, 9 * UNITS),
-        "orphaned": cs.transfer_tx(a.token, s1, w1, 10 * UNITS),
-    }
+    txs = planted_transfers(a)
     hashes = dict(zip(txs, await cs.send_all(settings, list(txs.values())), strict=True))
     await cs.receipts(settings, list(hashes.values()))
     logs = {name: (await log_of(settings, h))[1] for name, h in hashes.items()}
@@ -122,23 +101,12 @@ async def test_each_planted_difference_is_emitted_once_and_a_late_entry_resolves
     stats = await run_watch(settings, config, once=True)
     assert stats.reorgs == 1 and stats.removed == 1
 
-    bookings = [
-        booking("e_in", "credit", "acc_1", "1.5", hashes["in"], logs["in"]),
-        booking("e_out", "debit", "acc_1", "2", hashes["out"], logs["out"]),
-        booking("e_both_out", "debit", "acc_1", "3", hashes["both"], logs["both"]),
-        booking("e_both_in", "credit", "acc_2", "3", hashes["both"], logs["both"]),
-        booking("e_amount", "credit", "acc_2", "4.000001", hashes["amount"], logs["amount"]),
-        booking("e_currency", "credit", "acc_2", "5", hashes["currency"], logs["currency"],
-                "USDT"),
-        booking("e_account", "credit", "acc_2", "6", hashes["account"], logs["account"]),
-        booking("e_dup_1", "credit", "acc_1", "8", hashes["duplicate"], logs["duplicate"]),
-        booking("e_dup_2", "credit", "acc_1", "8", hashes["duplicate"], logs["duplicate"]),
-        booking("e_not_on_chain", "credit", "acc_1", "9", hashes["unwatched"], logs["unwatched"]),
-        # Mixed case: the reconciler keys by the lowercase hash, as the watcher publishes it.
-        booking("e_orphaned", "credit", "acc_1", "10", hashes["orphaned"].upper().replace("0X", "0x"),
-                logs["orphaned"]),
-        booking("e_off_chain", "credit", "acc_1", "100", None, None),  # no chain reference
-    ]
+    bookings = [booking(entry_id, entry_type, account, amount, hashes[name], logs[name], currency)
+                for entry_id, entry_type, account, amount, name, currency in PLANTED_BOOKINGS]
+    # Mixed case: the reconciler keys by the lowercase hash, as the watcher publishes it.
+    orphaned = next(b for b in bookings if b["command_id"] == "e_orphaned")
+    orphaned["chain_tx_hash"] = "0x" + orphaned["chain_tx_hash"][2:].upper()
+    bookings.append(booking("e_off_chain", "credit", "acc_1", "100", None, None))  # off chain
     entry_ids = await post_and_wait(settings, bookings)
     # Garbage on chain.transfers goes to the dead-letter topic; the reconciler goes on.
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
@@ -170,7 +138,7 @@ async def test_each_planted_difference_is_emitted_once_and_a_late_entry_resolves
     assert found["account_mismatch"]["entry_id"] == entry_ids["e_account"]
     assert found["missing_on_chain"]["entry_id"] == entry_ids["e_not_on_chain"]
     assert (found["missing_in_ledger"]["tx_hash"], found["missing_in_ledger"]["entry_id"]) == \
-        (hashes["late"], None)
+        (hashes["missing_in_ledger"], None)
     assert (found["duplicate_entry"]["entry_id"], found["duplicate_entry"]["expected"]) == \
         (entry_ids["e_dup_2"], entry_ids["e_dup_1"])
     assert (found["status_mismatch"]["entry_id"], found["status_mismatch"]["actual"]) == \
@@ -190,8 +158,9 @@ async def test_each_planted_difference_is_emitted_once_and_a_late_entry_resolves
     assert dead[0][3]["reason"] and dead[0][3]["payload"] == b"not avro"
 
     # The late entry: its missing_in_ledger is resolved (same id) and it matches.
-    late = await post_and_wait(settings, [booking("e_late", "credit", "acc_2", "7", hashes["late"],
-                                                  logs["late"])])
+    late = await post_and_wait(settings, [booking("e_late", "credit", "acc_2", "7",
+                                                  hashes["missing_in_ledger"],
+                                                  logs["missing_in_ledger"])])
 
     def resolved(rows: list[Any]) -> bool:
         return any(r[3]["status"] == "resolved" for r in rows)
