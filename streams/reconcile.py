@@ -317,6 +317,21 @@ class KeyJoin:
                    for ident, d in wanted.items())
 
 
+def recheck_at_ms(join: KeyJoin, grace: Grace) -> int:
+    """The earliest time a tick can change a waiting join: 0 while an entry has not learned the
+    chain head yet (its block window starts at the first tick), else when the first time window
+    of what the join holds ends. Never later than the true time, so no missing_* is delayed;
+    after it, ticks re-check the join until its block window has passed too. A skipped early
+    tick only leaves `head_block` lower until the next one; outputs depend on the later tick's
+    head, which is at least as high."""
+    if any(claim.seen_head_block is None for claim in join.entries.values()):
+        return 0
+    window_ms = grace.window_ms or 0
+    seen = [claim.seen_at_ms for claim in join.entries.values()]
+    seen += [record.seen_at_ms for side in join.sides.values() for record in side.records.values()]
+    return min(seen, default=0) + window_ms
+
+
 def join_key(tx_hash: str, log_index: int) -> str:
     """The table key of a transfer: `tx_hash:log_index` (the ledger.reconciliations key too)."""
     return f"{tx_hash.lower()}:{log_index}"

@@ -101,8 +101,9 @@ class Reconciler:
         self.grace = reconcile.Grace.of(seconds=self.settings.reconcile_grace_s,
                                         blocks=self.settings.reconcile_grace_blocks)
         self.chain_head = ChainHead(self.settings.kafka_bootstrap, state_topic(self.settings))
-        # partition -> join keys that a later tick may turn into a missing_* discrepancy
-        self._waiting: dict[int, set[bytes]] = {}
+        # partition -> {join key: when a tick can next change it}, for the joins that a later
+        # tick may turn into a missing_* discrepancy
+        self._waiting: dict[int, dict[bytes, int]] = {}
         self._waiting_for: frozenset[int] | None = None  # owned partitions it was built for
         self._last_tick_ms: dict[int, int] = {}
 
@@ -189,11 +190,11 @@ class Reconciler:
         for output in outputs:
             await self._emit(output, partition)
         self._rebuild_waiting()
-        waiting = self._waiting.setdefault(partition, set())
+        waiting = self._waiting.setdefault(partition, {})
         if after.waiting():
-            waiting.add(key)
+            waiting[key] = reconcile.recheck_at_ms(after, self.grace)
         else:
-            waiting.discard(key)
+            waiting.pop(key, None)
 
     async def _emit(self, output: reconcile.Output, partition: int) -> None:
         if isinstance(output, reconcile.Discrepancy):
@@ -215,10 +216,15 @@ class Reconciler:
         if chain_head_block is None and self.grace.blocks:
             return  # blocks cannot be counted without a head
         self._rebuild_waiting()
-        for key in sorted(self._waiting.get(partition, set()))[:RECONCILE_TICK_KEYS_MAX]:
+        waiting = self._waiting.get(partition, {})
+        # Only joins a tick can change, earliest first; a bounded number per tick. Joins past
+        # their time window that wait on blocks stay first, but the head that frees them frees
+        # them all alike.
+        due = sorted((at, key) for key, at in waiting.items() if at <= now_ms)
+        for _, key in due[:RECONCILE_TICK_KEYS_MAX]:
             state = reconcile.join_from_bytes(self.table.get(key))
             if state is None:
-                self._waiting[partition].discard(key)
+                waiting.pop(key, None)
                 continue
             joined, outputs = reconcile.on_tick(state, now_ms, chain_head_block or 0, self.grace)
             await self._store(key, state, joined, outputs, partition)
@@ -229,14 +235,14 @@ class Reconciler:
                           if tp.topic == self.claims_topic)
         if owned == self._waiting_for:
             return
-        rebuilt: dict[int, set[bytes]] = {p: set() for p in owned}
+        rebuilt: dict[int, dict[bytes, int]] = {p: {} for p in owned}
         data: Any = self.table.data
         for key, value in list(data.items()):
             partition = data._key_partition.get(key)
             if key.startswith(JOIN_PREFIX) and partition in rebuilt:
                 join = reconcile.join_from_bytes(value)
                 if join is not None and join.waiting():
-                    rebuilt[partition].add(key)
+                    rebuilt[partition][key] = reconcile.recheck_at_ms(join, self.grace)
         self._waiting = rebuilt
         self._waiting_for = owned
 
@@ -246,13 +252,14 @@ class Reconciler:
         transaction and a replay uses the tick's own time and head."""
         try:
             self._rebuild_waiting()
-            due = [p for p, keys in self._waiting.items() if keys]
+            now_ms = time.time_ns() // 1_000_000
+            due = [p for p, keys in self._waiting.items()
+                   if any(at <= now_ms for at in keys.values())]
             if not due:
                 return
             head = await self.chain_head.current()
             if head is None and self.grace.blocks:
                 return
-            now_ms = time.time_ns() // 1_000_000
             for partition in due:
                 if now_ms - self._last_tick_ms.get(partition, 0) < RECONCILE_TICK_INTERVAL_S * 1000:
                     continue

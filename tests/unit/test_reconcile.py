@@ -357,6 +357,32 @@ def test_nothing_is_flagged_when_everything_matches(events: list[Event],
     assert not any(j.waiting() for j in joins.values())
 
 
+@settings(max_examples=200, deadline=None)
+@given(events=scenario(), data=hs.data())
+def test_no_tick_before_recheck_at_changes_a_join(events: list[Event], data: hs.DataObject) -> None:
+    """The agent ticks a waiting join only from recheck_at_ms on; a tick before it (any head)
+    must emit nothing, or skipping it would delay a missing_*."""
+    joins: dict[str, rc.KeyJoin] = {}
+    now = T0_MS
+    for event in events:
+        now += data.draw(hs.integers(0, 30_000))
+        rc.run(joins, [event], now, GRACE)
+    head = data.draw(hs.integers(100, 10**6))
+    for key, join in joins.items():
+        if not join.waiting():
+            continue
+        due = rc.recheck_at_ms(join, GRACE)
+        if due == 0:  # an entry has not learned the head: the first tick must come at once
+            assert any(c.seen_head_block is None for c in join.entries.values())
+            joins[key], _ = rc.on_tick(join, now, head, GRACE)
+            join = joins[key]
+            due = rc.recheck_at_ms(join, GRACE)
+            assert due > 0
+        early = data.draw(hs.integers(now, max(now, due - 1)))
+        if early < due:
+            assert rc.on_tick(join, early, head + 10**6, GRACE)[1] == []
+
+
 def test_replace_keeps_frozen_values_hashable() -> None:
     # Join values are shared between the table cache and outputs: they must never be mutated.
     join, _ = feed([transfer(), entry()])
