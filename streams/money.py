@@ -107,13 +107,11 @@ def to_minor(amount: Decimal, decimals: int) -> int | None:
 
 def to_major(minor: int, decimals: int) -> Decimal:
     """The exact Decimal of `minor` units, with exactly `decimals` decimal places (no rounding)."""
-    sign = 1 if minor < 0 else 0
-    digits = tuple(int(d) for d in str(abs(minor)))
-    return Decimal((sign, digits, -decimals))
+    # Decimal's constructor is exact whatever the context precision (arithmetic is not), and
+    # parsing "<int>E-<decimals>" is about 4x faster than building the digit tuple.
+    return Decimal(f"{minor}E-{decimals}")
 
 
 def to_wire(minor: int, decimals: int) -> Decimal:
     """Major-unit Decimal at the wire scale (18), as the Avro decimal fields carry it."""
-    sign = 1 if minor < 0 else 0
-    digits = tuple(int(d) for d in str(abs(minor) * 10 ** (DECIMALS_MAX - decimals)))
-    return Decimal((sign, digits, -DECIMALS_MAX))
+    return to_major(minor * 10 ** (DECIMALS_MAX - decimals), DECIMALS_MAX)
