@@ -48,6 +48,7 @@ BATCH_TIMEOUTS_PER_TICK_MAX = 200  # batches voided per tick: one transaction st
 BATCH_RESEND_AFTER_MS = 30_000  # an unsettled batch's unanswered messages are sent again
 BATCH_NO_DEADLINE_MS = 2**62  # posting and voided batches wait for answers, not for a deadline
 GAP_READ_TIMEOUT_S = 120.0
+EXIT_BROKEN = 70  # EX_SOFTWARE: the worker stopped itself on a bug or a broken invariant
 GAP_FETCH_BATCH_MAX = 5000
 
 
@@ -201,7 +202,17 @@ class LedgerWorker:
     async def _agent(self, stream: StreamT[bytes]) -> None:
         async for event in stream.events():
             async with self.event_lock:
-                await self.handle(event)
+                try:
+                    await self.handle(event)
+                except Exception:
+                    # A bug or a broken invariant, mid-decision: the partition's open transaction
+                    # may hold part of this event. Exit at once, as kill -9 would, so Kafka
+                    # aborts it; a graceful stop (or Faust restarting the agent) could commit it.
+                    log.critical("deciding %s:%s@%s failed; exiting so the open transactions "
+                                 "abort", event.message.topic, event.message.partition,
+                                 event.message.offset, exc_info=True)
+                    logging.shutdown()
+                    os._exit(EXIT_BROKEN)
 
     async def _catch_up(self) -> None:
         """Keep every owned partition deciding and committing, whatever Faust's consumer does.
@@ -264,6 +275,7 @@ class LedgerWorker:
                 continue
             async with self.event_lock:
                 start = self._next_offset(topic, partition)
+                self._check_state_current(topic, partition, start)
                 # A bounded chunk per tick: one transaction must stay far below its timeout.
                 stop = min(end, start + CATCH_UP_CHUNK_MAX)
                 log.warning("%s:%s: no progress at offset %s of %s; deciding [%s, %s) from Kafka",
@@ -274,6 +286,24 @@ class LedgerWorker:
                 await self._advance_to(topic, partition, stop)
                 self._acknowledge(topic, partition, stop)
             self._last_seen_offsets[key] = (stop, 0)
+
+    def _check_state_current(self, topic: str, partition: int, next_offset: int) -> None:
+        """Refuse to decide from tables that are behind the committed input offset.
+
+        The group's committed offset of an input partition commits in the same transaction as
+        the table records of every decision below it. Tables that say fewer records were decided
+        were not fully recovered; deciding those records again would book them twice (a new
+        entry at a leaf index already used). Crashing makes the worker recover again instead.
+        """
+        from aiokafka import TopicPartition
+
+        consumer: Any = self.app.consumer
+        committed = consumer._committed_offset.get(TopicPartition(topic, partition))
+        if committed is not None and next_offset < committed:
+            raise InvariantViolation(
+                f"{topic}:{partition}: tables record decisions up to offset {next_offset}, but "
+                f"offset {committed} is committed: table recovery is incomplete; not deciding "
+                "again")
 
     def _acknowledge(self, topic: str, partition: int, next_offset: int) -> None:
         """Tell Faust's consumer that every offset of `partition` below next_offset is done.
@@ -333,6 +363,7 @@ class LedgerWorker:
             # commit offsets whose effects were lost, and to skip records mid-session (a crash
             # test lost six results when only the first delivery was checked). Every gap is
             # read, and its records are decided first, in order.
+            self._check_state_current(message.topic, partition, next_offset)
             for skipped in await self._read_gap(message.topic, partition, next_offset, message.offset):
                 await self._dispatch(skipped)
             self._acknowledge(message.topic, partition, message.offset)

@@ -16,6 +16,16 @@ worker holds while it decides an event, so every transaction holds whole events.
 Table writes do not go through Faust's buffered `table[k] = v` (see LedgerWorker._put): its
 changelog records could miss the transaction that committed their event's offset, and flushing
 that buffer at commit time blocked commits while the stream was busy.
+
+Table recovery: in exactly-once mode Faust takes each changelog partition's end from aiokafka's
+`last_stable_offset()`, which is known only after the consumer has fetched that partition and is
+None before: Faust then counts the changelog as empty and recovers nothing (seen in CI: a worker
+restarted after kill -9 logged highwater -1 for every changelog, started with empty tables while
+its input offsets were committed, and decided commands again: two entries at one leaf index,
+matches emitted twice). Here the end comes from a ListOffsets request, which honours the
+consumer's read_committed isolation and so returns the last stable offset every time. Faust
+starts the transactional producers (aborting or finishing a killed worker's open transactions)
+before it recovers tables, so that offset is final when it is read.
 """
 
 from __future__ import annotations
@@ -25,9 +35,27 @@ from typing import Any
 
 from aiokafka.errors import ProducerFenced
 from faust.transport.consumer import TransactionManager
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
 from streams.errors import InvariantViolation
+
+
+class LedgerConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread, with changelog ends that do not depend on earlier fetches."""
+
+    async def _highwaters(self, partitions: Any) -> Any:
+        consumer = self._ensure_consumer()
+        ends = await consumer.end_offsets(list(partitions))  # read_committed: the LSO
+        if any(end is None for end in ends.values()):
+            raise InvariantViolation(f"no end offset for {sorted(map(str, ends))}")
+        return ends
+
+
+class LedgerConsumer(AIOKafkaConsumer):
+    def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
+        return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
 def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock) -> type[AIOKafkaTransport]:
@@ -90,5 +118,6 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock) -> type[AIOKaf
 
     class LedgerTransport(AIOKafkaTransport):
         TransactionManager = LedgerTransactionManager
+        Consumer = LedgerConsumer
 
     return LedgerTransport
