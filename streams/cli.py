@@ -125,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     topics.set_defaults(func=_cmd_topics)
 
     worker = sub.add_parser("worker", help="run the ledger worker (Faust, exactly-once)",
-                            description="Run one ledger worker until SIGTERM/SIGINT. Start more "
-                            "processes to share partitions. Creates missing topics first.")
+                            description="Run one ledger worker until SIGTERM/SIGINT: it decides "
+                            "entry commands, coordinates batches and reconciles chain transfers "
+                            "against entries (grace windows: SARDIS_RECONCILE_GRACE_S and "
+                            "SARDIS_RECONCILE_GRACE_BLOCKS). Start more processes to share "
+                            "partitions. Creates missing topics first. Exits 70 if a decision "
+                            "fails, so its open transaction aborts; restart it.")
     worker.add_argument("--loglevel", default="warn",
                         choices=["crit", "error", "warn", "info", "debug"])
     worker.set_defaults(func=_cmd_worker)
