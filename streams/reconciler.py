@@ -29,6 +29,9 @@ RECONCILE_TICK_KEYS_MAX = 1000  # keys re-checked per tick: one transaction stay
 CHAIN_HEAD_FETCH_TIMEOUT_MS = 100
 CHAIN_HEAD_FETCHES_MAX = 20  # per read: a watcher writes a few records a second at most
 CHAIN_HEAD_RECORDS_MAX = 1000
+BACKFILL_FETCH_RECORDS_MAX = 5000
+BACKFILL_FETCH_TIMEOUT_MS = 500
+BACKFILL_IDLE_FETCHES_MAX = 120  # a minute of empty fetches below the end: the broker is stuck
 JOIN_PREFIX = b"j:"
 OFFSET_PREFIX = "o:"
 
@@ -268,3 +271,61 @@ class Reconciler:
                 self._last_tick_ms[partition] = now_ms
         except Exception:  # a dead timer would never raise a missing_* again
             log.exception("reconcile tick failed; retrying in %.0f s", RECONCILE_TICK_INTERVAL_S)
+
+
+async def backfill_claims(settings: Any, progress: Any = None) -> tuple[int, int]:
+    """Re-key the entries already on ledger.entries that name a chain transfer onto
+    ledger.chain-claims, as the ledger agent does for new ones: once, after upgrading a ledger
+    that ran without the streaming reconciler. Running it again is harmless (the reconciler
+    ignores an entry_id it has seen). Returns (entries read, claims produced)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from schemas.codec import AvroCodec
+
+    codec = AvroCodec()
+    entries_topic = settings.topic(LedgerTopic.ENTRIES)
+    claims_topic = settings.topic(LedgerTopic.CHAIN_CLAIMS)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                isolation_level="read_committed", enable_auto_commit=False)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+                                enable_idempotence=True, acks="all", linger_ms=5)
+    await consumer.start()
+    await producer.start()
+    read = produced = 0
+    try:
+        tps = [TopicPartition(entries_topic, p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        total = sum(ends.values())
+        idle = 0
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            batches = await consumer.getmany(timeout_ms=BACKFILL_FETCH_TIMEOUT_MS,
+                                             max_records=BACKFILL_FETCH_RECORDS_MAX)
+            idle = 0 if batches else idle + 1
+            if idle > BACKFILL_IDLE_FETCHES_MAX:
+                raise TimeoutError(f"{entries_topic}: no records for "
+                                   f"{BACKFILL_IDLE_FETCHES_MAX} fetches before its end")
+            for messages in batches.values():
+                for message in messages:
+                    read += 1
+                    try:
+                        name, record = codec.decode(message.value)
+                    except CodecError:
+                        continue  # not an Entry: nothing to reconcile
+                    tx_hash = record.get("chain_tx_hash") if name == "Entry" else None
+                    if tx_hash:
+                        tx_hash = str(tx_hash).lower()
+                        await producer.send(claims_topic, message.value, key=tx_hash.encode(),
+                                            partition=core.partition_for(tx_hash,
+                                                                         settings.partitions))
+                        produced += 1
+            if progress is not None:
+                progress(min(read, total), total)
+        await producer.flush()
+        if progress is not None:
+            progress(read, max(total, read), final=True)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    return read, produced

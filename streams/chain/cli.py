@@ -86,8 +86,19 @@ def _cmd_anchor(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_backfill_claims(args: argparse.Namespace) -> int:
+    from sinks.replay import ProgressBar
+    from streams.reconciler import backfill_claims
+
+    _logging(args.loglevel)
+    read, produced = asyncio.run(backfill_claims(_settings(), ProgressBar("backfill claims")))
+    print(f"{read} entries read, {produced} chain claims produced on ledger.chain-claims",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def add_chain_commands(sub: Any) -> None:
-    """Add `chain watch` and `anchor` to the sardis-ledger subcommands."""
+    """Add `chain watch`, `chain backfill-claims` and `anchor` to the sardis-ledger subcommands."""
     from streams.chain import config as watch_config
     from streams.chain.eth import DEV_CHAIN_ID, PRIVATE_KEY_ENV
 
@@ -139,6 +150,17 @@ def add_chain_commands(sub: Any) -> None:
                        help="publish what is confirmed now, then exit")
     watch.add_argument("--loglevel", default="info", choices=LOGLEVELS)
     watch.set_defaults(func=_cmd_chain_watch)
+
+    backfill = chain_sub.add_parser(
+        "backfill-claims", help="send entries booked before the streaming reconciler to it",
+        description="Read ledger.entries from the beginning and produce every entry that names "
+        "a chain transfer (chain_tx_hash) to ledger.chain-claims, keyed by its tx hash, as the "
+        "worker does for new entries. Run it once after upgrading a ledger that ran without the "
+        "streaming reconciler, so old bookings meet their transfers instead of showing as "
+        "missing_in_ledger. Running it again is harmless: the reconciler ignores an entry it "
+        "has seen. Progress bar on stderr.")
+    backfill.add_argument("--loglevel", default="warning", choices=LOGLEVELS)
+    backfill.set_defaults(func=_cmd_backfill_claims)
 
     anchor = sub.add_parser(
         "anchor", help="anchor the ledger's Merkle tree heads on chain, or verify the anchors",

@@ -16,14 +16,21 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from streams import core
 from streams.chain.watch import run_watch
 from streams.config import Settings
+from streams.reconciler import backfill_claims
 from streams.topics import create_topics
 from streams.worker_process import WorkerProcess
 from tests.integration import chain_support as cs
 from tests.integration.support import RawProducer, read_topic
 from tests.integration.test_chain import actors, watch_config
-from tests.integration.test_reconcile_report import PLANTED_BOOKINGS, log_of, planted_transfers
+from tests.integration.test_reconcile_report import (
+    PLANTED_BOOKINGS,
+    Entries,
+    log_of,
+    planted_transfers,
+)
 
 UNITS = 10**6  # the test token has 6 decimals, booked as USDC (6 decimals too)
 GRACE_S = 2
@@ -270,3 +277,26 @@ async def test_kill_9_during_reconciliation_matches_each_transfer_once(
 def _major(minor: int) -> str:
     """Minor units of the 6-decimal test token as an exact major-unit string."""
     return f"{minor // UNITS}.{minor % UNITS:06d}"
+
+
+async def test_backfill_claims_rekeys_old_chain_entries(settings: Settings) -> None:
+    """Entries booked before the reconciler existed reach ledger.chain-claims by tx hash."""
+    settings = dataclasses.replace(settings, partitions=3)
+    await create_topics(settings)
+    book = Entries(settings)
+    hashes = [f"0x{i:064x}" for i in range(1, 41)]
+    for i, tx_hash in enumerate(hashes):
+        book.add(f"e_old_{i}", "credit", f"acc_{i % 5}", "1", tx_hash.upper().replace("0X", "0x")
+                 if i % 2 else tx_hash, i % 3)
+    book.add("e_off_chain", "credit", "acc_1", "2", None, None)
+    async with RawProducer(settings) as producer:
+        for record in book.records:
+            await producer.send("ledger.entries", "Entry", record, record["account_id"])
+        await producer.flush()
+    read, produced = await backfill_claims(settings)
+    assert (read, produced) == (len(hashes) + 1, len(hashes))
+    claims = await read_topic(settings, "ledger.chain-claims", idle_s=2.0)
+    assert sorted(r[3]["entry_id"] for r in claims) == sorted(f"e_old_{i}" for i in range(40))
+    for partition, _offset, key, record in claims:
+        assert key == record["chain_tx_hash"].lower().encode()
+        assert partition == core.partition_for(key.decode(), settings.partitions)
