@@ -7,7 +7,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,11 @@ class LedgerWorker:
         # input partitions the timer feeds until they are current
         self._catching_up: set[tuple[str, int]] = set()
 
+    def owned_partitions(self, topic: str) -> frozenset[int]:
+        """The partitions of an input topic this worker owns now."""
+        return frozenset(tp.partition for tp in self.app.assignor.assigned_actives()
+                         if tp.topic == topic)
+
     async def close_clients(self) -> None:
         """Stop the tick producer and the gap and chain-head consumers (best effort at exit)."""
         for client in (self._tick_producer, self._gap_consumer):
@@ -243,8 +248,7 @@ class LedgerWorker:
     async def _check_topic(self, topic: str) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        owned = sorted(tp.partition for tp in self.app.assignor.assigned_actives()
-                       if tp.topic == topic)
+        owned = sorted(self.owned_partitions(topic))
         if not owned:
             return
         for partition in owned:
@@ -666,23 +670,19 @@ class LedgerWorker:
 
     def _rebuild_open_batches(self) -> None:
         """After a (re)assignment, find the reserving batches of owned partitions in the table."""
-        owned = frozenset(tp.partition for tp in self.app.assignor.assigned_actives()
-                          if tp.topic == self.batches_topic)
+        owned = self.owned_partitions(self.batches_topic)
         if owned == self._open_batches_for:
             return
         rebuilt: dict[int, dict[str, int]] = {p: {} for p in owned}
-        data: Any = self.batch_state.data
-        for key, value in list(data.items()):
-            if key.startswith(b"b:"):
-                header = records.header_from_bytes(value)
-                partition = data._key_partition.get(key)
-                if header is not None and not batches.settled(header) and partition in rebuilt:
-                    rebuilt[partition][header.batch_id] = \
-                        header.deadline_ms if header.status is batches.BatchStatus.RESERVING \
-                        else BATCH_NO_DEADLINE_MS
-                    # After a restart the backlog usually answers them: wait before resending.
-                    self._resend_at_ms.setdefault(
-                        header.batch_id, time.time_ns() // 1_000_000 + BATCH_RESEND_AFTER_MS)
+        for partition, _key, value in table_items(self.batch_state, b"b:", owned):
+            header = records.header_from_bytes(value)
+            if header is not None and not batches.settled(header):
+                rebuilt[partition][header.batch_id] = \
+                    header.deadline_ms if header.status is batches.BatchStatus.RESERVING \
+                    else BATCH_NO_DEADLINE_MS
+                # After a restart the backlog usually answers them: wait before resending.
+                self._resend_at_ms.setdefault(
+                    header.batch_id, time.time_ns() // 1_000_000 + BATCH_RESEND_AFTER_MS)
         self._open_batches = rebuilt
         self._open_batches_for = owned
 
@@ -881,6 +881,17 @@ class LedgerWorker:
                                              command_id=command_id,
                                              failed_at_ms=command.timestamp_ms),
                          command.partition)
+
+
+def table_items(table: Any, prefix: bytes, partitions: Container[int]
+                ) -> Iterator[tuple[int, bytes, bytes]]:
+    """(partition, key, value) of a table's keys that start with `prefix` and belong to one of
+    `partitions` (the memory store's own key -> partition bookkeeping, which _put keeps)."""
+    data: Any = table.data
+    for key, value in list(data.items()):
+        partition = data._key_partition.get(key)
+        if partition in partitions and key.startswith(prefix):
+            yield partition, key, value
 
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:

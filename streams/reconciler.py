@@ -234,18 +234,16 @@ class Reconciler:
 
     def _rebuild_waiting(self) -> None:
         """After a (re)assignment, find the waiting joins of owned partitions in the table."""
-        owned = frozenset(tp.partition for tp in self.worker.app.assignor.assigned_actives()
-                          if tp.topic == self.claims_topic)
+        from streams.app import table_items
+
+        owned = self.worker.owned_partitions(self.claims_topic)
         if owned == self._waiting_for:
             return
         rebuilt: dict[int, dict[bytes, int]] = {p: {} for p in owned}
-        data: Any = self.table.data
-        for key, value in list(data.items()):
-            partition = data._key_partition.get(key)
-            if key.startswith(JOIN_PREFIX) and partition in rebuilt:
-                join = reconcile.join_from_bytes(value)
-                if join is not None and join.waiting():
-                    rebuilt[partition][key] = reconcile.recheck_at_ms(join, self.grace)
+        for partition, key, value in table_items(self.table, JOIN_PREFIX, owned):
+            join = reconcile.join_from_bytes(value)
+            if join is not None and join.waiting():
+                rebuilt[partition][key] = reconcile.recheck_at_ms(join, self.grace)
         self._waiting = rebuilt
         self._waiting_for = owned
 
