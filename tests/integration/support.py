@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections import defaultdict
 from typing import Any
@@ -13,6 +15,7 @@ from streams import canonical, core, merkle, records
 from streams.config import Settings
 from streams.errors import CodecError
 from streams.money import currency_table
+from streams.worker_process import ChildProcess
 
 FETCH_MAX = 5000
 CURRENCIES = currency_table()
@@ -38,6 +41,17 @@ class RawProducer:
         account_id = record["account_id"]
         await self.raw(self.codec.encode("PostEntry", record), account_id.encode(),
                        core.partition_for(account_id, self.settings.partitions))
+
+    async def post_entries_paced(self, records: list[dict[str, Any]], chunk: int,
+                                 pause_s: float) -> None:
+        """Post commands in chunks with a pause after each: they stream in over time, so a crash
+        loop's kills land mid-stream."""
+        for i, record in enumerate(records):
+            await self.post_entry(record)
+            if i % chunk == chunk - 1:
+                await self.flush()
+                await asyncio.sleep(pause_s)
+        await self.flush()
 
     async def raw(self, value: bytes, key: bytes, partition: int) -> None:
         await self.producer.send(self.settings.topic("ledger.commands"), value, key=key,
@@ -122,3 +136,24 @@ def check_merkle_logs(entries: list[dict[str, Any]], tree_heads: list[dict[str, 
     for head in tree_heads:
         size = head["tree_size"]
         assert roots[head["partition"]][size - 1].hex() == head["root_hash"]
+
+
+class CrashLoop:
+    """Kills a child process with kill -9 after a random pause and starts it again, over and
+    over, until `stop` is set or it has killed it `kills_max` times."""
+
+    def __init__(self, process: ChildProcess, rng: random.Random, pause_s: tuple[float, float],
+                 kills_max: int | None = None) -> None:
+        self.process = process
+        self.rng = rng
+        self.pause_s = pause_s
+        self.kills_max = kills_max
+        self.kills = 0
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        while not self.stop.is_set() and (self.kills_max is None or self.kills < self.kills_max):
+            await asyncio.sleep(self.rng.uniform(*self.pause_s))
+            self.process.kill9()
+            self.kills += 1
+            await asyncio.to_thread(self.process.start)

@@ -29,7 +29,7 @@ from streams.money import currency_table
 from streams.topics import create_topics
 from streams.worker_process import WorkerProcess
 from tests.integration import chain_support as cs
-from tests.integration.support import read_topic
+from tests.integration.support import CrashLoop, read_topic
 
 TRANSFERS_TOPIC = "chain.transfers"
 KILL_TRANSFERS = 2_000
@@ -286,18 +286,8 @@ async def test_kill_9_during_2000_transfers_publishes_every_transfer_exactly_onc
 async def kill_loop_run(settings: Settings, a: Actors, txs: list[dict[str, Any]],
                         watcher: cs.WatcherProcess, rng: random.Random) -> None:
     await asyncio.to_thread(watcher.start)
-    kills = 0
-
-    async def crash_loop(stop: asyncio.Event) -> None:
-        nonlocal kills
-        while not stop.is_set():
-            await asyncio.sleep(rng.uniform(0.5, 1.5))
-            watcher.kill9()
-            kills += 1
-            await asyncio.to_thread(watcher.start)
-
-    stop = asyncio.Event()
-    crasher = asyncio.create_task(crash_loop(stop))
+    crash = CrashLoop(watcher, rng, (0.5, 1.5))
+    crasher = asyncio.create_task(crash.run())
     hashes: list[str] = []
     nonces: dict[str, int] = {}
     try:
@@ -307,10 +297,10 @@ async def kill_loop_run(settings: Settings, a: Actors, txs: list[dict[str, Any]]
         expected = await expected_from_receipts(settings, a, hashes)
         mints = await published_mints(settings, a)
         assert len(expected) == KILL_TRANSFERS
-        while kills < 3:
+        while crash.kills < 3:
             await asyncio.sleep(0.2)
     finally:
-        stop.set()
+        crash.stop.set()
         await crasher
     await published(settings, count=len(expected) + len(mints), idle_s=None, timeout_s=180)
     rows = await published(settings, idle_s=3)  # and nothing more arrives
@@ -318,7 +308,7 @@ async def kill_loop_run(settings: Settings, a: Actors, txs: list[dict[str, Any]]
     doubles = [k for k, n in keys.items() if n > 1]
     assert not doubles, f"published more than once: {doubles[:5]}"
     assert {k: r for k, r in ((transfer_key(r), r) for r in rows) if k not in mints} == expected
-    assert kills >= 3
+    assert crash.kills >= 3
 
 
 async def test_watcher_ingest_rate(chain_settings: Settings, snapshot: Any) -> None:

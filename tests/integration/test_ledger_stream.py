@@ -19,7 +19,7 @@ from streams.config import Settings
 from streams.money import currency_table, to_major, to_minor
 from streams.topics import create_topics
 from streams.worker_process import WorkerProcess
-from tests.integration.support import RawProducer, check_merkle_logs, read_topic
+from tests.integration.support import CrashLoop, RawProducer, check_merkle_logs, read_topic
 
 CURRENCIES = currency_table()
 USDC = CURRENCIES["USDC"]
@@ -241,29 +241,12 @@ async def test_kill_9_during_stream_loses_and_doubles_nothing(
     commands, _ = make_workload(seed=2, commands=20_000, accounts=200)
     outcomes = reference_model(commands)
     worker.start()
-    kills = 0
-    rng = random.Random(11)
-
-    async def crash_loop(stop: asyncio.Event) -> None:
-        nonlocal kills
-        while not stop.is_set() and kills < 4:
-            await asyncio.sleep(rng.uniform(2.0, 6.0))
-            worker.kill9()
-            kills += 1
-            await asyncio.to_thread(worker.start)
-
-    stop = asyncio.Event()
-    crasher = asyncio.create_task(crash_loop(stop))
+    crash = CrashLoop(worker, random.Random(11), (2.0, 6.0), kills_max=4)
+    crasher = asyncio.create_task(crash.run())
     async with RawProducer(settings) as producer:
-        for i, record in enumerate(commands):
-            await producer.post_entry(record)
-            if i % 500 == 499:
-                await producer.flush()
-                await asyncio.sleep(0.25)  # stream in over time, so kills land mid-stream
-        await producer.flush()
+        await producer.post_entries_paced(commands, chunk=500, pause_s=0.25)
     await crasher
-    stop.set()
-    assert kills >= 3
+    assert crash.kills >= 3
     results = await results_for(settings, set(outcomes), timeout_s=600)
     check_results(results, outcomes)
     entries = await committed_entries(settings, outcomes)

@@ -23,7 +23,7 @@ from streams.reconciler import backfill_claims
 from streams.topics import create_topics
 from streams.worker_process import WorkerProcess
 from tests.integration import chain_support as cs
-from tests.integration.support import RawProducer, read_topic
+from tests.integration.support import CrashLoop, RawProducer, read_topic
 from tests.integration.test_chain import actors, watch_config
 from tests.integration.test_reconcile_report import (
     PLANTED_BOOKINGS,
@@ -239,27 +239,12 @@ async def test_kill_9_during_reconciliation_matches_each_transfer_once(
     await create_topics(settings)
     worker = WorkerProcess(settings, tmp_path)
     await asyncio.to_thread(worker.start)
-    kills = 0
-    rng = random.Random(21)
-
-    async def crash_loop() -> None:
-        nonlocal kills
-        while kills < KILL_COUNT:
-            await asyncio.sleep(rng.uniform(1.0, 4.0))
-            worker.kill9()
-            kills += 1
-            await asyncio.to_thread(worker.start)
-
+    crash = CrashLoop(worker, random.Random(21), (1.0, 4.0), kills_max=KILL_COUNT)
     try:
-        crasher = asyncio.create_task(crash_loop())
+        crasher = asyncio.create_task(crash.run())
         watcher = asyncio.create_task(run_watch(settings, config, once=True))
         async with RawProducer(settings) as producer:
-            for i, record in enumerate(bookings):
-                await producer.post_entry(record)
-                if i % 200 == 199:
-                    await producer.flush()
-                    await asyncio.sleep(0.5)  # stream in over time, so kills land mid-stream
-            await producer.flush()
+            await producer.post_entries_paced(bookings, chunk=200, pause_s=0.5)
         await watcher
         await crasher
         matches = await read_topic(settings, "ledger.reconciliations", timeout_s=300,
@@ -271,7 +256,7 @@ async def test_kill_9_during_reconciliation_matches_each_transfer_once(
     assert len(ids) == KILL_TRANSFERS and max(ids.values()) == 1, ids.most_common(3)
     assert {r[3]["status"] for r in matches} == {"matched"}
     assert not await read_topic(settings, "ledger.discrepancies", idle_s=2.0)
-    assert kills == KILL_COUNT
+    assert crash.kills == KILL_COUNT
 
 
 def _major(minor: int) -> str:
