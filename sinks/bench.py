@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import statistics
@@ -9,7 +10,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,9 @@ async def _drop(settings: Settings, schema: str) -> None:
     await delete_topics_with_prefix(settings)
 
 
-async def _lag_run(settings: Settings, seed: int) -> dict[str, float]:
-    """Both sinks running while entries arrive at LAG_RATE_PER_S; lag = written - committed."""
+async def _lag_run(settings: Settings, seed: int, rate_per_s: int = LAG_RATE_PER_S
+                   ) -> dict[str, float]:
+    """Both sinks running while entries arrive at `rate_per_s`; lag = written - committed."""
     own = await _fresh(settings, 0, seed)
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     # Each sink in its own process, as deployed (in one process they would share one core).
@@ -96,16 +98,16 @@ async def _lag_run(settings: Settings, seed: int) -> dict[str, float]:
             await asyncio.to_thread(process.start)
         await asyncio.sleep(LAG_SETTLE_S)
         workload = LedgerWorkload(own.partitions, ACCOUNTS, seed, prefix="lag", wall_clock=True)
-        per_tick = max(1, int(LAG_RATE_PER_S * LAG_TICK_S))
+        per_tick = max(1, int(rate_per_s * LAG_TICK_S))
         async with WorkloadProducer(own) as producer:
             started = time.monotonic()
             sent = 0
             while time.monotonic() - started < LAG_DURATION_S:
                 await producer.send(workload.next(per_tick))
                 sent += per_tick
-                await asyncio.sleep(max(0.0, started + sent / LAG_RATE_PER_S - time.monotonic()))
+                await asyncio.sleep(max(0.0, started + sent / rate_per_s - time.monotonic()))
             await producer.flush()
-        await asyncio.sleep(LAG_SETTLE_S)
+        await _wait_written(own, schema, sent)
         conn = await connect(own.pg_dsn)
         q = quoted(schema)
         try:
@@ -121,27 +123,49 @@ async def _lag_run(settings: Settings, seed: int) -> dict[str, float]:
         finally:
             await conn.close()
         return {"pg_p50_ms": pg["p50"], "pg_p99_ms": pg["p99"], "immudb_p50_ms": im["p50"],
-                "immudb_p99_ms": im["p99"], "sent": sent, "rate": sent / LAG_DURATION_S}
+                "immudb_p99_ms": im["p99"], "sent": sent, "rate": sent / LAG_DURATION_S,
+                "target": rate_per_s}
     finally:
         for process in processes:
             process.stop()
         await _drop(own, schema)
 
 
+async def _wait_written(settings: Settings, schema: str, sent: int) -> None:
+    """Until both sinks wrote every entry sent (a sink behind the rate drains its backlog)."""
+    conn = await connect(settings.pg_dsn)
+    q = quoted(schema)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while True:
+            rows = await conn.fetchval(f"SELECT count(*) FROM {q}.entries")
+            receipts = await conn.fetchval(f"SELECT count(*) FROM {q}.receipts")
+            if rows >= sent and receipts >= sent:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{rows}/{sent} rows and {receipts}/{sent} receipts after "
+                                   f"{RUN_TIMEOUT_S:.0f}s")
+            await asyncio.sleep(LAG_SETTLE_S)
+    finally:
+        await conn.close()
+
+
 def _print_lag(lag: dict[str, float]) -> None:
     print(f"end-to-end lag, both sinks running, entries produced at {lag['rate']:,.0f}/s for "
-          f"{LAG_DURATION_S:.0f}s ({lag['sent']:,.0f} entries; target {LAG_RATE_PER_S:,}/s): "
+          f"{LAG_DURATION_S:.0f}s ({lag['sent']:,.0f} entries; asked {lag['target']:,.0f}/s): "
           f"postgres row p50 {lag['pg_p50_ms']:.0f} ms p99 {lag['pg_p99_ms']:.0f} ms; immudb "
           f"receipt p50 {lag['immudb_p50_ms']:.0f} ms p99 {lag['immudb_p99_ms']:.0f} ms")
 
 
-def run_sink_bench(*, entries: int = 50_000, runs: int = 3) -> int:
-    """`make bench`: print the median entries/s per sink on a backlog, then the lag."""
+def run_sink_bench(*, entries: int = 50_000, runs: int = 3,
+                   lag_rates: Sequence[int] = (LAG_RATE_PER_S,)) -> int:
+    """`make bench`: print the median entries/s per sink on a backlog, then the lag per rate."""
     settings = Settings.from_env()
     pg_rates: list[float] = []
     im_rates: list[float] = []
     if runs == 0:
-        _print_lag(asyncio.run(_lag_run(settings, seed=0)))
+        for rate in lag_rates:
+            _print_lag(asyncio.run(_lag_run(settings, seed=rate, rate_per_s=rate)))
         return 0
     for run in range(runs):
         pg_rate, im_rate = asyncio.run(_throughput_run(settings, entries, seed=run))
@@ -149,16 +173,35 @@ def run_sink_bench(*, entries: int = 50_000, runs: int = 3) -> int:
         im_rates.append(im_rate)
         print(f"run {run + 1}/{runs}: postgres {pg_rate:,.0f} entries/s, immudb {im_rate:,.0f} "
               f"entries/s", file=sys.stderr, flush=True)
-    lag = asyncio.run(_lag_run(settings, seed=runs))
+    lags = [asyncio.run(_lag_run(settings, seed=runs + rate, rate_per_s=rate)) for rate in lag_rates]
     print(f"sink throughput, {entries:,} entries backlog, median of {runs} runs:")
     print(f"  postgres: {statistics.median(pg_rates):,.0f} entries/s "
           f"(runs {', '.join(f'{r:,.0f}' for r in pg_rates)})")
     print(f"  immudb:   {statistics.median(im_rates):,.0f} entries/s "
           f"(runs {', '.join(f'{r:,.0f}' for r in im_rates)})")
-    _print_lag(lag)
+    for lag in lags:
+        _print_lag(lag)
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sinks.bench",
+        description="Sink benchmark. Throughput: a backlog of ENTRIES committed entries on fresh "
+        "topics, each sink alone, RUNS times (median printed). Lag: both sinks running as "
+        f"separate processes while entries are produced at each --lag-rate for "
+        f"{LAG_DURATION_S:.0f} s; lag is the time from an entry's committed_at to its row "
+        "(PostgreSQL) and to its verified receipt (immudb), p50 and p99.")
+    parser.add_argument("entries", nargs="?", type=int, default=50_000,
+                        help="backlog size for the throughput runs (default 50,000)")
+    parser.add_argument("runs", nargs="?", type=int, default=3,
+                        help="throughput runs (default 3; 0 measures only the lag)")
+    parser.add_argument("--lag-rate", type=int, action="append", metavar="ENTRIES_PER_S",
+                        help=f"entries/s of a lag run (repeatable; default {LAG_RATE_PER_S:,})")
+    args = parser.parse_args(argv)
+    return run_sink_bench(entries=args.entries, runs=args.runs,
+                          lag_rates=args.lag_rate or [LAG_RATE_PER_S])
+
+
 if __name__ == "__main__":
-    sys.exit(run_sink_bench(entries=int(sys.argv[1]) if len(sys.argv) > 1 else 50_000,
-                            runs=int(sys.argv[2]) if len(sys.argv) > 2 else 3))
+    sys.exit(main())

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -128,8 +131,33 @@ def _encoded(settings: Settings, scenario: Scenario, seed: int) -> list[tuple[st
              codec.encode("PostEntry", c)) for c in _commands(scenario, seed)]
 
 
+def _warm_up(settings: Settings) -> list[tuple[str, str, str, bytes]]:
+    """One command on an account of each partition: every partition assigned and deciding."""
+    codec = AvroCodec()
+    decimals = currency_table()["USDC"].decimals
+    accounts: dict[int, str] = {}
+    index = 0
+    while len(accounts) < settings.partitions:
+        account = f"warm_{index}"
+        accounts.setdefault(core.partition_for(account, settings.partitions), account)
+        index += 1
+    out = []
+    for partition, account in sorted(accounts.items()):
+        command_id = f"warm-{partition}"
+        out.append((command_id, settings.topic("ledger.commands"), account,
+                    codec.encode("PostEntry", {"command_id": command_id, "account_id": account,
+                                               "currency": "USDC", "entry_type": "credit",
+                                               "amount": to_major(1, decimals)})))
+    return out
+
+
 async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
-    encoded = _encoded(settings, scenario, seed)
+    await _produce_and_wait(settings, _warm_up(settings), "warm-up")
+    return await _produce_and_wait(settings, _encoded(settings, scenario, seed), scenario.name)
+
+
+async def _produce_and_wait(settings: Settings, encoded: list[tuple[str, str, str, bytes]],
+                            label: str) -> RunFigures:
     results_topic = settings.topic("ledger.results")
     producer, consumer = _clients(settings)
     await producer.start()
@@ -159,7 +187,7 @@ async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
                             pending.discard(command_id)
                             latencies_ms.append((now - sent_at[command_id]) * 1000)
                 if now - last_progress > PROGRESS_EVERY_S:
-                    _progress(scenario.name, len(latencies_ms), len(encoded), started)
+                    _progress(label, len(latencies_ms), len(encoded), started)
                     last_progress = now
             return time.monotonic()
 
@@ -173,7 +201,7 @@ async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
                 await asyncio.sleep(0)  # let the reader run while producing
         await producer.flush()
         finished = await reader
-        _progress(scenario.name, len(latencies_ms), len(encoded), started)
+        _progress(label, len(latencies_ms), len(encoded), started)
         sys.stderr.write("\n")
     finally:
         await producer.stop()
@@ -184,8 +212,22 @@ async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
                       p99_ms=latencies_ms[min(len(latencies_ms) - 1, len(latencies_ms) * 99 // 100)])
 
 
+@contextlib.contextmanager
+def _worker(settings: Settings, index: int) -> Iterator[WorkerProcess]:
+    """A started worker process (not yet ready) with a data directory of its own."""
+    datadir = tempfile.mkdtemp(prefix=f"sardis-bench-worker-{index}-")
+    process = WorkerProcess(settings, name=f"worker{index}",
+                            env={"SARDIS_WORKER_DATADIR": datadir})
+    process.start(wait_ready=False)
+    try:
+        yield process
+    finally:
+        process.stop()
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
 def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
-              scenarios: Sequence[str], batches: int = 10_000) -> int:
+              scenarios: Sequence[str], batches: int = 10_000, workers: int = 1) -> int:
     from infra import harness
 
     harness.up()
@@ -195,8 +237,8 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
         "hot": Scenario(f"(b) {hot_commands} cmds / 1 account", hot_commands, 1),
         "batches": Scenario(f"(c) {batches} 2-leg batches", batches, accounts, batches=True),
     }
-    print(f"sardis-ledger bench: {runs} run(s) per scenario, median reported; one worker process, "
-          "broker on the same machine", flush=True)
+    print(f"sardis-ledger bench: {runs} run(s) per scenario, median reported; {workers} worker "
+          f"process(es), broker on the same machine", flush=True)
     baseline = []
     for run in range(runs):
         prefix = f"{base.topic_prefix}bench-{int(time.time())}-{run}."
@@ -213,7 +255,10 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
             settings = dataclasses.replace(
                 base, topic_prefix=f"{base.topic_prefix}bench-{key}-{int(time.time())}-{run}.")
             asyncio.run(create_topics(settings))
-            with WorkerProcess(settings):
+            with contextlib.ExitStack() as stack:
+                processes = [stack.enter_context(_worker(settings, i)) for i in range(workers)]
+                for process in processes:
+                    process.wait_ready()
                 figures.append(asyncio.run(_run(settings, scenario, seed=run)))
             asyncio.run(delete_topics_with_prefix(settings))
         unit = "batch/s" if scenario.batches else "cmd/s"

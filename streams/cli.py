@@ -89,7 +89,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import run_bench
 
     return run_bench(runs=args.runs, commands=args.commands, accounts=args.accounts,
-                     hot_commands=args.hot_commands, batches=args.batches,
+                     hot_commands=args.hot_commands, batches=args.batches, workers=args.workers,
                      scenarios=args.scenario or ["spread", "hot", "batches"])
 
 
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="two-leg batches in scenario (c)")
     bench.add_argument("--scenario", action="append", choices=["spread", "hot", "batches"],
                        help="run only this scenario (repeatable)")
+    bench.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the partitions (one consumer group)")
     bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="bring the stack up and show it working",

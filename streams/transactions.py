@@ -40,6 +40,7 @@ from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
 from streams.errors import InvariantViolation
+from streams.outbox import Outbox
 
 
 class LedgerConsumerThread(AIOKafkaConsumerThread):
@@ -58,11 +59,14 @@ class LedgerConsumer(AIOKafkaConsumer):
         return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
-def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock) -> type[AIOKafkaTransport]:
-    """A Transport class whose transactions are anchored on `anchor_topic`'s partitions and
-    commit only between events (`event_lock`)."""
+def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock,
+                     outbox: Outbox) -> type[AIOKafkaTransport]:
+    """A Transport class whose transactions are anchored on `anchor_topic`'s partitions, take
+    the worker's held records (`outbox`) first, and commit only between events (`event_lock`)."""
 
     class LedgerTransactionManager(TransactionManager):
+        _commit_lock = asyncio.Lock()
+
         async def send(self, topic: str, key: bytes | None, value: bytes | None,
                        partition: int | None, timestamp: float | None, headers: Any,
                        *, transactional_id: str | None = None) -> Any:
@@ -80,11 +84,14 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock) -> type[AIOKaf
                 transactional_id=f"{self.app.conf.id}-{group}-{target}")
 
         async def commit(self, offsets: Any, start_new_transaction: bool = True) -> bool:
-            """Faust's commit, with every partition's transaction committed concurrently.
+            """Faust's commit: held records first, then every partition's transaction
+            committed concurrently, with events deciding meanwhile.
 
-            Faust commits the per-partition transactions one after another (four round trips
-            each), all while events wait for `event_lock`; with batches every partition is busy
-            at once and a sequential commit took longer than the commit interval.
+            Under `event_lock` (between two events) every record the outbox holds joins its open
+            transaction; from then on events only add to the outbox (no send joins a committing
+            transaction), so the round trips (offsets, end of transaction, next begin) run
+            while the stream goes on instead of stalling it. Faust commits per-partition
+            transactions one after another (four round trips each); here they run at once.
             """
             by_transactional_id: dict[str, dict[Any, int]] = {}
             group_id = self.app.conf.id
@@ -93,7 +100,12 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock) -> type[AIOKaf
                 by_transactional_id.setdefault(f"{group_id}-{group}-{tp.partition}", {})[tp] = offset
             if not by_transactional_id:
                 return True
-            async with event_lock:
+            producer: Any = self.producer
+            producers: Any = producer._transaction_producers
+            async with self._commit_lock:
+                async with event_lock:
+                    await outbox.flush(producers.get)
+                    outbox.commit_started()
                 try:
                     await asyncio.gather(*(
                         self._commit_one(transactional_id, tp_offsets, group_id,
@@ -102,6 +114,8 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock) -> type[AIOKaf
                 except ProducerFenced as exc:
                     # As Faust does: another worker owns these partitions now.
                     await self.app.crash(exc)
+                finally:
+                    outbox.commit_ended()
             return True
 
         async def _commit_one(self, transactional_id: str, offsets: Any, group_id: str,

@@ -97,6 +97,7 @@ class ChildProcess:
 class WorkerProcess(ChildProcess):
     """`sardis-ledger worker`."""
 
-    def __init__(self, settings: Settings, log_dir: Path | None = None, name: str = "worker") -> None:
+    def __init__(self, settings: Settings, log_dir: Path | None = None, name: str = "worker",
+                 env: Mapping[str, str] | None = None) -> None:
         super().__init__(settings, ["worker", "--loglevel", "info"], READY_MARKER,
-                         log_dir=log_dir, name=name)
+                         log_dir=log_dir, name=name, env=env)
