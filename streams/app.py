@@ -23,7 +23,11 @@ from streams.money import Currency, currency_table
 from streams.outbox import OUTBOX_RECORDS_HARD_MAX, Outbox
 from streams.reconciler import RECONCILE_TICK_INTERVAL_S, Reconciler
 from streams.topics import APP_NAME, TABLES, LedgerTopic, changelog_topic_name
-from streams.transactions import ledger_transport
+from streams.transactions import (
+    CONTROL_OFFSETS,
+    ledger_transport,
+    record_control_batches,
+)
 
 log = logging.getLogger("sardis.worker")
 
@@ -113,6 +117,7 @@ class LedgerWorker:
         )
         # Held while one event is decided; transaction commits wait for it (streams/transactions).
         self.event_lock = asyncio.Lock()
+        record_control_batches()
         # Records decided events produce, held until their transaction commits (streams/outbox).
         self.outbox = Outbox()
         self._transactional_ids: dict[int, str] = {}
@@ -373,11 +378,14 @@ class LedgerWorker:
             # Kafka delivered past records that no decision recorded. Usually transaction markers
             # (no record); but Faust was seen to start a partition past its committed offset, to
             # commit offsets whose effects were lost, and to skip records mid-session (a crash
-            # test lost six results when only the first delivery was checked). Every gap is
-            # read, and its records are decided first, in order.
+            # test lost six results when only the first delivery was checked). A gap of markers
+            # the consumer itself parsed (CONTROL_OFFSETS) is skipped; every other gap is read,
+            # and its records are decided first, in order.
             self._check_state_current(message.topic, partition, next_offset)
-            for skipped in await self._read_gap(message.topic, partition, next_offset, message.offset):
-                await self._dispatch(skipped)
+            if not CONTROL_OFFSETS.covers(message.topic, partition, next_offset, message.offset):
+                for skipped in await self._read_gap(message.topic, partition, next_offset,
+                                                    message.offset):
+                    await self._dispatch(skipped)
             self._acknowledge(message.topic, partition, message.offset)
         await self._dispatch(Command.of(message))
 

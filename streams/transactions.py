@@ -31,8 +31,10 @@ before it recovers tables, so that offset is final when it is read.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import threading
+from typing import Any, Final
 
+from aiokafka.consumer import fetcher
 from aiokafka.errors import ProducerFenced
 from faust.transport.consumer import TransactionManager
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -41,6 +43,86 @@ from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
 from streams.errors import InvariantViolation
 from streams.outbox import Outbox
+
+# Marker offsets remembered per partition, at most (oldest forgotten first; a forgotten marker only
+# costs a read of its gap from Kafka).
+CONTROL_OFFSETS_PER_PARTITION_MAX: Final[int] = 100_000
+# A gap longer than this is read from Kafka whatever is remembered (bounds the check's work).
+CONTROL_GAP_CHECK_MAX: Final[int] = 1_000
+
+
+class ControlOffsets:
+    """Offsets that hold a transaction marker (a control batch), per topic partition.
+
+    Every transaction commit writes a marker into each partition it wrote to; the consumer skips
+    markers, so the next record it delivers is one offset past the previous one. The worker must
+    tell such a gap from a record the consumer skipped (it has seen Faust skip records), and
+    used to read every gap back from Kafka: with batches (coordinator and account agents write
+    each other's inputs in transactions) that was a fetch round trip for almost every event.
+    aiokafka sees each control batch as it parses a fetch response, before it delivers any later
+    record of that partition; `record_control_batches` makes it note them here. Thread-safe:
+    Faust's consumer thread adds, the worker's event loop checks.
+    """
+
+    def __init__(self, per_partition_max: int = CONTROL_OFFSETS_PER_PARTITION_MAX) -> None:
+        self._lock = threading.Lock()
+        self._offsets: dict[tuple[str, int], set[int]] = {}
+        self._per_partition_max = per_partition_max
+
+    def add(self, topic: str, partition: int, start: int, end: int) -> None:
+        with self._lock:
+            offsets = self._offsets.setdefault((topic, partition), set())
+            offsets.update(range(start, end))
+            if len(offsets) > self._per_partition_max:
+                keep = sorted(offsets)[len(offsets) - self._per_partition_max // 2:]
+                self._offsets[(topic, partition)] = set(keep)
+
+    def covers(self, topic: str, partition: int, start: int, end: int) -> bool:
+        """True if every offset in [start, end) is a known marker (then none held a record);
+        the markers checked are forgotten (a partition is read forward only)."""
+        if end - start > CONTROL_GAP_CHECK_MAX:
+            return False
+        with self._lock:
+            offsets = self._offsets.get((topic, partition))
+            if offsets is None or any(offset not in offsets for offset in range(start, end)):
+                return False
+            offsets.difference_update(range(start, end))
+            return True
+
+
+CONTROL_OFFSETS: Final[ControlOffsets] = ControlOffsets()
+
+
+class _ControlBatchRecorder:
+    """aiokafka's MemoryRecords of one fetched partition, noting the control batches read."""
+
+    __slots__ = ("_partition", "_records", "_topic")
+
+    def __init__(self, records: Any, topic: str, partition: int) -> None:
+        self._records = records
+        self._topic = topic
+        self._partition = partition
+
+    def has_next(self) -> bool:
+        return bool(self._records.has_next())
+
+    def next_batch(self) -> Any:
+        batch = self._records.next_batch()
+        if batch is not None and batch.is_control_batch:
+            CONTROL_OFFSETS.add(self._topic, self._partition, batch.base_offset, batch.next_offset)
+        return batch
+
+
+class _RecordingPartitionRecords(fetcher.PartitionRecords):
+    def __init__(self, tp: Any, records: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(tp, _ControlBatchRecorder(records, tp.topic, tp.partition),
+                         *args, **kwargs)
+
+
+def record_control_batches() -> None:
+    """Make every aiokafka consumer of this process note control batches in CONTROL_OFFSETS
+    (aiokafka's fetcher builds PartitionRecords by its module-level name; idempotent)."""
+    fetcher.PartitionRecords = _RecordingPartitionRecords
 
 
 class LedgerConsumerThread(AIOKafkaConsumerThread):

@@ -1,0 +1,45 @@
+"""Unit tests of the transaction-marker offsets the worker uses to skip reading marker gaps."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.transactions import CONTROL_GAP_CHECK_MAX, ControlOffsets
+
+
+@pytest.mark.parametrize(("markers", "gap", "covered"), [
+    ([(5, 6)], (5, 6), True),           # one marker between two records
+    ([(5, 6), (6, 7)], (5, 7), True),   # two commits in a row
+    ([(5, 6)], (5, 7), False),          # offset 6 is not a known marker: maybe a skipped record
+    ([], (5, 6), False),                # nothing known: read the gap
+    ([(5, 6)], (4, 6), False),
+])
+def test_a_gap_is_covered_only_when_every_offset_is_a_known_marker(
+        markers: list[tuple[int, int]], gap: tuple[int, int], covered: bool) -> None:
+    offsets = ControlOffsets()
+    for start, end in markers:
+        offsets.add("t", 0, start, end)
+    assert offsets.covers("t", 0, *gap) is covered
+
+
+def test_markers_are_per_partition_and_forgotten_once_checked() -> None:
+    offsets = ControlOffsets()
+    offsets.add("t", 0, 5, 6)
+    assert not offsets.covers("t", 1, 5, 6)
+    assert not offsets.covers("u", 0, 5, 6)
+    assert offsets.covers("t", 0, 5, 6)
+    assert not offsets.covers("t", 0, 5, 6)
+
+
+def test_memory_is_bounded_and_keeps_the_newest() -> None:
+    offsets = ControlOffsets(per_partition_max=10)
+    for offset in range(100):
+        offsets.add("t", 0, offset, offset + 1)
+    assert offsets.covers("t", 0, 99, 100)
+    assert not offsets.covers("t", 0, 0, 1)
+
+
+def test_a_long_gap_is_always_read() -> None:
+    offsets = ControlOffsets(per_partition_max=10 * CONTROL_GAP_CHECK_MAX)
+    offsets.add("t", 0, 0, CONTROL_GAP_CHECK_MAX + 1)
+    assert not offsets.covers("t", 0, 0, CONTROL_GAP_CHECK_MAX + 1)
