@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
+from schemas.codec import AvroCodec
 from streams import core
 from streams.client import BatchRejected, LedgerClient
 from streams.config import Settings
@@ -115,29 +117,44 @@ async def test_batch_commits_across_partitions_rejects_with_failing_leg_and_roll
 async def test_timeout_voids_a_batch_and_releases_its_hold(
     settings: Settings, worker: WorkerProcess
 ) -> None:
-    """A leg that answers too late: the credit leg's partition has a backlog, so the batch's
-    300 ms timeout passes first; the coordinator voids the batch and the debit hold is released."""
+    """A leg that answers too late: the credit leg's partition is held shut by an open
+    transaction, so the batch's 300 ms timeout passes first; the coordinator voids the batch and
+    the debit hold is released. (A backlog of commands was a race: a faster worker drained it.)"""
+    busy = "acc_busy"
+    assert core.partition_for(busy, settings.partitions) != \
+        core.partition_for("acc_hold", settings.partitions)
     worker.start()
     await fund(settings, ["acc_hold"])
-    async with LedgerClient(settings) as ledger, RawProducer(settings) as producer:
-        # A backlog on the credit leg's partition delays its answer past the batch's timeout.
-        busy = "acc_busy"
-        for i in range(3000):
-            await producer.post_entry({"command_id": f"busy-{i}", "account_id": busy, "currency": "USDC",
-                                       "entry_type": "credit", "amount": Decimal("1")})
-        await producer.flush()
-        with pytest.raises(BatchRejected) as timed_out:
-            await ledger.create_batch([
-                {"account_id": "acc_hold", "amount": "10", "entry_type": "debit"},
-                {"account_id": busy, "amount": "10", "entry_type": "credit"},
-            ], batch_id="bat_slow", timeout_ms=300)
-        assert timed_out.value.reason == "timeout"
-        for _ in range(100):
-            held = await ledger.get_balance("acc_hold")
-            if held.available == held.balance:
-                break
-            await asyncio.sleep(0.5)
-        assert held.balance == held.available == FUNDING
+    # A read_committed consumer stops at the first offset of an open transaction (the last
+    # stable offset): nothing after it on that partition reaches the worker until it ends.
+    blocker = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+                               transactional_id=f"{settings.topic_prefix}test-blocker",
+                               transaction_timeout_ms=120_000)
+    await blocker.start()
+    try:
+        await blocker.begin_transaction()
+        await blocker.send_and_wait(
+            settings.topic("ledger.commands"),
+            AvroCodec().encode("PostEntry", {"command_id": "never-committed", "account_id": busy,
+                                             "currency": "USDC", "entry_type": "credit",
+                                             "amount": Decimal("1")}),
+            key=busy.encode(), partition=core.partition_for(busy, settings.partitions))
+        async with LedgerClient(settings) as ledger:
+            with pytest.raises(BatchRejected) as timed_out:
+                await ledger.create_batch([
+                    {"account_id": "acc_hold", "amount": "10", "entry_type": "debit"},
+                    {"account_id": busy, "amount": "10", "entry_type": "credit"},
+                ], batch_id="bat_slow", timeout_ms=300)
+            assert timed_out.value.reason == "timeout"
+            await blocker.abort_transaction()
+            for _ in range(100):
+                held = await ledger.get_balance("acc_hold")
+                if held.available == held.balance:
+                    break
+                await asyncio.sleep(0.5)
+            assert held.balance == held.available == FUNDING
+    finally:
+        await blocker.stop()
 
 
 def plan_batches(seed: int, count: int, accounts: list[str]) -> list[dict[str, Any]]:
