@@ -31,19 +31,21 @@ def _state_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _cmd_sink(args: argparse.Namespace) -> int:
+    from sinks.kafka import Shard
     from streams.topics import create_topics
 
+    shard = Shard.parse(args.shard)
     logging.basicConfig(level=LOG_LEVELS[args.loglevel], format=LOG_FORMAT, stream=sys.stderr)
     settings = Settings.from_env()
     asyncio.run(create_topics(settings))
     if args.kind == "postgres":
         from sinks.postgres import run_postgres_sink
 
-        asyncio.run(run_postgres_sink(settings, _schema(args)))
+        asyncio.run(run_postgres_sink(settings, _schema(args), shard))
     else:
         from sinks.immudb import run_immudb_sink
 
-        asyncio.run(run_immudb_sink(settings, _state_dir(args)))
+        asyncio.run(run_immudb_sink(settings, _state_dir(args), shard))
     return EXIT_OK
 
 
@@ -132,8 +134,16 @@ def add_sink_commands(sub: argparse._SubParsersAction) -> None:
         "schema writes; another waits as standby. immudb: store each entry's canonical bytes "
         "under entry:{entry_id}, verify every write against a persisted trusted state, and "
         "publish a receipt per entry to ledger.receipts (Kafka transaction with the offsets). "
-        "Runs until SIGTERM/SIGINT; waits and retries while a server is down.")
+        "Runs until SIGTERM/SIGINT; waits and retries while a server is down. For throughput, "
+        "run N processes of a kind with --shard 0/N ... --shard N-1/N: they split the "
+        "partitions, and each partition is still written exactly once and in order.")
     sink.add_argument("kind", choices=["postgres", "immudb"])
+    sink.add_argument("--shard", default="0/1", metavar="I/N",
+                      help="this process takes partitions p with p %% N == I of the source "
+                      "topics (default 0/1: all). postgres: two sinks never write the same "
+                      "partition of a schema (the later one waits as standby); immudb: shards "
+                      "share the consumer group and trusted state, each has its own "
+                      "transactional id")
     sink.add_argument("--schema", help=SCHEMA_HELP)
     sink.add_argument("--state-dir", help=STATE_DIR_HELP)
     sink.add_argument("--loglevel", default="info", choices=list(LOG_LEVELS))

@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from schemas.codec import AvroCodec
 from sinks import kafka
 from sinks.errors import SinkError, SinkUnavailable, VerificationError
+from sinks.kafka import ALL_PARTITIONS, Shard
 from streams import canonical, records
 from streams.config import Settings, host_port
 from streams.core import murmur2
@@ -467,16 +468,21 @@ class ImmudbSink:
 
     Receipts and the consumer offsets commit in one Kafka transaction; the immudb write before
     it is idempotent (KeyMustNotExist), so a crash between the two re-issues the same receipt.
+    With a `shard` it takes only that shard's partitions of ledger.entries. The shards share
+    the consumer group (offsets are per partition) and each has its own transactional id, so a
+    restarted shard fences its own predecessor only.
     """
 
     def __init__(self, settings: Settings, *, directory: Path | None = None,
-                 currencies: Mapping[str, Currency] | None = None) -> None:
+                 currencies: Mapping[str, Currency] | None = None,
+                 shard: Shard = ALL_PARTITIONS) -> None:
         self.settings = settings
+        self.shard = shard
         self.store = ImmudbStore(settings, directory)
         self.codec = AvroCodec()
         self.currencies = dict(currencies) if currencies is not None else currency_table()
         self.group_id = f"{settings.topic_prefix}sardis-immudb-sink"
-        self.transactional_id = f"{settings.topic_prefix}sardis-immudb-sink"
+        self.transactional_id = f"{settings.topic_prefix}sardis-immudb-sink{shard.suffix}"
         self.entries_written = 0
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
@@ -493,13 +499,17 @@ class ImmudbSink:
             # so the committed offsets read next are stable.
             await producer.start()
             await consumer.start()
-            tps = await kafka.partitions_of(consumer, self.settings.topic(LedgerTopic.ENTRIES))
+            tps = self.shard.select(
+                await kafka.partitions_of(consumer, self.settings.topic(LedgerTopic.ENTRIES)))
+            if not tps:
+                raise SinkError(f"shard {self.shard} owns no partition of "
+                                f"{self.settings.topic(LedgerTopic.ENTRIES)}", retriable=False)
             consumer.assign(tps)
             await self._seek_to_committed(consumer, tps)
             await self._open_store(stop)
             print(READY_MESSAGE, flush=True)
-            log.info("%s: %d partitions -> immudb %s/%s", READY_MESSAGE, len(tps),
-                     self.store.address, self.settings.immudb_database)
+            log.info("%s: %d partitions (shard %s) -> immudb %s/%s", READY_MESSAGE, len(tps),
+                     self.shard, self.store.address, self.settings.immudb_database)
             last_report = time.monotonic()
             while not stop.is_set():
                 try:
@@ -624,7 +634,8 @@ class ImmudbSink:
             await producer.send_batch(builder, topic, partition=partition)
 
 
-async def run_immudb_sink(settings: Settings, directory: Path | None = None) -> int:
+async def run_immudb_sink(settings: Settings, directory: Path | None = None,
+                          shard: Shard = ALL_PARTITIONS) -> int:
     """`sardis-ledger sink immudb`: run until SIGTERM/SIGINT."""
     import signal
 
@@ -632,4 +643,4 @@ async def run_immudb_sink(settings: Settings, directory: Path | None = None) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    return await ImmudbSink(settings, directory=directory).run(stop)
+    return await ImmudbSink(settings, directory=directory, shard=shard).run(stop)

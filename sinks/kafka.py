@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,8 +22,48 @@ METADATA_RETRY_S = 0.2
 REQUEST_TIMEOUT_MS = 30_000
 FETCH_MAX_BYTES = 64 * 1024 * 1024
 PARTITION_FETCH_MAX_BYTES = 4 * 1024 * 1024
+SHARDS_MAX = 64  # more sink processes than this is a typo, not a deployment
 
 log = logging.getLogger("sardis.sinks")
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One of `count` sink processes of a kind: it takes partition p of every source topic
+    when p % count == index. Partitions are the unit of order, so shards never share one."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= SHARDS_MAX or not 0 <= self.index < self.count:
+            raise SinkError(f"shard {self.index}/{self.count}: need 0 <= I < N <= {SHARDS_MAX}",
+                            retriable=False)
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`I/N` as `--shard` takes it."""
+        index, sep, count = text.partition("/")
+        if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+            raise SinkError(f"--shard {text!r}: expected I/N, e.g. 0/2", retriable=False)
+        return cls(int(index), int(count))
+
+    def owns(self, partition: int) -> bool:
+        return partition % self.count == self.index
+
+    def select(self, tps: Sequence[TopicPartition]) -> list[TopicPartition]:
+        return [tp for tp in tps if self.owns(tp.partition)]
+
+    @property
+    def suffix(self) -> str:
+        """Appended to per-process names (transactional ids); empty for the single sink."""
+        return "" if self.count == 1 else f"-{self.index}of{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+ALL_PARTITIONS = Shard()
 
 
 def consumer(settings: Settings, *, group_id: str | None = None) -> AIOKafkaConsumer:

@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaError
 from schemas.codec import AvroCodec
 from sinks import kafka, rows
 from sinks.errors import SinkError, SinkUnavailable
+from sinks.kafka import ALL_PARTITIONS, Shard
 from sinks.schema import connect, migrate, quoted
 from streams.config import Settings
 from streams.errors import CodecError
@@ -30,6 +31,12 @@ POLL_TIMEOUT_MS = 100  # short: end-to-end lag stays well under a second when tr
 RETRY_BACKOFF_INITIAL_S = 0.2
 RETRY_BACKOFF_MAX_S = 5.0
 LOCK_POLL_S = 1.0
+# Session advisory locks: every sink of a schema holds SINK_LOCK_TEMPLATE shared (replay's swap
+# takes it exclusively, so it cannot swap under a running sink) and one exclusive lock per
+# partition number it writes, so two sinks never write the same partition, whatever --shard
+# each was given; a sink whose partitions are taken waits as a standby.
+SINK_LOCK_TEMPLATE = "sardis-ledger:sink:{schema}"
+PARTITION_LOCK_TEMPLATE = "sardis-ledger:sink:{schema}:partition:{partition}"
 REPORT_EVERY_S = 10.0
 READY_MESSAGE = "sink postgres: ready"
 
@@ -160,8 +167,10 @@ class PostgresSink:
                  start: Callable[[AIOKafkaConsumer, list[TopicPartition]],
                                  Any] | None = None,
                  stop_at_end: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 shard: Shard = ALL_PARTITIONS) -> None:
         self.settings = settings
+        self.shard = shard
         self.schema = schema
         self.q = quoted(schema)
         self.currencies = dict(currencies) if currencies is not None else currency_table()
@@ -185,13 +194,11 @@ class PostgresSink:
         conn = await connect(self.settings.pg_dsn)
         try:
             await migrate(conn, self.schema)
-            lock_key = f"sardis-ledger:sink:{self.schema}"
             waiting_logged = False
-            while not await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                                          lock_key):
+            while not await self._lock_partitions(conn):
                 if not waiting_logged:
-                    log.warning("another postgres sink holds schema %s; waiting as standby",
-                                self.schema)
+                    log.warning("another postgres sink writes some of partitions %s of schema "
+                                "%s; waiting as standby", self._partition_numbers(), self.schema)
                     waiting_logged = True
                 await asyncio.sleep(LOCK_POLL_S)
             await conn.execute(
@@ -202,6 +209,23 @@ class PostgresSink:
                 conn.terminate()
             raise
         self.conn = conn
+
+    def _partition_numbers(self) -> list[int]:
+        return sorted({tp.partition for tp in self.tps})
+
+    async def _lock_partitions(self, conn: Any) -> bool:
+        """Take the schema's shared lock and every partition lock, or none of them."""
+        keys = [PARTITION_LOCK_TEMPLATE.format(schema=self.schema, partition=p)
+                for p in self._partition_numbers()]
+        shared = await conn.fetchval("SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))",
+                                     SINK_LOCK_TEMPLATE.format(schema=self.schema))
+        taken = await conn.fetchval(
+            "SELECT count(*) FROM unnest($1::text[]) k "
+            "WHERE pg_try_advisory_lock(hashtextextended(k, 0))", keys)
+        if shared and taken == len(keys):
+            return True
+        await conn.execute("SELECT pg_advisory_unlock_all()")
+        return False
 
     async def _close_db(self) -> None:
         if self.conn is not None:
@@ -295,7 +319,11 @@ class PostgresSink:
             topic = self.settings.topic(topic_name)
             found = await kafka.partitions_of(self.consumer, topic, required=required,
                                               timeout_s=kafka.METADATA_TIMEOUT_S if required else 2.0)
-            self.tps += found
+            mine = self.shard.select(found)
+            if required and not mine:
+                raise SinkError(f"shard {self.shard} owns no partition of {topic} "
+                                f"({len(found)} partitions)", retriable=False)
+            self.tps += mine
             self.topic_kinds[topic] = topic_name
         self.consumer.assign(self.tps)
 
@@ -326,8 +354,8 @@ class PostgresSink:
                 ends = await self.consumer.end_offsets(self.tps)
             total = sum(max(0, ends[tp] - self.positions[tp]) for tp in ends)
             print(READY_MESSAGE, flush=True)
-            log.info("%s: consuming %d partitions into schema %s", READY_MESSAGE, len(self.tps),
-                     self.schema)
+            log.info("%s: consuming %d partitions (shard %s) into schema %s", READY_MESSAGE,
+                     len(self.tps), self.shard, self.schema)
             last_report = time.monotonic()
             written_at_report = 0
             # The previous batch's transaction, in flight while the next poll is decoded: the
@@ -440,7 +468,8 @@ def _columns(values: Any, width: int) -> list[list[Any]]:
     return columns
 
 
-async def run_postgres_sink(settings: Settings, schema: str) -> int:
+async def run_postgres_sink(settings: Settings, schema: str,
+                            shard: Shard = ALL_PARTITIONS) -> int:
     """`sardis-ledger sink postgres`: run until SIGTERM/SIGINT."""
     import signal
 
@@ -448,4 +477,4 @@ async def run_postgres_sink(settings: Settings, schema: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    return await PostgresSink(settings, schema).run(stop)
+    return await PostgresSink(settings, schema, shard=shard).run(stop)

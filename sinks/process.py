@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sinks.errors import SinkError
 from sinks.immudb import READY_MESSAGE as IMMUDB_READY
+from sinks.kafka import ALL_PARTITIONS, Shard
 from sinks.postgres import READY_MESSAGE as POSTGRES_READY
 from streams.config import Settings
 from streams.worker_process import ChildProcess
@@ -21,10 +22,11 @@ class SinkProcess(ChildProcess):
     error = SinkError
 
     def __init__(self, settings: Settings, kind: str, log_dir: Path | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, shard: Shard = ALL_PARTITIONS) -> None:
         if kind not in READY_MESSAGES:
             raise SinkError(f"unknown sink {kind!r}; use one of {', '.join(READY_MESSAGES)}")
         self.kind = kind
-        super().__init__(settings, ["sink", kind, "--loglevel", "info"], READY_MESSAGES[kind],
-                         log_dir=log_dir, name=f"sink-{kind}", env=env,
+        super().__init__(settings, ["sink", kind, "--loglevel", "info", "--shard", str(shard)],
+                         READY_MESSAGES[kind], log_dir=log_dir, name=f"sink-{kind}{shard.suffix}",
+                         env=env,
                          ready_timeout_s=READY_TIMEOUT_S)

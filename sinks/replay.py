@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from sinks import kafka
 from sinks.errors import SinkError
-from sinks.postgres import PostgresSink
+from sinks.postgres import SINK_LOCK_TEMPLATE, PostgresSink
 from sinks.schema import connect, quoted, schema_exists
 from streams.config import Settings
 
@@ -78,7 +78,7 @@ async def replay_postgres(settings: Settings, schema: str, *, from_offset: Mappi
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{int(SWAP_LOCK_TIMEOUT_S * 1000)}ms'")
             got = await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
-                                      f"sardis-ledger:sink:{schema}")
+                                      SINK_LOCK_TEMPLATE.format(schema=schema))
             if not got:
                 raise SinkError(f"a postgres sink is running on schema {schema}: stop it before the "
                                 f"swap (the replayed projection is kept in {fresh})")

@@ -65,12 +65,18 @@ class ChildProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def ready(self) -> bool:
+        """Whether the ready marker is in this start's log; raises if the child exited."""
+        if self.ready_marker in self.log_path.read_text(errors="replace"):
+            return True
+        if self.proc is not None and self.proc.poll() is not None:
+            raise self.error(f"{self.name} exited with {self.proc.returncode}; log "
+                             f"{self.log_path}:\n{self.tail()}")
+        return False
+
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
-        while self.ready_marker not in self.log_path.read_text(errors="replace"):
-            if self.proc is not None and self.proc.poll() is not None:
-                raise self.error(f"{self.name} exited with {self.proc.returncode}; log "
-                                 f"{self.log_path}:\n{self.tail()}")
+        while not self.ready():
             if time.monotonic() > deadline:
                 raise self.error(f"{self.name} not ready after {self.ready_timeout_s:.0f}s; log "
                                  f"{self.log_path}:\n{self.tail()}")

@@ -22,7 +22,7 @@ import pytest
 
 from infra import harness
 from sinks.immudb import ImmudbSink, ImmudbStore, entry_key
-from sinks.kafka import record_time
+from sinks.kafka import Shard, record_time
 from sinks.postgres import PostgresSink
 from sinks.process import SinkProcess
 from sinks.queries import balance_at, history
@@ -56,6 +56,25 @@ def sinks(settings: Settings, pg_schema: str, state_dir: Path,
     asyncio.run(create_topics(settings))
     env = {"SARDIS_PG_SCHEMA": pg_schema, "SARDIS_STATE_DIR": str(state_dir)}
     processes = {kind: SinkProcess(settings, kind, tmp_path, env) for kind in ("postgres", "immudb")}
+    yield processes
+    for process in processes.values():
+        process.stop()
+
+
+@pytest.fixture
+def sharded_sinks(settings: Settings, pg_schema: str, state_dir: Path,
+                  tmp_path: Path) -> Iterator[dict[str, SinkProcess]]:
+    """Two shards of each sink, plus a second postgres 1/2 that must wait as a standby."""
+    asyncio.run(create_topics(settings))
+    env = {"SARDIS_PG_SCHEMA": pg_schema, "SARDIS_STATE_DIR": str(state_dir)}
+    processes = {f"{kind}-{i}of2": SinkProcess(settings, kind, tmp_path / f"{kind}-{i}", env,
+                                               shard=Shard(i, 2))
+                 for kind in ("postgres", "immudb") for i in range(2)}
+    processes["postgres-1of2-standby"] = SinkProcess(settings, "postgres",
+                                                     tmp_path / "postgres-standby", env,
+                                                     shard=Shard(1, 2))
+    for process in processes.values():
+        process.log_dir.mkdir(parents=True, exist_ok=True)
     yield processes
     for process in processes.values():
         process.stop()
@@ -103,9 +122,9 @@ async def wait_caught_up(settings: Settings, schema: str, expected: int,
         if with_retry and got == (expected, expected):
             return
         for process in (processes or {}).values():
-            assert process.alive(), f"sink {process.kind} died:\n{process.tail()}"
+            assert process.alive(), f"sink {process.name} died:\n{process.tail()}"
         await asyncio.sleep(POLL_S)
-    tails = "\n".join(f"--- {p.kind}\n{p.tail()}" for p in (processes or {}).values())
+    tails = "\n".join(f"--- {p.name}\n{p.tail()}" for p in (processes or {}).values())
     raise AssertionError(f"(entries, receipts) = {got}, expected {expected} each\n{tails}")
 
 
@@ -154,26 +173,33 @@ async def check_exactly_once(settings: Settings, schema: str, sent: list[dict[st
 
 @pytest.mark.slow
 async def test_sinks_exactly_once_while_killed_at_random(
-    settings: Settings, pg_schema: str, state_dir: Path, sinks: dict[str, SinkProcess]
+    settings: Settings, pg_schema: str, state_dir: Path, sharded_sinks: dict[str, SinkProcess]
 ) -> None:
+    """Two processes per sink (`--shard 0/2`, `1/2`) and a standby, each killed at random."""
     total = 8000
-    for process in sinks.values():
-        await asyncio.to_thread(process.start)
+    for name, process in sharded_sinks.items():
+        # A standby never prints ready while its partitions are taken.
+        await asyncio.to_thread(process.start, not name.endswith("standby"))
     workload = LedgerWorkload(settings.partitions, 400, seed=21)
     producing = asyncio.create_task(produce(settings, workload, total, chunk=200, pause_s=0.4,
                                             duplicates=3))
     rng = random.Random(5)
     kills: dict[str, int] = defaultdict(int)
-    while not producing.done() or sum(kills.values()) < 8:
+    while not producing.done() or sum(kills.values()) < 10:
         await asyncio.sleep(rng.uniform(0.5, 3.0))
-        victim = sinks[rng.choice(["postgres", "immudb"])]
+        name = rng.choice(sorted(sharded_sinks))
+        victim = sharded_sinks[name]
         victim.kill9()
-        kills[victim.kind] += 1
-        await asyncio.to_thread(victim.start)
+        kills[name] += 1
+        await asyncio.to_thread(victim.start, False)
     sent = await producing
-    assert kills["postgres"] >= 2 and kills["immudb"] >= 2, kills
-    await wait_caught_up(settings, pg_schema, total, sinks)
+    assert sum(n for name, n in kills.items() if name.startswith("postgres")) >= 2, kills
+    assert sum(n for name, n in kills.items() if name.startswith("immudb")) >= 2, kills
+    await wait_caught_up(settings, pg_schema, total, sharded_sinks)
     await check_exactly_once(settings, pg_schema, sent, state_dir)
+    logs = "".join(p.log_dir.joinpath(f"{p.name}-{n}.log").read_text()
+                   for p in sharded_sinks.values() for n in range(1, p.starts + 1))
+    assert "waiting as standby" in logs  # two postgres 1/2 never wrote at once
 
 
 def _postmaster_pid() -> int:
