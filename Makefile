@@ -41,7 +41,7 @@ test-integration: install ## integration tests only (starts the servers it needs
 
 bench: install ## end-to-end benchmarks (see README: Benchmarks)
 	$(BIN)/sardis-ledger bench
-	$(BIN)/python -m sinks.bench 50000 3 --lag-rate 2000 --lag-rate 10000
+	$(BIN)/python -m sinks.bench 50000 3 --shards 1 --shards 2 --lag-rate 2000 --lag-rate 10000
 
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .

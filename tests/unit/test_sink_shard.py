@@ -44,3 +44,4 @@ def test_shards_split_every_topic_exactly(count: int, partitions: int) -> None:
         numbers = {t: {tp.partition for tp in part if tp.topic == t} for t in
                    ("ledger.entries", "ledger.receipts")}
         assert numbers["ledger.entries"] == numbers["ledger.receipts"]
+
