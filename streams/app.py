@@ -27,6 +27,7 @@ from streams.transactions import (
     CONTROL_OFFSETS,
     ledger_transport,
     record_control_batches,
+    transactional_id_for,
 )
 
 log = logging.getLogger("sardis.worker")
@@ -873,7 +874,7 @@ class LedgerWorker:
         if transactional_id is None:
             group = app.assignor.group_for_topic(self.settings.topic(LedgerTopic.COMMANDS))
             transactional_id = self._transactional_ids[partition] = \
-                f"{app.conf.id}-{group}-{partition}"
+                transactional_id_for(app.conf.id, group, partition)
         producer = app.producer._transaction_producers.get(transactional_id)
         if producer is None:
             # Only the owner of a partition has its producer; deciding without it is a bug.

@@ -141,6 +141,12 @@ class LedgerConsumer(AIOKafkaConsumer):
         return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
+def transactional_id_for(app_id: str, topic_group: int, partition: int) -> str:
+    """The transactional id of a partition's producer, as Faust's TransactionManager names it
+    (`{app id}-{topic group}-{partition}`): the worker must find Faust's own producers."""
+    return f"{app_id}-{topic_group}-{partition}"
+
+
 def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock,
                      outbox: Outbox) -> type[AIOKafkaTransport]:
     """A Transport class whose transactions are anchored on `anchor_topic`'s partitions, take
@@ -163,7 +169,7 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock,
                 group = assignor.group_for_topic(anchor_topic)
             return await self.producer.send(
                 topic, key, value, target, timestamp, headers,
-                transactional_id=f"{self.app.conf.id}-{group}-{target}")
+                transactional_id=transactional_id_for(self.app.conf.id, group, target))
 
         async def commit(self, offsets: Any, start_new_transaction: bool = True) -> bool:
             """Faust's commit: held records first, then every partition's transaction
@@ -179,7 +185,8 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock,
             group_id = self.app.conf.id
             for tp, offset in offsets.items():
                 group = self.app.assignor.group_for_topic(tp.topic)
-                by_transactional_id.setdefault(f"{group_id}-{group}-{tp.partition}", {})[tp] = offset
+                by_transactional_id.setdefault(
+                    transactional_id_for(group_id, group, tp.partition), {})[tp] = offset
             if not by_transactional_id:
                 return True
             producer: Any = self.producer

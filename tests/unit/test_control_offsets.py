@@ -1,10 +1,10 @@
-"""Unit tests of the transaction-marker offsets the worker uses to skip reading marker gaps."""
+"""Unit tests of the transaction-marker offsets (skipping marker gaps) and transactional ids."""
 
 from __future__ import annotations
 
 import pytest
 
-from streams.transactions import CONTROL_GAP_CHECK_MAX, ControlOffsets
+from streams.transactions import CONTROL_GAP_CHECK_MAX, ControlOffsets, transactional_id_for
 
 
 @pytest.mark.parametrize(("markers", "gap", "covered"), [
@@ -43,3 +43,16 @@ def test_a_long_gap_is_always_read() -> None:
     offsets = ControlOffsets(per_partition_max=10 * CONTROL_GAP_CHECK_MAX)
     offsets.add("t", 0, 0, CONTROL_GAP_CHECK_MAX + 1)
     assert not offsets.covers("t", 0, 0, CONTROL_GAP_CHECK_MAX + 1)
+
+
+@pytest.mark.parametrize(("app_id", "group", "partition"), [("sardis-ledger", 0, 0),
+                                                              ("bench-1.sardis", 3, 11)])
+def test_transactional_ids_are_the_ones_faust_gives_its_producers(app_id: str, group: int,
+                                                                    partition: int) -> None:
+    from types import SimpleNamespace
+
+    from faust.transport.consumer import TransactionManager
+
+    faust_id = TransactionManager.transactional_id_format.format(
+        group_id=app_id, tpg=SimpleNamespace(group=group, partition=partition))
+    assert transactional_id_for(app_id, group, partition) == faust_id
