@@ -23,6 +23,7 @@ from sinks.process import SinkProcess
 from sinks.schema import connect, quoted
 from sinks.workload import LedgerWorkload, Produced, WorkloadProducer
 from streams.config import Settings
+from streams.outbox import send_batches
 from streams.topics import LedgerTopic, create_topics, delete_topics_with_prefix
 
 PRODUCE_CHUNK = 5000
@@ -217,17 +218,12 @@ async def _lag_run(settings: Settings, seed: int, rate_per_s: int = LAG_RATE_PER
         done = 0
         while done < total:
             due = min(total, int((time.monotonic() - started) * rate_per_s) + 1)
-            builders: dict[int, Any] = {}
+            due_by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
             for partition, key, value in planned[done:due]:
-                builder = builders.get(partition)
-                if builder is None or builder.append(timestamp=None, key=key, value=value) is None:
-                    if builder is not None:
-                        await producer.send_batch(builder, entries_topic, partition=partition)
-                    builder = builders[partition] = producer.create_batch()
-                    builder.append(timestamp=None, key=key, value=value)
-                sent_at[partition].append(time.monotonic())
-            for partition, builder in builders.items():
-                await producer.send_batch(builder, entries_topic, partition=partition)
+                due_by_partition.setdefault(partition, []).append((key, value))
+            for partition, items in due_by_partition.items():
+                sent_at[partition].extend([time.monotonic()] * len(items))
+                await send_batches(producer, entries_topic, partition, items)
             done = due
             await asyncio.sleep(LAG_TICK_S)  # the next tick sends whatever fell due meanwhile
         sent_s = time.monotonic() - started

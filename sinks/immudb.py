@@ -35,6 +35,7 @@ from streams.config import Settings, host_port
 from streams.core import murmur2
 from streams.errors import CodecError, LedgerError
 from streams.money import Currency, currency_table
+from streams.outbox import send_batches
 from streams.topics import LedgerTopic
 
 WRITE_BATCH_MAX = 1000  # immudb's default limit is 1024 entries per transaction
@@ -616,22 +617,15 @@ class ImmudbSink:
         and a partitioner call per receipt, more than encoding it.
         """
         partitions = sorted(await producer.partitions_for(topic))
-        builders: dict[int, Any] = {}
+        by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
         for entry_id, (key, _value) in wanted.items():
             value = self.codec.encode("Receipt", receipt_record(
                 entry_id, stored[key], self.settings.immudb_database, now))
             key_bytes = entry_id.encode()
             partition = partitions[(murmur2(key_bytes) & 0x7FFFFFFF) % len(partitions)]
-            builder = builders.get(partition)
-            if builder is None:
-                builder = builders[partition] = producer.create_batch()
-            if builder.append(timestamp=None, key=key_bytes, value=value) is None:
-                # Full: send it, start another (one receipt always fits an empty batch).
-                await producer.send_batch(builder, topic, partition=partition)
-                builder = builders[partition] = producer.create_batch()
-                builder.append(timestamp=None, key=key_bytes, value=value)
-        for partition, builder in builders.items():
-            await producer.send_batch(builder, topic, partition=partition)
+            by_partition.setdefault(partition, []).append((key_bytes, value))
+        for partition, items in by_partition.items():
+            await send_batches(producer, topic, partition, items)
 
 
 async def run_immudb_sink(settings: Settings, directory: Path | None = None,

@@ -132,20 +132,21 @@ async def _send_held(held: _Held) -> int:
     producer = held.producer
     sent = 0
     for (topic, partition), items in held.appended.items():
-        sent += await _send_batches(producer, topic, partition, items)
+        sent += await send_batches(producer, topic, partition, items)
     for (topic, partition), values in held.latest.items():
         items = [(key, value if isinstance(value, bytes) else value())
                  for key, value in values.items()]
-        sent += await _send_batches(producer, topic, partition, items)
+        sent += await send_batches(producer, topic, partition, items)
     return sent
 
 
-async def _send_batches(producer: Any, topic: str, partition: int,
+async def send_batches(producer: Any, topic: str, partition: int,
                         items: list[tuple[bytes | None, bytes]]) -> int:
     """Append `items` to record batches of at most the producer's batch size and queue them.
 
-    The futures send_batch returns are not awaited: the transaction's commit waits for every
-    batch it holds and fails if one failed.
+    Cheaper than send() per record (a future and a partitioner call each). The futures
+    send_batch returns are not awaited: a transaction's commit (or the producer's flush) waits
+    for every batch and fails if one failed.
     """
     builder = producer.create_batch()
     for key, value in items:
