@@ -42,7 +42,14 @@ KAFKA_HEAP_MB = 768
 PG_USER = "sardis"
 PG_DATABASE = "sardis"
 HEALTH_TIMEOUT_S = 60.0
+# Kafka replays every partition's log after an unclean stop (a kill, a machine suspended with the
+# servers up); with a few thousand partitions that alone took 49 s here, so it gets its own limit.
+KAFKA_HEALTH_TIMEOUT_S = 300.0
+HEALTH_PROGRESS_S = 15.0
 STOP_TIMEOUT_S = 20.0
+# A controlled Kafka shutdown moves every partition's leadership and flushes its logs: minutes'
+# worth of partitions need more than 20 s, and a SIGKILL then costs a log recovery at next start.
+KAFKA_STOP_TIMEOUT_S = 120.0
 PROVISION_TIMEOUT_S = 1800.0
 LOG_TAIL_LINES = 25
 
@@ -126,6 +133,9 @@ class Server:
     prepare: Callable[[], None] = lambda: None
     env: dict[str, str] = field(default_factory=dict)
     user: str | None = None  # run as this user (PostgreSQL refuses to run as root)
+    health_timeout_s: float = HEALTH_TIMEOUT_S
+    stop_timeout_s: float = STOP_TIMEOUT_S
+    stop_signal: int = signal.SIGTERM
 
     @property
     def pid_file(self) -> Path:
@@ -169,8 +179,8 @@ class Server:
             self.pid_file.unlink(missing_ok=True)
             return False
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
+            os.killpg(pid, self.stop_signal)
+        deadline = time.monotonic() + self.stop_timeout_s
         while time.monotonic() < deadline and self.pid() is not None:
             _reap(pid)
             time.sleep(0.1)
@@ -522,10 +532,13 @@ def servers(settings: Settings) -> list[Server]:
     return [
         Server("kafka", (KAFKA_PORT, KAFKA_CONTROLLER_PORT),
                lambda: health_kafka(settings.kafka_bootstrap), provision_kafka, _kafka_command,
-               prepare=_kafka_prepare),
+               prepare=_kafka_prepare, health_timeout_s=KAFKA_HEALTH_TIMEOUT_S,
+               stop_timeout_s=KAFKA_STOP_TIMEOUT_S),
+        # SIGINT is PostgreSQL's "fast" shutdown: it disconnects clients and checkpoints. SIGTERM
+        # ("smart") waits for every client to leave, so one lingering connection meant a SIGKILL.
         Server("postgres", (PG_PORT_DEFAULT,), lambda: health_postgres(settings.pg_dsn),
                provision_postgres, _pg_command, prepare=_pg_prepare,
-               user="postgres" if os.geteuid() == 0 else None),
+               user="postgres" if os.geteuid() == 0 else None, stop_signal=signal.SIGINT),
         Server("immudb", (IMMUDB_PORT,), lambda: health_immudb(settings), provision_immudb,
                _immudb_command),
         Server("anvil", (ANVIL_PORT,), lambda: health_anvil(settings.chain_rpc), provision_anvil,
@@ -538,9 +551,15 @@ def external(server: Server) -> bool:
     return SERVER_ENV[server.name] in os.environ
 
 
-def _wait_healthy(server: Server, deadline: float) -> None:
+def _wait_healthy(server: Server) -> None:
+    """Wait for one server, with a limit of its own counted from now (not shared with the others).
+
+    The first check always runs, so a server that is already healthy never fails on time.
+    """
+    started = time.monotonic()
+    next_progress = started + HEALTH_PROGRESS_S
     last_error: Exception | None = None
-    while time.monotonic() < deadline:
+    while True:
         if not external(server) and server.pid() is None:
             raise server.failure("the process exited")
         try:
@@ -548,8 +567,15 @@ def _wait_healthy(server: Server, deadline: float) -> None:
             return
         except InfraError as exc:
             last_error = exc
-            time.sleep(0.3)
-    raise server.failure(f"not healthy after {HEALTH_TIMEOUT_S:.0f}s (last check: {last_error})")
+        now = time.monotonic()
+        if now - started >= server.health_timeout_s:
+            raise server.failure(f"not healthy after {server.health_timeout_s:.0f}s "
+                                 f"(last check: {last_error})")
+        if now >= next_progress:
+            _say(f"{server.name}: not healthy yet after {now - started:.0f}s of "
+                 f"{server.health_timeout_s:.0f}s (last check: {last_error}); log: {server.log_file}")
+            next_progress = now + HEALTH_PROGRESS_S
+        time.sleep(0.3)
 
 
 def up(settings: Settings | None = None) -> list[str]:
@@ -573,9 +599,8 @@ def up(settings: Settings | None = None) -> list[str]:
         _say(f"starting {server.name}")
         server.start()
         started.append(server.name)
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
     for server in stack:
-        _wait_healthy(server, deadline)
+        _wait_healthy(server)
         _say(f"{server.name}: healthy{' (external)' if external(server) else ''}")
     return started
 

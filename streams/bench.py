@@ -243,8 +243,10 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
     for run in range(runs):
         prefix = f"{base.topic_prefix}bench-{int(time.time())}-{run}."
         settings = dataclasses.replace(base, topic_prefix=prefix)
-        baseline.append(asyncio.run(_kafka_baseline(settings, min(commands, 50_000))))
-        asyncio.run(delete_topics_with_prefix(settings))
+        try:
+            baseline.append(asyncio.run(_kafka_baseline(settings, min(commands, 50_000))))
+        finally:
+            asyncio.run(delete_topics_with_prefix(settings))
     print(f"  baseline Kafka+Avro produce->consume, no ledger: "
           f"{statistics.median(baseline):,.0f} records/s (median of {runs})", flush=True)
     for key in scenarios:
@@ -255,12 +257,15 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
             settings = dataclasses.replace(
                 base, topic_prefix=f"{base.topic_prefix}bench-{key}-{int(time.time())}-{run}.")
             asyncio.run(create_topics(settings))
-            with contextlib.ExitStack() as stack:
-                processes = [stack.enter_context(_worker(settings, i)) for i in range(workers)]
-                for process in processes:
-                    process.wait_ready()
-                figures.append(asyncio.run(_run(settings, scenario, seed=run)))
-            asyncio.run(delete_topics_with_prefix(settings))
+            try:
+                with contextlib.ExitStack() as stack:
+                    processes = [stack.enter_context(_worker(settings, i)) for i in range(workers)]
+                    for process in processes:
+                        process.wait_ready()
+                    figures.append(asyncio.run(_run(settings, scenario, seed=run)))
+            finally:
+                # Also after a failed or interrupted run: every partition left slows Kafka's start.
+                asyncio.run(delete_topics_with_prefix(settings))
         unit = "batch/s" if scenario.batches else "cmd/s"
         print(f"  {scenario.name:28s} {statistics.median(f.rate_per_s for f in figures):>9,.0f} {unit}"
               f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"

@@ -17,6 +17,8 @@ from streams.config import Settings
 from streams.topics import delete_topics_with_prefix
 from tests.integration import chain_support
 
+TEST_TOPIC_PREFIX = "t-"
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
@@ -40,8 +42,16 @@ def stack() -> Iterator[Settings]:
             yield settings
         return
     started = harness.up()
+    settings = Settings.from_env()
+    if "kafka" in started:
+        # This session started the broker, so no other session is using it: topics left by a run
+        # that was killed before its teardown are dropped (every partition slows the next start).
+        stale = asyncio.run(delete_topics_with_prefix(
+            dataclasses.replace(settings, topic_prefix=TEST_TOPIC_PREFIX)))
+        if stale:
+            print(f"[tests] deleted {len(stale)} topics left by earlier, interrupted runs")
     try:
-        yield Settings.from_env()
+        yield settings
     finally:
         harness.down(started)
 
@@ -53,7 +63,7 @@ def settings(stack: Settings) -> Iterator[Settings]:
     The test's topics are deleted afterwards: a broker that keeps every test's partitions starts
     slower with each run.
     """
-    own = dataclasses.replace(stack, topic_prefix=f"t-{uuid.uuid4().hex[:10]}.")
+    own = dataclasses.replace(stack, topic_prefix=f"{TEST_TOPIC_PREFIX}{uuid.uuid4().hex[:10]}.")
     yield own
     asyncio.run(delete_topics_with_prefix(own))
 

@@ -72,3 +72,63 @@ def test_docker_compose_matches_the_harness() -> None:
     assert services["immudb"]["image"].endswith(harness.IMMUDB_VERSION.lstrip("v"))
     worker_env = services["worker"]["environment"]
     assert set(worker_env) == set(Settings().as_env())
+
+class _Clock:
+    """A fake monotonic clock that sleep() advances: the wait loop runs without waiting."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now_s
+
+    def sleep(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+def _flaky_server(monkeypatch: pytest.MonkeyPatch, healthy_after_s: float,
+                  timeout_s: float) -> tuple[harness.Server, _Clock]:
+    clock = _Clock()
+    monkeypatch.setattr(harness.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(harness.time, "sleep", clock.sleep)
+    started_s = clock.now_s
+
+    def health() -> None:
+        if clock.now_s - started_s < healthy_after_s:
+            raise harness.InfraError("still recovering logs", retriable=True)
+
+    server = harness.Server("kafka", (1,), health, lambda: None, lambda: [],
+                            health_timeout_s=timeout_s)
+    monkeypatch.setattr(harness.Server, "pid", lambda self: 4242)
+    return server, clock
+
+
+def test_wait_healthy_gives_each_server_its_own_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 200 s of log recovery is within Kafka's own limit, whatever the other servers took.
+    server, clock = _flaky_server(monkeypatch, healthy_after_s=200, timeout_s=300)
+    harness._wait_healthy(server)
+    assert 200 <= clock.now_s - 1000.0 < 201
+
+
+def test_wait_healthy_fails_with_the_last_check_after_the_limit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, clock = _flaky_server(monkeypatch, healthy_after_s=1e9, timeout_s=60)
+    with pytest.raises(harness.InfraError, match=r"not healthy after 60s \(last check: "
+                                                 r"still recovering logs\)"):
+        harness._wait_healthy(server)
+    assert 60 <= clock.now_s - 1000.0 < 61
+    # Progress lines every HEALTH_PROGRESS_S, so a slow start is visible while it happens.
+    assert capsys.readouterr().err.count("kafka: not healthy yet after") == 3
+
+
+def test_wait_healthy_checks_once_even_with_no_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _ = _flaky_server(monkeypatch, healthy_after_s=0, timeout_s=0)
+    harness._wait_healthy(server)
+
+
+def test_postgres_stops_fast_and_kafka_gets_time_to_stop_cleanly() -> None:
+    by_name = {server.name: server for server in harness.servers(Settings())}
+    assert by_name["postgres"].stop_signal == harness.signal.SIGINT
+    assert by_name["kafka"].stop_timeout_s == harness.KAFKA_STOP_TIMEOUT_S
+    assert by_name["kafka"].health_timeout_s == harness.KAFKA_HEALTH_TIMEOUT_S
