@@ -45,7 +45,7 @@ bench: install ## end-to-end benchmarks (see README: Benchmarks)
 
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .
-	$(BIN)/mypy streams schemas sinks infra
+	$(BIN)/mypy streams schemas sinks infra tests
 
 clean: ## remove the virtual environment and caches (not the provisioned servers)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -242,7 +242,9 @@ async def test_kill_9_during_batches_every_batch_all_or_nothing(
     balances = await wait_no_holds(settings)
     total = sum(to_minor(v["balance"], USDC_DECIMALS) or 0 for v in balances.values())
     # balanced batches move money between accounts; they never make or lose any
-    assert total == to_minor(FUNDING, USDC_DECIMALS) * len(accounts)
+    funding_minor = to_minor(FUNDING, USDC_DECIMALS)
+    assert funding_minor is not None
+    assert total == funding_minor * len(accounts)
     check_merkle_logs(list({e["entry_id"]: e for e in entries}.values()), [])
 
 

@@ -96,7 +96,7 @@ async def expected_from_receipts(settings: Settings, a: Actors, hashes: list[str
     return out
 
 
-async def published(settings: Settings, count: int | None = None, idle_s: float = 3.0,
+async def published(settings: Settings, count: int | None = None, idle_s: float | None = 3.0,
                     timeout_s: float = 120.0) -> list[dict[str, Any]]:
     until = None if count is None else (lambda rows: len(rows) >= count)
     rows = await read_topic(settings, TRANSFERS_TOPIC, until=until, idle_s=idle_s,
@@ -473,8 +473,9 @@ async def test_anchored_roots_verify_and_tampered_entries_fail(
 
     # `sardis-ledger verify` checks the anchors of the PostgreSQL projection against the chain.
     await PostgresSink(settings, pg_schema, stop_at_end=True).run()
-    report = await verify(settings, pg_schema, check_immudb=False)
-    assert report.ok and report.anchors == len(recorded) + len(later.anchored), report.problems
+    ledger_report = await verify(settings, pg_schema, check_immudb=False)
+    assert ledger_report.ok, ledger_report.problems
+    assert ledger_report.anchors == len(recorded) + len(later.anchored)
     # The careful tamperer again, in PostgreSQL (triggers off): amount, entry_hash, merkle_root
     # and the published tree heads all rewritten. The anchors on chain still catch it.
     conn = await connect(settings.pg_dsn)
@@ -492,10 +493,10 @@ async def test_anchored_roots_verify_and_tampered_entries_fail(
                                victim["partition"])
     finally:
         await conn.close()
-    report = await verify(settings, pg_schema, check_immudb=False)
-    anchor_problems = [p for p in report.problems if "anchor of tree size" in p.detail]
+    ledger_report = await verify(settings, pg_schema, check_immudb=False)
+    anchor_problems = [p for p in ledger_report.problems if "anchor of tree size" in p.detail]
     assert anchor_problems and {p.partition for p in anchor_problems} == {victim["partition"]}, \
-        report.problems
-    assert not [p for p in report.problems if "tree head" in p.detail], report.problems
+        ledger_report.problems
+    assert not [p for p in ledger_report.problems if "tree head" in p.detail], ledger_report.problems
     skipped = await verify(settings, pg_schema, check_immudb=False, check_anchors=False)
     assert skipped.anchors == 0 and not any("anchor" in p.detail for p in skipped.problems)

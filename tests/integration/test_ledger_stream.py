@@ -39,7 +39,7 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
 def make_workload(seed: int, commands: int, accounts: int) -> tuple[list[dict[str, Any]], list[bytes]]:
     """Commands (5% duplicates, 5% overdrafts) in production order, plus malformed payloads."""
     rng = random.Random(seed)
-    balances = defaultdict(int)
+    balances: defaultdict[str, int] = defaultdict(int)
     out: list[dict[str, Any]] = []
     sent: list[dict[str, Any]] = []
     for i in range(commands):
@@ -255,7 +255,7 @@ async def test_kill_9_during_stream_loses_and_doubles_nothing(
     balances: dict[str, dict[str, Any]] = {}
     for _p, _o, key, record in await read_topic(settings, "ledger.balances", idle_s=3, timeout_s=60):
         balances[key.decode()] = record
-    final = {}
+    final: dict[str, tuple[int, int]] = {}
     for outcome in outcomes.values():
         if outcome.entry is not None:
             key = core.account_key(outcome.entry.account_id, outcome.entry.currency)

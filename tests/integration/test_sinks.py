@@ -232,7 +232,7 @@ def _start_if_down(server: harness.Server) -> None:
     already started it meanwhile; then wait until it is healthy."""
     if server.pid() is None and not any(harness._port_open("127.0.0.1", p) for p in server.ports):
         server.start()
-    harness._wait_healthy(server, time.monotonic() + harness.HEALTH_TIMEOUT_S)
+    harness._wait_healthy(server)
 
 
 @pytest.mark.slow

@@ -109,9 +109,12 @@ def test_malformed_logs(change: dict[str, object], message: str) -> None:
     if "topics" in change:
         topics.append(b"\x00" * 32)
     if "from_word" in change:
-        topics[1] = change["from_word"]  # type: ignore[assignment]
+        word = change["from_word"]
+        assert isinstance(word, bytes)
+        topics[1] = word
     data = change.get("data", log.data)
-    bad = tr.RawLog(log.address, tuple(topics), data, log.block_number, log.block_hash,  # type: ignore[arg-type]
+    assert isinstance(data, bytes)
+    bad = tr.RawLog(log.address, tuple(topics), data, log.block_number, log.block_hash,
                     log.tx_hash, log.log_index)
     with pytest.raises(LogDecodeError, match=message):
         tr.decode_transfer(bad, USDC, config().wallets, "anvil")

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as hs
 
 from streams.chain import state as st
+from streams.chain import transfers as tr
 from streams.chain.errors import ChainReorgTooDeepError, WatchStateError
 from streams.chain.watch import ChainWatcher
 from tests.unit.chain_fakes import (
@@ -25,7 +26,7 @@ from tests.unit.chain_fakes import (
 W1, W2, W3 = list(WALLETS)
 
 
-def run(coro):  # type: ignore[no-untyped-def]
+def run(coro):
     return asyncio.run(coro)
 
 
@@ -151,7 +152,7 @@ class MovingChain(FakeChain):
 
     moved: bool = False
 
-    async def transfer_logs(self, start, end, tokens, wallets):  # type: ignore[no-untyped-def]
+    async def transfer_logs(self, start, end, tokens, wallets):
         logs = await super().transfer_logs(start, end, tokens, wallets)
         if not self.moved:
             self.moved = True
@@ -185,6 +186,11 @@ operation = hs.one_of(
 )
 
 
+def random_transfer(rng: random.Random, parties: list[str]) -> tr.RawLog:
+    sender, to = rng.sample(parties, 2)
+    return transfer_log(sender, to, rng.randint(0, 10**9))
+
+
 @given(ops=hs.lists(operation, min_size=1, max_size=40), confirmations=hs.integers(0, 3),
        chunk=hs.integers(1, 9), seed=hs.integers(0, 2**32))
 def test_stream_always_equals_the_canonical_chain(ops: list[tuple[str, int]], confirmations: int,
@@ -200,11 +206,11 @@ def test_stream_always_equals_the_canonical_chain(ops: list[tuple[str, int]], co
     for kind, n in ops:
         until = None
         if kind == "mine":
-            chain.mine([transfer_log(*rng.sample(parties, 2), rng.randint(0, 10**9))
+            chain.mine([random_transfer(rng, parties)
                         for _ in range(n)])
         elif kind == "burst":
             for _ in range(n):
-                chain.mine([transfer_log(*rng.sample(parties, 2), rng.randint(0, 10**9))]
+                chain.mine([random_transfer(rng, parties)]
                            if rng.random() < 0.5 else None)
             until = chain.head_number - rng.randint(66, 90)
         elif kind in ("reorg", "deep"):

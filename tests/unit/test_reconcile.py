@@ -217,6 +217,7 @@ def test_reorg_after_a_match_opens_status_mismatch_and_unmatches() -> None:
     assert isinstance(status, rc.Discrepancy) and isinstance(unmatched, rc.Match)
     assert (status.type, status.severity, status.expected, status.actual) == \
         ("status_mismatch", "critical", "confirmed", "removed")
+    assert isinstance(match, rc.Match)
     assert (unmatched.reconciliation_id, unmatched.status) == (match.reconciliation_id, "unmatched")
     # Replaying the orphaned block's confirmed record does not bring it back.
     assert rc.on_transfer(join, transfer(), T0_MS + 6)[1] == []
