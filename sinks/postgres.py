@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ POLL_TIMEOUT_MS = 100  # short: end-to-end lag stays well under a second when tr
 RETRY_BACKOFF_INITIAL_S = 0.2
 RETRY_BACKOFF_MAX_S = 5.0
 LOCK_POLL_S = 1.0
+# A standby retries after LOCK_POLL_S times a random factor in [1 - J, 1 + J]: two sinks given
+# different, overlapping --shard values each take part of their locks and let go; on one fixed
+# period they could keep colliding in step, and the jitter breaks that.
+LOCK_POLL_JITTER = 0.5
 # Session advisory locks: every sink of a schema holds SINK_LOCK_TEMPLATE shared (replay's swap
 # takes it exclusively, so it cannot swap under a running sink) and one exclusive lock per
 # partition number it writes, so two sinks never write the same partition, whatever --shard
@@ -200,7 +205,8 @@ class PostgresSink:
                     log.warning("another postgres sink writes some of partitions %s of schema "
                                 "%s; waiting as standby", self._partition_numbers(), self.schema)
                     waiting_logged = True
-                await asyncio.sleep(LOCK_POLL_S)
+                await asyncio.sleep(LOCK_POLL_S * random.uniform(1 - LOCK_POLL_JITTER,
+                                                                 1 + LOCK_POLL_JITTER))
             await conn.execute(
                 f"CREATE TEMP TABLE IF NOT EXISTS entries_stage "
                 f"(LIKE {self.q}.entries INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
