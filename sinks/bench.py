@@ -293,10 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m sinks.bench",
         description="Sink benchmark. Throughput: a backlog of ENTRIES committed entries on fresh "
         "topics, written by the postgres sink processes, then by the immudb ones, RUNS times "
-        "(median printed) for each --shards count. Lag: both sinks running as separate "
-        f"processes while entries are produced at each --lag-rate for {LAG_DURATION_S:.0f} s; "
-        "lag is the time from an entry's committed_at to its row (PostgreSQL) and to its "
-        "verified receipt (immudb), p50 and p99.")
+        "(median printed) for each --shards count. Lag: the sinks (--lag-sinks) running as "
+        "separate processes while entries, generated and encoded beforehand, are sent at each "
+        f"--lag-rate for {LAG_DURATION_S:.0f} s in record batches; an entry's lag is the time "
+        "from its send until the sink's committed offsets pass it (its row is visible in "
+        "PostgreSQL; its verified receipt is committed to Kafka), p50 and p99.")
     parser.add_argument("entries", nargs="?", type=int, default=50_000,
                         help="backlog size for the throughput runs (default 50,000)")
     parser.add_argument("runs", nargs="?", type=int, default=3,
