@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from decimal import Decimal, localcontext
+from decimal import Context, Decimal, localcontext
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from streams import money
 from streams.errors import ConfigError, LedgerError
 from streams.money import (
     BUILTIN_CURRENCIES,
@@ -91,6 +92,23 @@ def test_to_minor_does_not_depend_on_the_context_precision() -> None:
     with localcontext() as context:
         context.prec = 3
         assert to_minor(amount, 18) == 123456789012345678901234567890123456789012345678
+
+
+@given(coefficient=st.integers(min_value=-10**200, max_value=10**200),
+       exponent=st.integers(min_value=-150, max_value=90),
+       decimals=st.integers(min_value=0, max_value=DECIMALS_MAX))
+def test_to_minor_fast_path_agrees_with_the_digit_tuple(coefficient: int, exponent: int,
+                                                         decimals: int) -> None:
+    # Coefficients up to 200 digits cover both ways: the exact context takes up to 96, longer
+    # ones (trailing zeros, or digits it would have to round) fall back to the digit tuple.
+    amount = Decimal(coefficient).scaleb(exponent, Context(prec=400))
+    assert to_minor(amount, decimals) == money._to_minor_by_digits(amount, decimals)
+
+
+def test_to_minor_takes_trailing_zeros_past_the_exact_context() -> None:
+    amount = Decimal("1.5" + "0" * 300)  # 302 digits: the exact context cannot hold it
+    assert to_minor(amount, 2) == 150
+    assert to_minor(Decimal("1.5" + "0" * 300 + "1"), 2) is None
 
 
 # ------------------------------------------------------------------ to_major / to_wire
