@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import asyncpg
@@ -18,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.codec import AvroCodec
+from sinks.immudb import group_id_for
 from sinks.kafka import Shard
 from sinks.process import SinkProcess
 from sinks.schema import connect, quoted
@@ -47,6 +50,39 @@ async def _fresh(settings: Settings, entries: int, seed: int) -> Settings:
         await producer.send(Produced(tree_heads=workload.final_heads()))
         await producer.flush()
     return own
+
+
+async def _postgres_positions(conn: Any, schema: str, topic: str) -> dict[int, int]:
+    """partition -> next offset the postgres sinks committed (sink_offsets moves with each
+    committed transaction; the table exists once a sink has migrated the schema)."""
+    try:
+        rows = await conn.fetch(f"SELECT partition, next_offset FROM {quoted(schema)}.sink_offsets "
+                                "WHERE topic = $1", topic)
+    except asyncpg.UndefinedTableError:
+        return {}
+    return {row["partition"]: row["next_offset"] for row in rows}
+
+
+async def _immudb_positions(admin: AIOKafkaAdminClient, settings: Settings,
+                            topic: str) -> dict[int, int]:
+    """partition -> next offset the immudb sinks committed (with the receipts, in a Kafka
+    transaction)."""
+    offsets = await admin.list_consumer_group_offsets(group_id_for(settings))
+    return {tp.partition: meta.offset for tp, meta in offsets.items()
+            if tp.topic == topic and meta.offset >= 0}
+
+
+@contextlib.asynccontextmanager
+async def _sink_env(settings: Settings) -> AsyncIterator[tuple[str, dict[str, str]]]:
+    """A fresh PostgreSQL schema and immudb state directory for the sink processes; on exit
+    both are removed, with the settings' topics."""
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    state_dir = tempfile.mkdtemp(prefix="sardis-bench-")
+    try:
+        yield schema, {"SARDIS_PG_SCHEMA": schema, "SARDIS_STATE_DIR": state_dir}
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        await _drop(settings, schema)
 
 
 async def _sink_rate(settings: Settings, kind: str, shards: int, env: dict[str, str],
@@ -85,36 +121,25 @@ async def _throughput_run(settings: Settings, entries: int, seed: int, shards: i
                           ) -> tuple[float, float]:
     """Entries/s of the postgres sinks, then of the immudb sinks, each on the same backlog."""
     own = await _fresh(settings, entries, seed)
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    env = {"SARDIS_PG_SCHEMA": schema, "SARDIS_STATE_DIR": tempfile.mkdtemp(prefix="sardis-bench-")}
     entries_topic = own.topic(LedgerTopic.ENTRIES)
-    conn = await connect(own.pg_dsn)
-    admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
-    await admin.start()
+    async with _sink_env(own) as (schema, env):
+        conn = await connect(own.pg_dsn)
+        admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
+        await admin.start()
 
-    async def pg_written() -> int:
-        # sink_offsets moves with each committed transaction; it exists once a sink migrated.
+        async def pg_written() -> int:
+            return sum((await _postgres_positions(conn, schema, entries_topic)).values())
+
+        async def immudb_written() -> int:
+            return sum((await _immudb_positions(admin, own, entries_topic)).values())
+
         try:
-            return int(await conn.fetchval(
-                f"SELECT coalesce(sum(next_offset), 0) FROM {quoted(schema)}.sink_offsets "
-                "WHERE topic = $1", entries_topic))
-        except asyncpg.UndefinedTableError:
-            return 0
-
-    async def immudb_written() -> int:
-        # The immudb sinks commit their offsets with the receipts (a Kafka transaction).
-        offsets = await admin.list_consumer_group_offsets(f"{own.topic_prefix}sardis-immudb-sink")
-        return sum(meta.offset for tp, meta in offsets.items()
-                   if tp.topic == entries_topic and meta.offset > 0)
-
-    try:
-        pg_rate = await _sink_rate(own, "postgres", shards, env, pg_written, entries)
-        im_rate = await _sink_rate(own, "immudb", shards, env, immudb_written, entries)
-        return pg_rate, im_rate
-    finally:
-        await admin.close()
-        await conn.close()
-        await _drop(own, schema)
+            pg_rate = await _sink_rate(own, "postgres", shards, env, pg_written, entries)
+            im_rate = await _sink_rate(own, "immudb", shards, env, immudb_written, entries)
+            return pg_rate, im_rate
+        finally:
+            await admin.close()
+            await conn.close()
 
 
 async def _drop(settings: Settings, schema: str) -> None:
@@ -160,9 +185,13 @@ async def _lag_run(settings: Settings, seed: int, rate_per_s: int = LAG_RATE_PER
     every LAG_POLL_S.
     """
     own = await _fresh(settings, 0, seed)
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    async with _sink_env(own) as (schema, env):
+        return await _lag_measure(own, schema, env, seed, rate_per_s, shards, kinds)
+
+
+async def _lag_measure(own: Settings, schema: str, env: dict[str, str], seed: int,
+                       rate_per_s: int, shards: int, kinds: Sequence[str]) -> dict[str, Any]:
     # Each sink in its own process, as deployed (in one process they would share one core).
-    env = {"SARDIS_PG_SCHEMA": schema, "SARDIS_STATE_DIR": tempfile.mkdtemp(prefix="sardis-bench-")}
     processes = [SinkProcess(own, kind, env=env, shard=Shard(i, shards))
                  for kind in kinds for i in range(shards)]
     entries_topic = own.topic(LedgerTopic.ENTRIES)
@@ -184,24 +213,14 @@ async def _lag_run(settings: Settings, seed: int, rate_per_s: int = LAG_RATE_PER
     sending = True
 
     async def poll() -> None:
-        group = f"{own.topic_prefix}sardis-immudb-sink"
         while True:
-            if "postgres" in samples:
-                try:
-                    rows = await conn.fetch(f"SELECT partition, next_offset FROM "
-                                            f"{quoted(schema)}.sink_offsets WHERE topic = $1",
-                                            entries_topic)
-                except asyncpg.UndefinedTableError:
-                    rows = []
+            for kind, by_partition in samples.items():
+                positions = (await _postgres_positions(conn, schema, entries_topic)
+                             if kind == "postgres" else
+                             await _immudb_positions(admin, own, entries_topic))
                 now = time.monotonic()
-                for row in rows:
-                    samples["postgres"][row["partition"]].append((now, row["next_offset"]))
-            if "immudb" in samples:
-                offsets = await admin.list_consumer_group_offsets(group)
-                now = time.monotonic()
-                for tp, meta in offsets.items():
-                    if tp.topic == entries_topic and meta.offset >= 0:
-                        samples["immudb"][tp.partition].append((now, meta.offset))
+                for partition, next_offset in positions.items():
+                    by_partition[partition].append((now, next_offset))
             if not sending and all(
                     sum(polled[-1][1] if polled else 0 for polled in by_partition) >= total
                     for by_partition in samples.values()):
@@ -245,7 +264,6 @@ async def _lag_run(settings: Settings, seed: int, rate_per_s: int = LAG_RATE_PER
         await producer.stop()
         await admin.close()
         await conn.close()
-        await _drop(own, schema)
 
 
 def _print_lag(lag: dict[str, Any]) -> None:

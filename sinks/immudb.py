@@ -464,6 +464,11 @@ def entries_to_store(settings: Settings, messages: Iterable[Any], codec: AvroCod
     return out
 
 
+def group_id_for(settings: Settings) -> str:
+    """The consumer group of the immudb sinks: its committed offsets say what they stored."""
+    return f"{settings.topic_prefix}sardis-immudb-sink"
+
+
 class ImmudbSink:
     """ledger.entries -> immudb, receipts -> ledger.receipts, exactly once.
 
@@ -482,8 +487,8 @@ class ImmudbSink:
         self.store = ImmudbStore(settings, directory)
         self.codec = AvroCodec()
         self.currencies = dict(currencies) if currencies is not None else currency_table()
-        self.group_id = f"{settings.topic_prefix}sardis-immudb-sink"
-        self.transactional_id = f"{settings.topic_prefix}sardis-immudb-sink{shard.suffix}"
+        self.group_id = group_id_for(settings)
+        self.transactional_id = f"{self.group_id}{shard.suffix}"
         self.entries_written = 0
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
