@@ -15,6 +15,15 @@
 # know instead of misreading them; the body has no length of its own, so the message must
 # end exactly where the record ends (trailing bytes mean corruption).
 #
+# Older versions of a schema live in schemas/history/<Name>.v<N>.avsc: their fingerprints stay
+# readable (records written with them decode into the current schema by Avro schema resolution),
+# and nothing is written with them.
+#
+# Every check encode makes, decode makes too, before any caller sees the record: Avro int and
+# long ranges (fastavro reads any varint into an int field), decimals, and string fields marked
+# with a "sardis.hex" attribute (the exact number of lowercase hex digits, e.g. SHA-256 = 64).
+# Readers of a topic anyone can write must never act on a value encode would have refused.
+#
 # Money is Avro decimal (bytes, precision 60, scale 18) in MAJOR units. fastavro silently
 # ROUNDS on read when a body carries more digits than the precision, and writes values whose
 # unscaled form exceeds the precision, so this module checks decimals itself on both sides.
@@ -36,6 +45,10 @@ from streams.errors import CodecError
 
 SCHEMA_DIR: Final[Path] = Path(__file__).resolve().parent
 SCHEMA_SUFFIX: Final[str] = ".avsc"
+HISTORY_DIR: Final[Path] = SCHEMA_DIR / "history"
+# Field attribute naming a string that holds exactly this many lowercase hex digits.
+HEX_ATTRIBUTE: Final[str] = "sardis.hex"
+HEX_DIGITS: Final[frozenset[str]] = frozenset("0123456789abcdef")
 
 SINGLE_OBJECT_MARKER: Final[bytes] = b"\xc3\x01"
 FINGERPRINT_SIZE_BYTES: Final[int] = 8
@@ -156,6 +169,36 @@ def _inline(
     return copy
 
 
+def _read_raw(path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CodecError("invalid_schema", f"{path.name}: cannot read: {exc}") from exc
+    if not isinstance(schema, dict) or schema.get("type") not in _NAMED_TYPES:
+        raise CodecError("invalid_schema", f"{path.name}: not a named type")
+    return _full_name(str(schema["name"]), schema.get("namespace")), schema
+
+
+def _load_raw(schema_dir: Path) -> dict[str, dict[str, Any]]:
+    raw: dict[str, dict[str, Any]] = {}
+    for path in sorted(schema_dir.glob(f"*{SCHEMA_SUFFIX}")):
+        full, schema = _read_raw(path)
+        if full in raw:
+            raise CodecError("invalid_schema", f"{path.name}: {full} is defined twice")
+        raw[full] = schema
+    return raw
+
+
+def _parse_standalone(full: str, schema: dict[str, Any],
+                      raw: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    standalone = _inline(schema, None, raw, set(), full)
+    try:
+        # A fresh named-schema table per record: each parsed schema stands alone.
+        return cast(dict[str, Any], parse_schema(standalone, named_schemas={}))
+    except (ValueError, TypeError, KeyError, SchemaParseException) as exc:
+        raise CodecError("invalid_schema", f"{full}: {exc}") from exc
+
+
 def load_schemas(schema_dir: Path = SCHEMA_DIR) -> dict[str, dict[str, Any]]:
     """Parse every .avsc in `schema_dir`: full record name -> parsed, self-contained schema.
 
@@ -163,27 +206,24 @@ def load_schemas(schema_dir: Path = SCHEMA_DIR) -> dict[str, dict[str, Any]]:
     whatever the file order, by inlining the referenced definition at its first use, so each
     returned schema stands alone (which its fingerprint requires).
     """
-    raw: dict[str, dict[str, Any]] = {}
-    for path in sorted(schema_dir.glob(f"*{SCHEMA_SUFFIX}")):
-        try:
-            schema = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CodecError("invalid_schema", f"{path.name}: cannot read: {exc}") from exc
-        if not isinstance(schema, dict) or schema.get("type") not in _NAMED_TYPES:
-            raise CodecError("invalid_schema", f"{path.name}: not a named type")
-        full = _full_name(str(schema["name"]), schema.get("namespace"))
-        if full in raw:
-            raise CodecError("invalid_schema", f"{path.name}: {full} is defined twice")
-        raw[full] = schema
-    parsed: dict[str, dict[str, Any]] = {}
-    for full, schema in raw.items():
-        standalone = _inline(schema, None, raw, set(), full)
-        try:
-            # A fresh named-schema table per record: each parsed schema stands alone.
-            parsed[full] = cast(dict[str, Any], parse_schema(standalone, named_schemas={}))
-        except (ValueError, TypeError, KeyError, SchemaParseException) as exc:
-            raise CodecError("invalid_schema", f"{full}: {exc}") from exc
-    return parsed
+    raw = _load_raw(schema_dir)
+    return {full: _parse_standalone(full, schema, raw) for full, schema in raw.items()}
+
+
+def load_history(schema_dir: Path = SCHEMA_DIR,
+                 history_dir: Path = HISTORY_DIR) -> list[tuple[str, dict[str, Any]]]:
+    """(full name, parsed schema) of every older version in `history_dir`; references to other
+    types resolve against the current schemas of `schema_dir`."""
+    if not history_dir.is_dir():
+        return []
+    current = _load_raw(schema_dir)
+    found = []
+    for path in sorted(history_dir.glob(f"*{SCHEMA_SUFFIX}")):
+        full, schema = _read_raw(path)
+        if full not in current:
+            raise CodecError("invalid_schema", f"{path.name}: {full} has no current version")
+        found.append((full, _parse_standalone(full, schema, {**current, full: schema})))
+    return found
 
 
 # --- Checks fastavro does not make: compiled once per schema, run per message. ---
@@ -228,6 +268,14 @@ def _int_check(low: int, high: int) -> Callable[[Any], None]:
     return check
 
 
+def _hex_check(digits: int) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if not (isinstance(value, str) and len(value) == digits and HEX_DIGITS.issuperset(value)):
+            raise ValueError(f"needs exactly {digits} lowercase hex digits")
+
+    return check
+
+
 def _timestamp_check(value: Any) -> None:
     # fastavro reads a naive datetime as LOCAL time, which would shift it by the host's offset.
     if isinstance(value, datetime) and value.utcoffset() is None:
@@ -238,6 +286,16 @@ def _record_check(plan: list[_FieldCheck]) -> Callable[[Any], None]:
     def check(value: Any) -> None:
         if isinstance(value, Mapping):
             _run_plan(plan, value)
+
+    return check
+
+
+def _array_check(item_check: Callable[[Any], None]) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                if item is not None:
+                    item_check(item)
 
     return check
 
@@ -261,9 +319,9 @@ def _value_check(
         return _value_check(branches[0], named, plans, encode)
     if isinstance(schema, str):
         if schema == "int":
-            return _int_check(AVRO_INT_MIN, AVRO_INT_MAX) if encode else None
+            return _int_check(AVRO_INT_MIN, AVRO_INT_MAX)
         if schema == "long":
-            return _int_check(AVRO_LONG_MIN, AVRO_LONG_MAX) if encode else None
+            return _int_check(AVRO_LONG_MIN, AVRO_LONG_MAX)
         if schema in named:
             return _value_check(named[schema], named, plans, encode)
         return None
@@ -280,6 +338,9 @@ def _value_check(
         return _timestamp_check if encode else None
     if kind == "record":
         return _record_check(_plan(schema, named, plans, encode))
+    if kind == "array":
+        item_check = _value_check(schema["items"], named, plans, encode)
+        return None if item_check is None else _array_check(item_check)
     if isinstance(kind, str) and kind in _PRIMITIVES:
         return _value_check(kind, named, plans, encode)
     return None
@@ -300,6 +361,9 @@ def _plan(
         check = _value_check(field["type"], named, plans, encode)
         if check is not None:
             plan.append((str(field["name"]), check))
+        digits = field.get(HEX_ATTRIBUTE)
+        if digits is not None:
+            plan.append((str(field["name"]), _hex_check(int(digits))))
     return plan
 
 
@@ -346,7 +410,11 @@ _ENCODE_ERRORS: Final = (
 
 
 class _Writer:
-    """Everything encode and decode need for one record type, computed once."""
+    """Everything encode and decode need for one record type, computed once.
+
+    A writer of an older version (schemas/history) only decodes: `reader_schema` is the current
+    schema its records resolve into, and the decode checks are the current schema's.
+    """
 
     __slots__ = (
         "decode_plan",
@@ -354,19 +422,22 @@ class _Writer:
         "fingerprint",
         "full_name",
         "header",
+        "reader_schema",
         "record_unions",
         "schema",
         "short_name",
     )
 
-    def __init__(self, full_name: str, schema: dict[str, Any]) -> None:
+    def __init__(self, full_name: str, schema: dict[str, Any],
+                 current: dict[str, Any] | None = None) -> None:
         self.full_name = full_name
         self.short_name = full_name.rpartition(".")[2]
         self.schema = schema
+        self.reader_schema = current
         self.fingerprint = fingerprint_crc64_avro(schema)
         self.header = SINGLE_OBJECT_MARKER + self.fingerprint
         self.encode_plan = _compile_plan(schema, encode=True)
-        self.decode_plan = _compile_plan(schema, encode=False)
+        self.decode_plan = _compile_plan(current or schema, encode=False)
         self.record_unions = _record_union_fields(schema)
 
 
@@ -378,27 +449,36 @@ class AvroCodec:
     codec holds no per-call state.
     """
 
-    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None,
+                 history: list[tuple[str, dict[str, Any]]] | None = None) -> None:
         if schemas is None:
             schemas = load_schemas()
+            history = load_history() if history is None else history
         self._by_name: dict[str, _Writer] = {}
         self._by_fingerprint: dict[bytes, _Writer] = {}
         short_names: dict[str, list[_Writer]] = {}
         for full_name, schema in schemas.items():
-            writer = _Writer(full_name, schema)
-            clash = self._by_fingerprint.get(writer.fingerprint)
-            if clash is not None:
-                raise CodecError(
-                    "invalid_schema",
-                    f"{full_name} and {clash.full_name} have the same fingerprint",
-                )
-            self._by_fingerprint[writer.fingerprint] = writer
+            writer = self._add(_Writer(full_name, schema))
             self._by_name[full_name] = writer
             short_names.setdefault(writer.short_name, []).append(writer)
+        for full_name, schema in history or []:
+            if full_name not in schemas:
+                raise CodecError("invalid_schema", f"older {full_name} has no current version")
+            self._add(_Writer(full_name, schema, schemas[full_name]))
         for short_name, writers in short_names.items():
             # A short name is usable only when exactly one namespace defines it.
             if len(writers) == 1 and short_name not in self._by_name:
                 self._by_name[short_name] = writers[0]
+
+    def _add(self, writer: _Writer) -> _Writer:
+        clash = self._by_fingerprint.get(writer.fingerprint)
+        if clash is not None:
+            raise CodecError(
+                "invalid_schema",
+                f"{writer.full_name} and {clash.full_name} have the same fingerprint",
+            )
+        self._by_fingerprint[writer.fingerprint] = writer
+        return writer
 
     def _writer(self, record_name: str) -> _Writer:
         writer = self._by_name.get(record_name)
@@ -471,7 +551,7 @@ class AvroCodec:
         buffer = io.BytesIO(data)
         buffer.seek(HEADER_SIZE_BYTES)
         try:
-            record = fastavro.schemaless_reader(buffer, writer.schema, None)
+            record = fastavro.schemaless_reader(buffer, writer.schema, writer.reader_schema)
         except EOFError as exc:
             raise CodecError("truncated", f"{writer.short_name} body ends early: {exc}") from exc
         except Exception as exc:  # untrusted bytes: any failure of the reader is malformed

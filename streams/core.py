@@ -30,6 +30,10 @@ METADATA_VALUE_LENGTH_MAX = 512
 METADATA_BYTES_MAX = 4096
 CHAIN_FIELD_LENGTH_MAX = 128
 ACCOUNT_KEY_SEPARATOR = "|"  # ledger.balances key: account_id|currency
+# Text that reaches a Result, a DeadLetter or a log line is cut to these lengths: input echoed
+# back (a 500,000-character currency code) must never make an output too large to publish.
+DETAIL_LENGTH_MAX = 512
+SHOWN_VALUE_LENGTH_MAX = 64
 
 
 class Reason(StrEnum):
@@ -183,6 +187,29 @@ class Decision:
     record: CommandRecord
 
 
+# ------------------------------------------------------------------ bounded text
+
+
+def bounded(text: str, limit: int = DETAIL_LENGTH_MAX) -> str:
+    """`text`, cut to `limit` characters (saying how long it was) when longer."""
+    if len(text) <= limit:
+        return text
+    note = f"... ({len(text)} characters)"
+    if len(note) >= limit:
+        return text[:limit]
+    return text[: limit - len(note)] + note
+
+
+def shown(value: Any) -> str:
+    """An input value as it may appear in a rejection's detail: repr, cut short."""
+    return bounded(repr(value), SHOWN_VALUE_LENGTH_MAX)
+
+
+def valid_id(value: Any) -> bool:
+    """A command, account or batch id: 1..ID_LENGTH_MAX printable characters."""
+    return _valid_id(value)
+
+
 # ------------------------------------------------------------------ ids and keys
 
 
@@ -274,11 +301,11 @@ def parse_post_entry(record: Mapping[str, Any], currencies: Mapping[str, Currenc
     currency_code = record.get("currency")
     currency = currencies.get(currency_code) if isinstance(currency_code, str) else None
     if currency is None:
-        return reject(Reason.UNKNOWN_CURRENCY, f"unknown currency {currency_code!r}")
+        return reject(Reason.UNKNOWN_CURRENCY, f"unknown currency {shown(currency_code)}")
     entry_type = record.get("entry_type")
     if entry_type not in BALANCE_SIGN:
         return reject(Reason.INVALID_ENTRY_TYPE,
-                      f"entry_type {entry_type!r} is not one of {', '.join(BALANCE_SIGN)}")
+                      f"entry_type {shown(entry_type)} is not one of {', '.join(BALANCE_SIGN)}")
     amount = record.get("amount")
     if not isinstance(amount, Decimal):
         return reject(Reason.INVALID_AMOUNT, "amount must be an exact decimal")

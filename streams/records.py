@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from datetime import datetime
@@ -33,6 +34,8 @@ from streams.core import (
     Outcome,
     Reason,
     Status,
+    bounded,
+    valid_id,
 )
 from streams.errors import InvariantViolation
 from streams.money import Currency, to_minor, to_wire
@@ -125,7 +128,7 @@ def outcome_to_wire(outcome: Outcome, currencies: Mapping[str, Currency]) -> dic
         "command_id": outcome.command_id,
         "status": str(outcome.status),
         "reason": None if outcome.reason is None else str(outcome.reason),
-        "detail": outcome.detail,
+        "detail": None if outcome.detail is None else bounded(outcome.detail),
         "entry": None if entry is None else entry_to_wire(entry, currencies[entry.currency]),
         "batch_id": None,
         "failed_leg_index": None,
@@ -154,19 +157,32 @@ def tree_head_to_wire(partition: int, frontier: merkle.MerkleFrontier,
     }
 
 
+# A dead letter must always fit a Kafka message (1 MiB, schemas/codec.MESSAGE_SIZE_MAX_BYTES),
+# whatever it echoes: the original value is cut to this many bytes (its length and SHA-256 are
+# kept), the key to DLQ_KEY_BYTES_MAX, the detail to core.DETAIL_LENGTH_MAX characters (at most
+# 4 bytes each in UTF-8), the reason to DLQ_REASON_LENGTH_MAX. 64 KiB remain for the rest.
+DLQ_PAYLOAD_BYTES_MAX = 960 * 1024
+DLQ_KEY_BYTES_MAX = 1024
+DLQ_REASON_LENGTH_MAX = 64
+TOPIC_NAME_LENGTH_MAX = 249  # Kafka's own limit
+
+
 def dead_letter(*, reason: str, detail: str, topic: str, partition: int, offset: int,
-                key: bytes | None, payload: bytes, command_id: str | None,
+                key: bytes | None, payload: bytes, command_id: Any,
                 failed_at_ms: int) -> dict[str, Any]:
+    """A DeadLetter record of one input record, bounded to fit a Kafka message."""
     return {
-        "reason": reason,
-        "detail": detail,
-        "source_topic": topic,
+        "reason": bounded(str(reason), DLQ_REASON_LENGTH_MAX),
+        "detail": bounded(detail),
+        "source_topic": topic[:TOPIC_NAME_LENGTH_MAX],
         "source_partition": partition,
         "source_offset": offset,
-        "source_key": key,
-        "payload": payload,
-        "command_id": command_id,
+        "source_key": None if key is None else bytes(key[:DLQ_KEY_BYTES_MAX]),
+        "payload": bytes(payload[:DLQ_PAYLOAD_BYTES_MAX]),
+        "command_id": command_id if valid_id(command_id) else None,
         "failed_at": failed_at_ms,
+        "payload_size": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
 
 
@@ -404,7 +420,7 @@ def report_to_wire(report: LegReport, currencies: Mapping[str, Currency]) -> dic
     entry = report.entry
     return {"batch_id": report.batch_id, "leg_index": report.leg_index, "kind": str(report.kind),
             "reason": None if report.reason is None else str(report.reason),
-            "detail": report.detail,
+            "detail": None if report.detail is None else bounded(report.detail),
             "entry": None if entry is None else entry_to_wire(entry, currencies[entry.currency])}
 
 
@@ -421,7 +437,7 @@ def batch_outcome_to_wire(outcome: BatchOutcome, currencies: Mapping[str, Curren
         "command_id": outcome.result_key,
         "status": str(Status.COMMITTED if outcome.committed else Status.REJECTED),
         "reason": None if outcome.reason is None else str(outcome.reason),
-        "detail": outcome.detail,
+        "detail": None if outcome.detail is None else bounded(outcome.detail),
         "entry": None,
         "batch_id": outcome.batch_id,
         "failed_leg_index": outcome.failed_leg_index,

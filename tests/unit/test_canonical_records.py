@@ -10,11 +10,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.codec import AvroCodec
-from streams import canonical, merkle, records
+from schemas.codec import MESSAGE_SIZE_MAX_BYTES, AvroCodec
+from streams import canonical, core, merkle, records
 from streams.core import (
     AccountState,
     CommandRecord,
@@ -504,6 +504,38 @@ def test_dead_letter_wire_round_trip() -> None:
     assert {k: v for k, v in decoded.items() if k != "failed_at"} == {
         k: v for k, v in wire.items() if k != "failed_at"}
     assert records._ms(decoded["failed_at"]) == 5
+
+
+@settings(max_examples=30, deadline=None)
+@given(payload_size=st.sampled_from([0, 1, 983_040, 983_041, 1_048_576, 3_000_000]),
+       key_size=st.sampled_from([0, 1024, 1025, 1_048_576]),
+       detail=st.text(max_size=3000), reason=st.text(max_size=200),
+       command_id=st.one_of(st.none(), st.text(max_size=300)))
+def test_a_dead_letter_always_fits_a_kafka_message(payload_size: int, key_size: int, detail: str,
+                                                   reason: str, command_id: str | None) -> None:
+    payload = bytes(range(256)) * (payload_size // 256) + b"x" * (payload_size % 256)
+    wire = records.dead_letter(reason=reason, detail=detail * 200, topic="t" * 249,
+                               partition=1, offset=2**62, key=b"k" * key_size, payload=payload,
+                               command_id=command_id, failed_at_ms=5)
+    data = CODEC.encode("DeadLetter", wire)  # raises message_too_large if it did not fit
+    assert len(data) <= MESSAGE_SIZE_MAX_BYTES
+    _, decoded = CODEC.decode(data)
+    assert decoded["payload"] == payload[:records.DLQ_PAYLOAD_BYTES_MAX]
+    assert decoded["payload_size"] == payload_size
+    assert decoded["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert decoded["command_id"] in (None, command_id)
+    assert len(decoded["detail"]) <= core.DETAIL_LENGTH_MAX
+
+
+@pytest.mark.parametrize(("text", "limit", "expected"), [
+    ("short", 10, "short"),
+    ("x" * 10, 10, "x" * 10),
+    ("x" * 100, 30, "xxxxxxxxxx... (100 characters)"),
+    ("x" * 100, 5, "xxxxx"),
+])
+def test_bounded_cuts_long_text_and_says_how_long_it_was(text: str, limit: int,
+                                                          expected: str) -> None:
+    assert core.bounded(text, limit) == expected
 
 
 # ------------------------------------------------------------------ records: table values

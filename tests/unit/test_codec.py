@@ -26,6 +26,7 @@ from schemas.codec import (
     AvroCodec,
     crc64_avro,
     fingerprint_crc64_avro,
+    load_history,
     load_schemas,
 )
 from streams.errors import CodecError
@@ -219,6 +220,8 @@ ROUND_TRIPS: list[tuple[str, str, dict[str, Any]]] = [
             "payload": b'{"not":"avro"}\x00\xff',
             "command_id": None,
             "failed_at": T_COMMITTED,
+            "payload_size": 16,
+            "payload_sha256": HASH_A,
         },
     ),
     (
@@ -234,6 +237,8 @@ ROUND_TRIPS: list[tuple[str, str, dict[str, Any]]] = [
             "payload": b"",
             "command_id": "cmd_9",
             "failed_at": T_OCCURRED,
+            "payload_size": None,
+            "payload_sha256": None,
         },
     ),
     ("batch_leg", "BatchLeg", {"account_id": "acct_sender", "currency": "USDC", "entry_type": "debit",
@@ -517,7 +522,7 @@ PINNED_FINGERPRINTS = {
     "Result": "ee2b4c1a03fb8647",
     "Balance": "c933eb6a5164d6df",
     "TreeHead": "a8e9be1a71c9135c",
-    "DeadLetter": "a928b9a243f8986b",
+    "DeadLetter": "602ee1a0398a194d",  # 2.0: payload_size, payload_sha256
     "Receipt": "154847d2e55026ad",
     "BatchLeg": "9be981032edb16f4",
     "SubmitBatch": "50170d5d9ff265d7",
@@ -811,3 +816,82 @@ def test_decode_never_raises_anything_but_codec_error(data: bytes) -> None:
     except CodecError:
         return
     assert name in RECORDS and isinstance(record, dict)
+
+
+@settings(max_examples=1000)
+@given(data=hostile_bytes())
+def test_whatever_decode_accepts_encode_accepts_too(data: bytes) -> None:
+    """Decode makes every check encode makes: a reader never acts on a value no writer of this
+    codec could have produced (out-of-range ints, bad hex, over-precise decimals)."""
+    try:
+        name, record = CODEC.decode(data)
+    except CodecError:
+        return
+    CODEC.encode(name, record)
+
+
+def _body(record_name: str, record: dict[str, Any]) -> bytes:
+    """A message encoded by fastavro alone, without the codec's checks (as a hostile writer)."""
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, load_schemas()[f"{NAMESPACE}.{record_name}"], record)
+    return SINGLE_OBJECT_MARKER + CODEC.fingerprint_of(record_name) + body.getvalue()
+
+
+SETTLE = {"batch_id": "b", "leg_index": 0, "account_id": "a", "currency": "USD", "action": "post",
+          "coordinator_partition": 0}
+
+
+@pytest.mark.parametrize("leg_index", [2**31, -(2**31) - 1, 2**40])
+def test_decode_refuses_an_int_field_out_of_the_avro_int_range(leg_index: int) -> None:
+    with pytest.raises(CodecError) as caught:
+        CODEC.decode(_body("SettleLeg", {**SETTLE, "leg_index": leg_index}))
+    assert caught.value.reason == "malformed_body"
+    assert CODEC.decode(_body("SettleLeg", {**SETTLE, "leg_index": 2**31 - 1}))[1]["leg_index"] \
+        == 2**31 - 1
+
+
+@pytest.mark.parametrize("bad", ["", "ab", HASH_A.upper(), HASH_A[:-1] + "g", HASH_A + "0"])
+def test_hex_fields_are_checked_both_ways(bad: str) -> None:
+    wire = entry(entry_hash=bad)
+    with pytest.raises(CodecError) as caught:
+        CODEC.encode("Entry", wire)
+    assert caught.value.reason == "invalid_record"
+    with pytest.raises(CodecError) as caught:
+        CODEC.decode(_body("Entry", wire))
+    assert caught.value.reason == "malformed_body"
+
+
+def test_hex_fields_inside_nested_records_and_arrays_are_checked() -> None:
+    result = dict(ROUND_TRIPS[5][2])
+    result["entries"] = [entry(), entry(merkle_root="zz")]
+    result["entry"] = None
+    with pytest.raises(CodecError):
+        CODEC.encode("Result", result)
+    with pytest.raises(CodecError) as caught:
+        CODEC.decode(_body("Result", result))
+    assert caught.value.reason == "malformed_body"
+
+
+def test_records_of_an_older_schema_version_decode_into_the_current_one() -> None:
+    old = json.loads((SCHEMA_DIR / "history" / "DeadLetter.v1.avsc").read_text())
+    body = io.BytesIO()
+    record = {"reason": "bad_marker", "detail": "d", "source_topic": "t", "source_partition": 1,
+              "source_offset": 2, "source_key": None, "payload": b"x", "command_id": None,
+              "failed_at": T_COMMITTED}
+    fastavro.schemaless_writer(body, parse_schema(old), record)
+    old_fingerprint = fingerprint_crc64_avro(parse_schema(old))
+    assert old_fingerprint == bytes.fromhex("a928b9a243f8986b")  # what 1.x wrote
+    name, decoded = CODEC.decode(SINGLE_OBJECT_MARKER + old_fingerprint + body.getvalue())
+    assert name == "DeadLetter"
+    assert decoded == {**record, "payload_size": None, "payload_sha256": None}
+    # Nothing is written with an older version.
+    assert CODEC.fingerprint_of("DeadLetter") != old_fingerprint
+
+
+def test_an_older_version_needs_a_current_one(tmp_path: Path) -> None:
+    (tmp_path / "history").mkdir()
+    shutil.copy(SCHEMA_DIR / "history" / "DeadLetter.v1.avsc", tmp_path / "history")
+    shutil.copy(SCHEMA_DIR / "Entry.avsc", tmp_path / "Entry.avsc")
+    with pytest.raises(CodecError) as caught:
+        load_history(tmp_path, tmp_path / "history")
+    assert caught.value.reason == "invalid_schema"
