@@ -10,7 +10,7 @@ import time
 from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 from faust.types import EventT, StreamT
@@ -19,10 +19,12 @@ from schemas.codec import AvroCodec
 from streams import batches, core, records
 from streams.config import Settings
 from streams.errors import CodecError, InvariantViolation
+from streams.event_scope import EventScope
 from streams.money import Currency, currency_table
-from streams.outbox import OUTBOX_RECORDS_HARD_MAX, Outbox
+from streams.outbox import OUTBOX_RECORDS_HARD_MAX, Outbox, Value
+from streams.quarantine import Position, QuarantineReader
 from streams.reconciler import RECONCILE_TICK_INTERVAL_S, Reconciler
-from streams.topics import APP_NAME, TABLES, LedgerTopic, changelog_topic_name
+from streams.topics import APP_NAME, TABLES, LedgerTopic, changelog_topic_name, misplaced_reason
 from streams.transactions import (
     CONTROL_OFFSETS,
     ledger_transport,
@@ -128,13 +130,17 @@ class LedgerWorker:
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes,
                                "key_serializer": "raw", "value_serializer": "raw"}
         # Only the input is a Faust topic: outputs go straight to the transactional producer.
+        # The account side reads client commands and the internal commands (reserves, settles,
+        # forwarded commands); the coordinator reads client batches and the internal coordinator
+        # topic (leg reports, ticks, forwarded batches). Every input topic has as many partitions
+        # as ledger.commands, so Faust's assignor puts them in one co-partitioned group:
+        # partition p of each goes to the same worker and shares its transactional producer (a
+        # coordinator's reserve to another partition joins that transaction).
         commands_topic = self.app.topic(settings.topic(LedgerTopic.COMMANDS),
+                                        settings.topic(LedgerTopic.INTERNAL_COMMANDS),
                                         partitions=settings.partitions, internal=False, **raw)
-        # ledger.batches has as many partitions as ledger.commands, so Faust's assignor puts both in
-        # one co-partitioned group: partition p of each goes to the same worker and shares its
-        # transactional producer (a coordinator's reserve to another partition joins that
-        # transaction).
         batches_topic = self.app.topic(settings.topic(LedgerTopic.BATCHES),
+                                       settings.topic(LedgerTopic.INTERNAL_COORDINATOR),
                                        partitions=settings.partitions, internal=False, **raw)
         table_options: dict[str, Any] = {"partitions": settings.partitions, "default": None,
                                          "schema": faust.Schema(**raw)}
@@ -152,10 +158,14 @@ class LedgerWorker:
         self.batch_state = self._raw_table(batch_state, table_options)
         self.commands_topic = settings.topic(LedgerTopic.COMMANDS)
         self.batches_topic = settings.topic(LedgerTopic.BATCHES)
+        self.internal_commands_topic = settings.topic(LedgerTopic.INTERNAL_COMMANDS)
+        self.coordinator_topic = settings.topic(LedgerTopic.INTERNAL_COORDINATOR)
+        # full topic name -> the ledger topic it is (prefix removed), for the input rules
+        self.topic_kinds = {settings.topic(t): t for t in LedgerTopic}
         self.app.agent(commands_topic, name="ledger")(self._agent)
         self.app.agent(batches_topic, name="batches")(self._agent)
         # tx_hash:log_index -> the join of a chain transfer and the entries that claim it
-        # (co-partitioned with chain.transfers and ledger.chain-claims, so with ledger.commands)
+        # (co-partitioned with chain.transfers and ledger.internal.chain-claims, so with ledger.commands)
         self.reconciler = Reconciler(self, self._raw_table(joins, table_options))
         self.app.agent(self.app.topic(*self.reconciler.topics, partitions=settings.partitions,
                                       internal=False, **raw), name="reconciler")(self._agent)
@@ -185,6 +195,12 @@ class LedgerWorker:
         self._last_seen_offsets: dict[tuple[str, int], tuple[int, int]] = {}
         # input partitions the timer feeds until they are current
         self._catching_up: set[tuple[str, int]] = set()
+        # The writes of the event being decided (streams/event_scope), and that event.
+        self._scope: EventScope | None = None
+        # Records an operator set aside (streams/quarantine); read before the first decision.
+        self.quarantine = QuarantineReader(settings)
+        self._quarantined: set[Position] | None = None
+        self.dead_letters: dict[str, int] = {}  # DLQ records by reason, since start
 
     def owned_partitions(self, topic: str) -> frozenset[int]:
         """The partitions of an input topic this worker owns now."""
@@ -192,7 +208,7 @@ class LedgerWorker:
                          if tp.topic == topic)
 
     async def close_clients(self) -> None:
-        """Stop the tick producer and the gap and chain-head consumers (best effort at exit)."""
+        """Stop the tick producer, the gap, chain-head and quarantine consumers (best effort)."""
         for client in (self._tick_producer, self._gap_consumer):
             if client is not None:
                 try:
@@ -201,6 +217,7 @@ class LedgerWorker:
                     log.exception("closing %s", type(client).__name__)
         self._tick_producer = self._gap_consumer = None
         await self.reconciler.chain_head.close()
+        await self.quarantine.close()
 
     def _raw_table(self, name: str, options: dict[str, Any]) -> Any:
         # Faust picks table serializers from the key/value *type* and falls back to JSON, ignoring
@@ -223,15 +240,56 @@ class LedgerWorker:
             async with self.event_lock:
                 try:
                     await self.handle(event)
-                except Exception:
-                    # A bug or a broken invariant, mid-decision: the partition's open transaction
-                    # may hold part of this event. Exit at once, as kill -9 would, so Kafka
-                    # aborts it; a graceful stop (or Faust restarting the agent) could commit it.
-                    log.critical("deciding %s:%s@%s failed; exiting so the open transactions "
-                                 "abort", event.message.topic, event.message.partition,
-                                 event.message.offset, exc_info=True)
+                except Exception as exc:
+                    # Not a decision (those stop in _decide_one): reading a gap failed. Deciding
+                    # later records without it would break per-account order, so stop too.
+                    message = event.message
+                    log.critical("handling %s:%s@%s failed before its decision; exiting so the "
+                                 "open transactions abort", message.topic, message.partition,
+                                 message.offset, exc_info=exc)
                     logging.shutdown()
                     os._exit(EXIT_BROKEN)
+
+    def _fail_stop(self, command: Command, exc: BaseException) -> NoReturn:
+        """Deciding `command` raised: a bug or corrupt state, never bad input (that is rejected
+        as data before any state changes). Its writes were rolled back; exit at once, as kill -9
+        would, so Kafka aborts the partition's open transaction (a graceful stop, or Faust
+        restarting the agent, could commit it). The log names the record and what to do."""
+        position = Position(command.topic, command.partition, command.offset)
+        log.critical(
+            "STOPPED on %s: deciding it raised %s: %s. This is a bug or corrupt state, not bad "
+            "input; nothing of this record is committed and the partition stays where it was. "
+            "A restarted worker meets the same record. After investigating, `sardis-ledger "
+            "quarantine %s` sets it aside (to ledger.dlq) so the partition can go on.",
+            position, type(exc).__name__, exc, position, exc_info=exc)
+        logging.shutdown()
+        os._exit(EXIT_BROKEN)
+
+    async def _decide_one(self, command: Command) -> None:
+        """Decide one input record with all-or-nothing writes (streams/event_scope); a decision
+        that raises stops the worker naming the record (_fail_stop)."""
+        quarantined = Position(command.topic, command.partition, command.offset) in \
+            await self._quarantine_positions()
+        if self._scope is not None:
+            raise InvariantViolation("an event decided inside another event")
+        scope = self._scope = EventScope()
+        try:
+            if quarantined:
+                await self._skip_quarantined(command)
+            else:
+                await self._dispatch(command)
+        except Exception as exc:
+            scope.rollback()
+            self._fail_stop(command, exc)
+        finally:
+            self._scope = None
+        for transactional_id, held in scope.apply().items():
+            await self._flush_if_full(transactional_id, held)
+
+    async def _quarantine_positions(self, refresh: bool = False) -> set[Position]:
+        if self._quarantined is None or refresh:
+            self._quarantined = await self.quarantine.refresh()
+        return self._quarantined
 
     async def _catch_up(self) -> None:
         """Keep every owned partition deciding and committing, whatever Faust's consumer does.
@@ -256,7 +314,8 @@ class LedgerWorker:
             log.exception("catch-up check failed; retrying in %.0f s", CATCH_UP_INTERVAL_S)
 
     async def _check_partitions(self) -> None:
-        for topic in (self.commands_topic, self.batches_topic, *self.reconciler.topics):
+        for topic in (self.commands_topic, self.internal_commands_topic, self.batches_topic,
+                      self.coordinator_topic, *self.reconciler.topics):
             await self._check_topic(topic)
 
     async def _check_topic(self, topic: str) -> None:
@@ -299,9 +358,9 @@ class LedgerWorker:
                 log.warning("%s:%s: no progress at offset %s of %s; deciding [%s, %s) from Kafka",
                             topic, partition, start, end, start, stop)
                 for command in await self._read_gap(topic, partition, start, stop):
-                    await self._dispatch(command)
+                    await self._decide_one(command)
                 # Offsets of [start, stop) that held no record were transaction markers.
-                await self._advance_to(topic, partition, stop)
+                await self._advance_alone(topic, partition, stop)
                 self._acknowledge(topic, partition, stop)
             self._last_seen_offsets[key] = (stop, 0)
 
@@ -350,15 +409,44 @@ class LedgerWorker:
             acked.sort()
 
     async def _advance_to(self, topic: str, partition: int, next_offset: int) -> None:
+        """Record that every record of an input partition below next_offset is decided (never
+        moves backwards), in the event's scope."""
         if next_offset <= self._next_offset(topic, partition):
             return
         if topic == self.commands_topic:
-            await self._advance(partition, next_offset - 1)
+            log_key = str(partition).encode()
+            log_head = records.log_from_bytes(self.logs.get(log_key))
+            await self._put(self.logs, log_key, records.log_to_bytes(
+                replace(log_head, next_command_offset=next_offset)), partition)
         elif topic in self.reconciler.topics:
             await self.reconciler.advance_to(topic, partition, next_offset)
         else:
-            await self._put(self.batch_state, f"o:{partition}".encode(),
-                            records.offset_to_bytes(next_offset), partition)
+            table, key = self._offset_slot(topic, partition)
+            await self._put(table, key, records.offset_to_bytes(next_offset), partition)
+
+    async def _advance_alone(self, topic: str, partition: int, next_offset: int) -> None:
+        """_advance_to as an event of its own (markers at the end of a catch-up chunk)."""
+        scope = self._scope = EventScope()
+        try:
+            await self._advance_to(topic, partition, next_offset)
+        except BaseException:
+            scope.rollback()
+            raise
+        finally:
+            self._scope = None
+        for transactional_id, held in scope.apply().items():
+            await self._flush_if_full(transactional_id, held)
+
+    def _offset_slot(self, topic: str, partition: int) -> tuple[Any, bytes]:
+        """Table and key of the next undecided offset of an input partition other than
+        ledger.commands (whose offset is in its log head) and the reconciler's topics."""
+        if topic == self.batches_topic:
+            return self.batch_state, f"o:{partition}".encode()
+        if topic == self.coordinator_topic:
+            return self.batch_state, f"o:{topic}:{partition}".encode()
+        if topic == self.internal_commands_topic:
+            return self.logs, f"o:{topic}:{partition}".encode()
+        raise InvariantViolation(f"{topic} is not an input of this worker")
 
     def _next_offset(self, topic: str, partition: int) -> int:
         """Offset of the next record of an input partition that no decision has recorded yet."""
@@ -366,7 +454,8 @@ class LedgerWorker:
             return records.log_next_command_offset(self.logs.get(str(partition).encode()))
         if topic in self.reconciler.topics:
             return self.reconciler.next_offset(topic, partition)
-        return records.offset_from_bytes(self.batch_state.get(f"o:{partition}".encode()))
+        table, key = self._offset_slot(topic, partition)
+        return records.offset_from_bytes(table.get(key))
 
     # ------------------------------------------------------------------ per command
 
@@ -386,65 +475,109 @@ class LedgerWorker:
             if not CONTROL_OFFSETS.covers(message.topic, partition, next_offset, message.offset):
                 for skipped in await self._read_gap(message.topic, partition, next_offset,
                                                     message.offset):
-                    await self._dispatch(skipped)
+                    await self._decide_one(skipped)
             self._acknowledge(message.topic, partition, message.offset)
-        await self._dispatch(Command.of(message))
+        await self._decide_one(Command.of(message))
 
     async def _dispatch(self, command: Command) -> None:
-        if command.topic == self.commands_topic:
-            await self._process(command)
-        elif command.topic in self.reconciler.topics:
-            await self.reconciler.process(command)
-        else:
-            await self._process_batch(command)
-
-    async def _process(self, command: Command) -> None:
-        partition = command.partition
+        """Decode a record, check it may be on its topic, decide it; then record its offset."""
         try:
             name, record = self.codec.decode(command.value)
         except CodecError as exc:
             await self._dead_letter(command, exc.reason, str(exc), None)
         else:
-            if name in ("ReserveLeg", "SettleLeg"):
-                forwarded = await self._forwarded(command, str(record["account_id"]))
-                if not forwarded and name == "ReserveLeg":
-                    await self._reserve(records.reserve_from_wire(record, self.currencies), partition)
-                elif not forwarded:
-                    await self._settle(records.settle_from_wire(record), partition,
-                                       command.timestamp_ms)
-            elif name != "PostEntry":
-                await self._dead_letter(command, core.Reason.UNKNOWN_COMMAND,
-                                        f"{name} is not a command of ledger.commands",
-                                        record.get("command_id"))
+            misplaced = misplaced_reason(self.topic_kinds[command.topic], name)
+            if misplaced is not None:
+                await self._dead_letter(command, misplaced,
+                                        f"a {name} record is not an input of {command.topic}",
+                                        record.get("command_id") or record.get("batch_id"))
+            elif command.topic in (self.commands_topic, self.internal_commands_topic):
+                await self._account_record(command, name, record)
+            elif command.topic in self.reconciler.topics:
+                await self.reconciler.process(command, name, record)
             else:
-                parsed = core.parse_post_entry(record, self.currencies)
-                if isinstance(parsed, core.Rejection):
-                    await self._dead_letter(command, parsed.reason, parsed.detail, parsed.command_id)
-                    if parsed.command_id is not None:
-                        await self._result(core.Outcome(parsed.command_id, core.Status.REJECTED,
-                                                        parsed.reason, parsed.detail), partition)
-                elif not await self._forwarded(command, parsed.account_id):
-                    await self._decide(parsed, partition, command.timestamp_ms, command.offset)
-                    return
-        await self._advance(partition, command.offset)
+                await self._coordinator_record(command, name, record)
+        await self._advance_to(command.topic, command.partition, command.offset + 1)
 
-    async def _forwarded(self, command: Command, account_id: str) -> bool:
-        """Forward a command that sits on another partition than its account's owner (a producer
-        with another partitioner put it there); only the owner decides it."""
+    async def _skip_quarantined(self, command: Command) -> None:
+        """A record an operator set aside: no decision; a client command gets a rejection."""
+        log.warning("skipping quarantined record %s:%s:%s", command.topic, command.partition,
+                    command.offset)
+        try:
+            name, record = self.codec.decode(command.value)
+        except CodecError:
+            name, record = "", {}
+        detail = "set aside by an operator (sardis-ledger quarantine); see ledger.dlq"
+        command_id, batch_id = record.get("command_id"), record.get("batch_id")
+        if name == "PostEntry" and core.valid_id(command_id):
+            await self._result(core.Outcome(command_id, core.Status.REJECTED,
+                                            core.Reason.QUARANTINED, detail), command.partition)
+        elif name in ("SubmitBatch", "RollbackBatch") and batches.valid_batch_id(batch_id):
+            key = command_id if name == "RollbackBatch" and core.valid_id(command_id) else batch_id
+            await self._batch_result(batches.BatchOutcome(key, batch_id, False,
+                                                          core.Reason.QUARANTINED, detail),
+                                     command.partition)
+        await self._advance_to(command.topic, command.partition, command.offset + 1)
+
+    async def _rejected(self, command: Command, rejection: core.Rejection | batches.BatchRejection,
+                        command_id: str | None = None) -> None:
+        """Dead-letter a record that must have no effect, with its reason."""
+        await self._dead_letter(command, rejection.reason, rejection.detail, command_id)
+
+    async def _account_record(self, command: Command, name: str, record: dict[str, Any]) -> None:
+        """ledger.commands (PostEntry) and ledger.internal.commands (also reserves, settles)."""
+        partition = command.partition
+        internal = command.topic == self.internal_commands_topic
+        if name == "PostEntry":
+            parsed = core.parse_post_entry(record, self.currencies)
+            if isinstance(parsed, core.Rejection):
+                await self._rejected(command, parsed, parsed.command_id)
+                if parsed.command_id is not None:
+                    await self._result(core.Outcome(parsed.command_id, core.Status.REJECTED,
+                                                    parsed.reason, parsed.detail), partition)
+            elif await self._owned(command, parsed.account_id, forward=not internal):
+                await self._decide(parsed, command)
+            return
+        parser = batches.parse_reserve if name == "ReserveLeg" else batches.parse_settle
+        message = parser(record, self.currencies, self.settings.partitions)
+        if isinstance(message, batches.BatchRejection):
+            await self._rejected(command, message)
+        elif not await self._owned(command, message.leg.account_id if isinstance(
+                message, batches.Reserve) else message.account_id, forward=False):
+            return
+        elif isinstance(message, batches.Reserve):
+            await self._reserve(message, command)
+        else:
+            await self._settle(message, command)
+
+    async def _owned(self, command: Command, account_id: str, *, forward: bool) -> bool:
+        """Whether this partition owns the account. A client command on another partition (a
+        producer with another partitioner put it there) is forwarded to its owner over
+        ledger.internal.commands; an internal record there is dead-lettered (workers send
+        internal records to the owner, so it was not sent by one)."""
         owner = core.partition_for(account_id, self.settings.partitions)
         if owner == command.partition:
-            return False
-        await self._produce(self.commands_topic, account_id.encode(), command.value, owner,
-                            transaction_of=command.partition)
-        return True
+            return True
+        if forward:
+            await self._produce(self.internal_commands_topic, account_id.encode(), command.value,
+                                owner, transaction_of=command.partition)
+        else:
+            await self._dead_letter(command, core.Reason.WRONG_PARTITION,
+                                    f"account {core.shown(account_id)} is owned by partition "
+                                    f"{owner}", None)
+        return False
 
     # ------------------------------------------------------------------ batches: account side
 
-    async def _reserve(self, message: batches.Reserve, partition: int) -> None:
+    async def _reserve(self, message: batches.Reserve, command: Command) -> None:
+        partition = command.partition
         account_key = core.account_key(message.leg.account_id, message.leg.currency).encode()
         hold_key = message.hold_key.encode()
         state = records.state_from_bytes(self.accounts.get(account_key))
         step = batches.reserve(state, records.hold_from_bytes(self.holds.get(hold_key)), message)
+        if isinstance(step, batches.BatchRejection):
+            await self._rejected(command, step)
+            return
         if step.changed:
             await self._put(self.holds, hold_key, records.hold_to_bytes(step.hold), partition)
             if step.state != state:
@@ -455,36 +588,36 @@ class LedgerWorker:
         if step.report is not None:
             await self._report(step.report, message.coordinator_partition, partition)
 
-    async def _settle(self, message: batches.Settle, partition: int, now_ms: int) -> None:
+    async def _settle(self, message: batches.Settle, command: Command) -> None:
+        partition = command.partition
         account_key = core.account_key(message.account_id, message.currency).encode()
         hold_key = message.hold_key.encode()
         state = records.state_from_bytes(self.accounts.get(account_key))
         hold = records.hold_from_bytes(self.holds.get(hold_key))
-        if message.action is batches.SettleAction.VOID:
-            step = batches.void(state, hold, message)
-            if step.changed:
-                await self._put(self.holds, hold_key, records.hold_to_bytes(step.hold), partition)
-                if step.state != state:
-                    await self._put(self.accounts, account_key, records.state_to_bytes(step.state),
-                                    partition)
-                    await self._balance_of(message.account_id, message.currency, step.state,
-                                           partition)
-            if step.report is not None:
-                await self._report(step.report, message.coordinator_partition, partition)
-            return
         log_key = str(partition).encode()
         log_head = records.log_from_bytes(self.logs.get(log_key))
-        step = batches.post(state, log_head.frontier, hold, partition=partition, now_ms=now_ms)
-        if step.changed and step.frontier is not None:
+        if message.action is batches.SettleAction.VOID:
+            step = batches.void(state, hold, message)
+        else:
+            step = batches.post(state, log_head.frontier, hold, message, partition=partition,
+                                now_ms=command.timestamp_ms)
+        if isinstance(step, batches.BatchRejection):
+            await self._rejected(command, step)
+            return
+        if step.changed:
             await self._put(self.holds, hold_key, records.hold_to_bytes(step.hold), partition)
-            await self._put(self.accounts, account_key, records.state_to_bytes(step.state), partition)
+            if step.state != state:
+                await self._put(self.accounts, account_key, records.state_to_bytes(step.state),
+                                partition)
+                await self._balance_of(message.account_id, message.currency, step.state,
+                                       partition)
+        if step.changed and step.frontier is not None:
             log_head = replace(log_head, frontier=step.frontier)
-            if core.tree_head_due(log_head, now_ms):
-                await self._tree_head(partition, log_head, now_ms)
+            if core.tree_head_due(log_head, command.timestamp_ms):
+                await self._tree_head(partition, log_head, command.timestamp_ms)
                 log_head = replace(log_head, head_tree_size=log_head.frontier.tree_size,
-                                   head_published_at_ms=now_ms)
+                                   head_published_at_ms=command.timestamp_ms)
             await self._put(self.logs, log_key, records.log_to_bytes(log_head), partition)
-            await self._balance_of(message.account_id, message.currency, step.state, partition)
         if step.entry is not None:
             # Re-emitted when the post is repeated, as for PostEntry: consumers dedupe by entry_id.
             await self._entry(step.entry, partition)
@@ -493,36 +626,45 @@ class LedgerWorker:
 
     async def _report(self, report: batches.LegReport, coordinator_partition: int,
                       partition: int) -> None:
-        await self._send(LedgerTopic.BATCHES, report.batch_id.encode(), "LegReport",
+        await self._send(LedgerTopic.INTERNAL_COORDINATOR, report.batch_id.encode(), "LegReport",
                          records.report_to_wire(report, self.currencies), coordinator_partition,
                          transaction_of=partition)
 
     # ------------------------------------------------------------------ batches: coordinator
 
-    async def _process_batch(self, command: Command) -> None:
+    async def _coordinator_record(self, command: Command, name: str,
+                                  record: dict[str, Any]) -> None:
+        """ledger.batches (SubmitBatch, RollbackBatch) and ledger.internal.coordinator (also
+        leg reports and ticks)."""
         partition = command.partition
-        try:
-            name, record = self.codec.decode(command.value)
-        except CodecError as exc:
-            await self._dead_letter(command, exc.reason, str(exc), None)
+        if name == "SubmitBatch":
+            await self._submit_batch(command, record, partition)
+        elif name == "RollbackBatch":
+            await self._rollback_batch(command, record, partition)
+        elif name == "LegReport":
+            await self._leg_report(command, record)
         else:
-            if name == "SubmitBatch":
-                await self._submit_batch(command, record, partition)
-            elif name == "RollbackBatch":
-                await self._rollback_batch(command, record, partition)
-            elif name == "LegReport":
-                await self._leg_report(records.report_from_wire(record, self.currencies),
-                                       partition, command.timestamp_ms)
-            elif name == "BatchTick":
-                await self._batch_tick(partition, core._ms(record["now"]) or 0)
+            now_ms = batches.parse_tick(record, partition)
+            if isinstance(now_ms, batches.BatchRejection):
+                await self._rejected(command, now_ms)
             else:
-                await self._dead_letter(command, core.Reason.UNKNOWN_COMMAND,
-                                        f"{name} is not a record of ledger.batches",
-                                        record.get("command_id") or record.get("batch_id"))
-        await self._put(self.batch_state, f"o:{partition}".encode(),
-                        records.offset_to_bytes(max(command.offset + 1,
-                                                    self._next_offset(command.topic, partition))),
-                        partition)
+                await self._batch_tick(partition, now_ms)
+
+    async def _coordinates(self, command: Command, batch_id: str) -> bool:
+        """Whether this partition coordinates the batch (batches.coordinator_partition); a
+        client's batch on another partition is forwarded there over ledger.internal.coordinator,
+        an internal record there is dead-lettered."""
+        owner = batches.coordinator_partition(batch_id, self.settings.partitions)
+        if owner == command.partition:
+            return True
+        if command.topic == self.batches_topic:
+            await self._produce(self.coordinator_topic, batch_id.encode(), command.value, owner,
+                                transaction_of=command.partition)
+        else:
+            await self._dead_letter(command, core.Reason.WRONG_PARTITION,
+                                    f"batch {core.shown(batch_id)} is coordinated by partition "
+                                    f"{owner}", None)
+        return False
 
     def _header(self, batch_id: str) -> batches.BatchHeader | None:
         return records.header_from_bytes(self.batch_state.get(f"b:{batch_id}".encode()))
@@ -567,12 +709,14 @@ class LedgerWorker:
             for index, leg in step.legs.items():
                 await self._put_leg(step.header.batch_id, index, leg, partition)
         for reserve in step.reserves:
-            await self._send(LedgerTopic.COMMANDS, reserve.leg.account_id.encode(), "ReserveLeg",
+            await self._send(LedgerTopic.INTERNAL_COMMANDS, reserve.leg.account_id.encode(),
+                             "ReserveLeg",
                              records.reserve_to_wire(reserve),
                              core.partition_for(reserve.leg.account_id, self.settings.partitions),
                              transaction_of=partition)
         for settle in step.settles:
-            await self._send(LedgerTopic.COMMANDS, settle.account_id.encode(), "SettleLeg",
+            await self._send(LedgerTopic.INTERNAL_COMMANDS, settle.account_id.encode(),
+                             "SettleLeg",
                              records.settle_to_wire(settle),
                              core.partition_for(settle.account_id, self.settings.partitions),
                              transaction_of=partition)
@@ -591,6 +735,8 @@ class LedgerWorker:
                 await self._batch_result(batches.BatchOutcome(
                     parsed.batch_id, parsed.batch_id, False, parsed.reason, parsed.detail,
                     parsed.leg_index), partition)
+            return
+        if not await self._coordinates(command, parsed.batch_id):
             return
         existing = self._header(parsed.batch_id)
         # The timeout runs from when the coordinator starts the batch, not from when it was
@@ -611,8 +757,11 @@ class LedgerWorker:
             await self._dead_letter(command, parsed.reason, parsed.detail, parsed.batch_id)
             if parsed.batch_id is not None:
                 await self._batch_result(batches.BatchOutcome(
-                    parsed.batch_id, str(record.get("batch_id")), False, parsed.reason,
+                    parsed.batch_id, core.bounded(str(record.get("batch_id")),
+                                                  core.ID_LENGTH_MAX), False, parsed.reason,
                     parsed.detail), partition)
+            return
+        if not await self._coordinates(command, parsed.batch_id):
             return
         original = self._header(parsed.batch_id)
         compensation = self._header(batches.compensation_batch_id(parsed.batch_id, parsed.command_id))
@@ -628,15 +777,36 @@ class LedgerWorker:
                                            now_ms=max(command.timestamp_ms,
                                                       time.time_ns() // 1_000_000)), partition)
 
-    async def _leg_report(self, report: batches.LegReport, partition: int, now_ms: int) -> None:
+    async def _leg_report(self, command: Command, record: dict[str, Any]) -> None:
+        """An account's answer for one leg: validated, matched with the leg this coordinator
+        sent, then counted."""
+        partition = command.partition
+        entry: core.Entry | None = None
+        if record.get("entry") is not None:
+            parsed_entry = records.parse_entry(record["entry"], self.currencies)
+            if isinstance(parsed_entry, str):
+                await self._dead_letter(command, core.Reason.INVALID_FIELD,
+                                        f"entry: {parsed_entry}", None)
+                return
+            entry = parsed_entry
+        report = batches.parse_report(record, entry, self.settings.partitions)
+        if isinstance(report, batches.BatchRejection):
+            await self._rejected(command, report)
+            return
+        if not await self._coordinates(command, report.batch_id):
+            return
         header = self._header(report.batch_id)
-        if header is None or not 0 <= report.leg_index < header.leg_count:
-            raise InvariantViolation(f"report for unknown leg {report.batch_id}#{report.leg_index}")
-        leg_key = f"l:{batches.hold_key(report.batch_id, report.leg_index)}".encode()
-        leg_data = self.batch_state.get(leg_key)
-        if leg_data is None:
+        leg_data = None if header is None or report.leg_index >= header.leg_count else \
+            self.batch_state.get(f"l:{batches.hold_key(report.batch_id, report.leg_index)}".encode())
+        if header is not None and report.leg_index < header.leg_count and leg_data is None:
             raise InvariantViolation(f"batch {report.batch_id} has no leg {report.leg_index}")
-        counted = batches.record_report(header, records.leg_record_from_bytes(leg_data), report)
+        leg = None if leg_data is None else records.leg_record_from_bytes(leg_data)
+        mismatch = batches.check_report(header, leg, report)
+        if mismatch is not None or header is None or leg is None:
+            await self._rejected(command, mismatch or batches.BatchRejection(
+                core.Reason.UNKNOWN_BATCH, "no such leg"))
+            return
+        counted = batches.record_report(header, leg, report)
         if counted is None:
             return  # a duplicate, or an answer after the batch was decided
         header, leg = counted
@@ -715,7 +885,7 @@ class LedgerWorker:
                     continue
                 if now_ms - self._last_tick_ms.get(partition, 0) < BATCH_TICK_INTERVAL_S * 1000:
                     continue
-                await self._send_tick(self.batches_topic, partition, "BatchTick",
+                await self._send_tick(self.coordinator_topic, partition, "BatchTick",
                                       {"partition": partition, "now": now_ms})
                 self._last_tick_ms[partition] = now_ms
         except asyncio.CancelledError:
@@ -736,14 +906,6 @@ class LedgerWorker:
         await self._tick_producer.send_and_wait(topic, self.codec.encode(record_name, record),
                                                 key=str(partition).encode(), partition=partition)
 
-    async def _advance(self, partition: int, offset: int) -> None:
-        """Record that every command up to `offset` is decided (never moves backwards)."""
-        log_key = str(partition).encode()
-        log_head = records.log_from_bytes(self.logs.get(log_key))
-        if offset + 1 > log_head.next_command_offset:
-            await self._put(self.logs, log_key, records.log_to_bytes(
-                replace(log_head, next_command_offset=offset + 1)), partition)
-
     async def _put(self, table: Any, key: bytes, value: bytes, partition: int) -> None:
         """Set a table key now and hold its changelog record for the partition's transaction.
 
@@ -751,16 +913,36 @@ class LedgerWorker:
         background task drains: a commit can then carry an event's offset without its table
         state, and flushing that buffer at commit blocks commits while the stream is busy. The
         outbox instead hands the key's last value to the open transaction of `partition` before
-        that transaction's offsets (streams/outbox, streams/transactions).
+        that transaction's offsets (streams/outbox, streams/transactions). The write goes
+        through the event's scope, so an event that fails leaves the table as it was.
         """
-        table.data[key] = value
-        # The memory store's own bookkeeping of which partition a key belongs to (used to drop
-        # keys of revoked partitions after a rebalance), as its changelog recovery would set it.
-        table.data._key_partition[key] = partition
-        transactional_id, producer = self._transaction_producer(partition)
-        held = self.outbox.put_latest(transactional_id, producer,
-                                      table.changelog_topic.get_topic_name(), partition, key, value)
-        await self._flush_if_full(transactional_id, held)
+        # The memory store's dict and its bookkeeping of which partition a key belongs to (used
+        # to drop keys of revoked partitions after a rebalance), as its changelog recovery sets.
+        store = table.data
+        self._event_scope().write(store.data, store._key_partition, key, value, partition)
+        self._hold(partition, table.changelog_topic.get_topic_name(), partition, key, value,
+                   latest=True)
+
+    def _event_scope(self) -> EventScope:
+        if self._scope is None:
+            raise InvariantViolation("a table or outbox write outside an event")
+        return self._scope
+
+    def _hold(self, owner: int, topic: str, partition: int, key: bytes | None, value: Value, *,
+              latest: bool) -> None:
+        """Queue a record for the open transaction of `owner` (via the event's scope)."""
+        transactional_id, producer = self._transaction_producer(owner)
+        if latest:
+            if key is None:
+                raise InvariantViolation(f"a compacted record for {topic} without a key")
+            self._event_scope().hold(transactional_id, lambda: self.outbox.put_latest(
+                transactional_id, producer, topic, partition, key, value))
+        else:
+            if not isinstance(value, bytes):
+                raise InvariantViolation(f"a lazily encoded record for {topic} that is not "
+                                         "compacted")
+            self._event_scope().hold(transactional_id, lambda: self.outbox.append(
+                transactional_id, producer, topic, partition, key, value))
 
     async def _read_gap(self, topic: str, partition: int, start: int, end: int) -> list[Command]:
         """The committed records of one input partition in [start, end), straight from Kafka."""
@@ -793,8 +975,8 @@ class LedgerWorker:
                         "did not deliver", tp, len(found), start, end)
         return found
 
-    async def _decide(self, command: core.PostEntry, partition: int, now_ms: int,
-                      offset: int) -> None:
+    async def _decide(self, command: core.PostEntry, source: Command) -> None:
+        partition, now_ms = source.partition, source.timestamp_ms
         command_key = command.command_id.encode()
         seen = self.commands.get(command_key)
         if seen is not None:
@@ -805,7 +987,6 @@ class LedgerWorker:
                 # it; consumers dedupe by entry_id, so a second copy is harmless.
                 await self._entry(outcome.entry, partition)
             await self._result(outcome, partition)
-            await self._advance(partition, offset)
             return
         account_key = command.account_key.encode()
         log_key = str(partition).encode()
@@ -816,8 +997,10 @@ class LedgerWorker:
         await self._put(self.commands, command_key, records.record_to_bytes(decision.record),
                         partition)
         entry = decision.outcome.entry
-        log_head = replace(log_head, next_command_offset=max(log_head.next_command_offset,
-                                                             offset + 1))
+        if source.topic == self.commands_topic:
+            # One log-head write per command: Merkle frontier, tree-head state, next offset.
+            log_head = replace(log_head, next_command_offset=max(log_head.next_command_offset,
+                                                                 source.offset + 1))
         if entry is not None:
             await self._put(self.accounts, account_key, records.state_to_bytes(decision.state),
                             partition)
@@ -828,8 +1011,8 @@ class LedgerWorker:
                                    head_published_at_ms=now_ms)
             await self._entry(entry, partition)
             await self._balance(command, decision.state, partition)
-        # One log-head write per command: Merkle frontier, tree-head state and the next offset.
-        await self._put(self.logs, log_key, records.log_to_bytes(log_head), partition)
+        if entry is not None or source.topic == self.commands_topic:
+            await self._put(self.logs, log_key, records.log_to_bytes(log_head), partition)
         await self._result(decision.outcome, partition)
 
     # ------------------------------------------------------------------ outputs (all to `partition`)
@@ -853,9 +1036,7 @@ class LedgerWorker:
         event lock already keeps commits between events.
         """
         owner = partition if transaction_of is None else transaction_of
-        transactional_id, producer = self._transaction_producer(owner)
-        held = self.outbox.append(transactional_id, producer, topic, partition, key, value)
-        await self._flush_if_full(transactional_id, held)
+        self._hold(owner, topic, partition, key, value, latest=False)
 
     async def _flush_if_full(self, transactional_id: str, held: int) -> None:
         if held < self.outbox.records_max:
@@ -905,21 +1086,21 @@ class LedgerWorker:
         def encode() -> bytes:
             return self.codec.encode("Balance", records.balance_to_wire(account_id, table, state))
 
-        transactional_id, producer = self._transaction_producer(partition)
-        held = self.outbox.put_latest(transactional_id, producer,
-                                      self.settings.topic(LedgerTopic.BALANCES), partition, key,
-                                      encode)
-        await self._flush_if_full(transactional_id, held)
+        self._hold(partition, self.settings.topic(LedgerTopic.BALANCES), partition, key, encode,
+                   latest=True)
 
     async def _tree_head(self, partition: int, log_head: core.LogHead, now_ms: int) -> None:
         await self._send(LedgerTopic.TREE_HEADS, str(partition).encode(), "TreeHead",
                          records.tree_head_to_wire(partition, log_head.frontier, now_ms), partition)
 
     async def _dead_letter(self, command: Command, reason: str, detail: str,
-                           command_id: str | None) -> None:
+                           command_id: Any) -> None:
+        """Set a record aside with its reason: it has no other effect. Counted by reason."""
+        self.dead_letters[str(reason)] = self.dead_letters.get(str(reason), 0) + 1
         log.warning("dead letter %s:%s@%s: %s (%s)", command.topic, command.partition,
-                    command.offset, reason, detail)
-        await self._send(LedgerTopic.DLQ, command.key or b"", "DeadLetter",
+                    command.offset, reason, core.bounded(detail))
+        await self._send(LedgerTopic.DLQ, (command.key or b"")[:records.DLQ_KEY_BYTES_MAX],
+                         "DeadLetter",
                          records.dead_letter(reason=str(reason), detail=detail, topic=command.topic,
                                              partition=command.partition, offset=command.offset,
                                              key=command.key, payload=command.value,

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 from streams import core, merkle
 from streams.core import AccountState, Entry, Reason
@@ -32,6 +32,12 @@ BATCH_TIMEOUT_MS_MAX = 3_600_000  # one hour: holds must not lock money away for
 ROLLBACK_REASON_LENGTH_MAX = 256
 REVERSAL = "reversal"  # entry_type of the legs of a compensating (rollback) batch
 ROLLBACK_ID_SEPARATOR = ":rollback:"
+# A batch id names a batch, or the compensation of a rollback of it (batch:rollback:command),
+# or the compensation of a rollback of that one: each part a valid id.
+BATCH_ID_PARTS_MAX = 3
+# What validation of an internal record calls the leg's command id: a leg's fields are checked
+# exactly as a PostEntry's, and a PostEntry needs one.
+LEG_COMMAND_ID = "leg"
 
 
 class BatchStatus(StrEnum):
@@ -231,6 +237,22 @@ def compensation_batch_id(batch_id: str, rollback_command_id: str) -> str:
     return f"{batch_id}{ROLLBACK_ID_SEPARATOR}{rollback_command_id}"
 
 
+def valid_batch_id(value: object) -> TypeGuard[str]:
+    """A batch id or the id of a compensation (`batch:rollback:command`, nested at most
+    BATCH_ID_PARTS_MAX - 1 times), each part 1..ID_LENGTH_MAX printable characters."""
+    if not isinstance(value, str):
+        return False
+    parts = value.split(ROLLBACK_ID_SEPARATOR)
+    return len(parts) <= BATCH_ID_PARTS_MAX and all(core.valid_id(part) for part in parts)
+
+
+def coordinator_partition(batch_id: str, partitions: int) -> int:
+    """The partition of ledger.batches whose coordinator runs a batch: the one its first part
+    (the client's batch id) hashes to. A rollback of a batch, and so its compensation, is
+    coordinated where the batch itself was, since it reads the batch's state."""
+    return core.partition_for(batch_id.split(ROLLBACK_ID_SEPARATOR, 1)[0], partitions)
+
+
 # ------------------------------------------------------------------ validation
 
 
@@ -303,6 +325,162 @@ def submit_digest(submit: SubmitBatch) -> bytes:
                  leg.reference, sorted(leg.metadata.items()), leg.allow_overdraft,
                  leg.reverses_entry_id] for leg in submit.legs]]
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).digest()
+
+
+# ------------------------------------------------------------------ internal records
+# Reserves, settles, leg reports and ticks travel on ledger.internal.* topics that no client may
+# write. They are validated like client commands all the same (defence in depth): a record that
+# could not have come from a coordinator or an account of this ledger is rejected with a reason
+# and never reaches a decision.
+
+
+def _reject(reason: Reason, detail: str, batch_id: Any = None,
+            leg_index: Any = None) -> BatchRejection:
+    return BatchRejection(reason, detail, batch_id if valid_batch_id(batch_id) else None,
+                          leg_index if isinstance(leg_index, int) else None)
+
+
+def _batch_fields(record: Mapping[str, Any], partitions: int) -> BatchRejection | None:
+    """batch_id, leg_index and coordinator_partition of a reserve or a settle."""
+    batch_id, leg_index = record.get("batch_id"), record.get("leg_index")
+    if not valid_batch_id(batch_id):
+        return _reject(Reason.INVALID_FIELD, "batch_id is not a valid batch id")
+    if not isinstance(leg_index, int) or not 0 <= leg_index < BATCH_LEGS_MAX:
+        return _reject(Reason.INVALID_FIELD, f"leg_index must be 0..{BATCH_LEGS_MAX - 1}",
+                       batch_id)
+    expected = coordinator_partition(batch_id, partitions)
+    if record.get("coordinator_partition") != expected:
+        return _reject(Reason.WRONG_PARTITION, f"coordinator_partition "
+                       f"{core.shown(record.get('coordinator_partition'))} is not the batch's "
+                       f"coordinator {expected}", batch_id, leg_index)
+    return None
+
+
+def parse_reserve(record: Mapping[str, Any], currencies: Mapping[str, Currency],
+                  partitions: int) -> Reserve | BatchRejection:
+    """Validate a decoded ReserveLeg: its leg exactly as a PostEntry, plus the batch fields."""
+    problem = _batch_fields(record, partitions)
+    if problem is not None:
+        return problem
+    batch_id: str = record["batch_id"]
+    leg_index: int = record["leg_index"]
+    batch_size = record.get("batch_size")
+    if not isinstance(batch_size, int) or not leg_index < batch_size <= BATCH_LEGS_MAX:
+        return _reject(Reason.INVALID_FIELD, f"batch_size must be {leg_index + 1}.."
+                       f"{BATCH_LEGS_MAX}", batch_id, leg_index)
+    entry_type, sign = record.get("entry_type"), record.get("sign")
+    reverses = record.get("reverses_entry_id")
+    if sign not in (1, -1):
+        return _reject(Reason.INVALID_FIELD, f"sign {core.shown(sign)} is not +1 or -1", batch_id,
+                       leg_index)
+    if entry_type == REVERSAL:
+        if not core.valid_entry_id(reverses):
+            return _reject(Reason.INVALID_FIELD, "a reversal leg needs the entry it reverses",
+                           batch_id, leg_index)
+    elif reverses is not None:
+        return _reject(Reason.INVALID_FIELD, "only a reversal leg reverses an entry", batch_id,
+                       leg_index)
+    fields = {name: record.get(name) for name in ("account_id", "currency", "amount",
+                                                   "reference", "metadata", "allow_overdraft")}
+    parsed = core.parse_post_entry({**fields, "command_id": LEG_COMMAND_ID, "entry_type":
+                                    core.EntryType.CREDIT if entry_type == REVERSAL else entry_type},
+                                   currencies)
+    if isinstance(parsed, core.Rejection):
+        return _reject(parsed.reason, f"leg {leg_index}: {parsed.detail}", batch_id, leg_index)
+    if entry_type != REVERSAL and sign != core.BALANCE_SIGN[parsed.entry_type]:
+        return _reject(Reason.INVALID_FIELD, f"sign {core.shown(sign)} does not match entry_type "
+                       f"{parsed.entry_type}", batch_id, leg_index)
+    leg = Leg(parsed.account_id, parsed.currency, parsed.currency_decimals, str(entry_type),
+              parsed.amount_minor, int(sign), parsed.reference, dict(parsed.metadata),
+              parsed.allow_overdraft, reverses)
+    return Reserve(batch_id, leg_index, batch_size, leg, record["coordinator_partition"])
+
+
+def parse_settle(record: Mapping[str, Any], currencies: Mapping[str, Currency],
+                 partitions: int) -> Settle | BatchRejection:
+    """Validate a decoded SettleLeg (whether it matches a hold is `post`'s and `void`'s)."""
+    problem = _batch_fields(record, partitions)
+    if problem is not None:
+        return problem
+    batch_id: str = record["batch_id"]
+    leg_index: int = record["leg_index"]
+    account_id, currency, action = (record.get("account_id"), record.get("currency"),
+                                    record.get("action"))
+    if not core.valid_id(account_id, allow_separator=False):
+        return _reject(Reason.INVALID_FIELD, "account_id is not a valid account id", batch_id,
+                       leg_index)
+    if not isinstance(currency, str) or currency not in currencies:
+        return _reject(Reason.UNKNOWN_CURRENCY, f"unknown currency {core.shown(currency)}",
+                       batch_id, leg_index)
+    if action not in set(SettleAction):
+        return _reject(Reason.INVALID_FIELD, f"action {core.shown(action)} is not post or void",
+                       batch_id, leg_index)
+    return Settle(batch_id, leg_index, account_id, currency, SettleAction(action),
+                  record["coordinator_partition"])
+
+
+def parse_report(record: Mapping[str, Any], entry: Entry | None,
+                 partitions: int) -> LegReport | BatchRejection:
+    """Validate a decoded LegReport whose `entry` the caller already validated (or None)."""
+    batch_id, leg_index = record.get("batch_id"), record.get("leg_index")
+    if not valid_batch_id(batch_id):
+        return _reject(Reason.INVALID_FIELD, "batch_id is not a valid batch id")
+    if not isinstance(leg_index, int) or not 0 <= leg_index < BATCH_LEGS_MAX:
+        return _reject(Reason.INVALID_FIELD, f"leg_index must be 0..{BATCH_LEGS_MAX - 1}",
+                       batch_id)
+    kind, reason, detail = record.get("kind"), record.get("reason"), record.get("detail")
+    if kind not in set(ReportKind):
+        return _reject(Reason.INVALID_FIELD, f"kind {core.shown(kind)} is not a report kind",
+                       batch_id, leg_index)
+    if reason is not None and reason not in set(Reason):
+        return _reject(Reason.INVALID_FIELD, f"reason {core.shown(reason)} is not a reason code",
+                       batch_id, leg_index)
+    if (kind == ReportKind.REFUSED) != (reason is not None):
+        return _reject(Reason.INVALID_FIELD, "a refused leg, and only one, carries a reason",
+                       batch_id, leg_index)
+    if (kind == ReportKind.POSTED) != (entry is not None):
+        return _reject(Reason.INVALID_FIELD, "a posted leg, and only one, carries its entry",
+                       batch_id, leg_index)
+    return LegReport(batch_id, leg_index, ReportKind(kind),
+                     None if reason is None else Reason(reason),
+                     None if detail is None else core.bounded(str(detail)), entry)
+
+
+def check_report(header: BatchHeader | None, leg: LegRecord | None,
+                 report: LegReport) -> BatchRejection | None:
+    """A report must answer a leg this coordinator sent; a posted one must carry that leg's
+    entry, sealed (its hash recomputes)."""
+    if header is None or leg is None or report.leg_index >= header.leg_count:
+        return _reject(Reason.UNKNOWN_BATCH, f"no leg {report.leg_index} of a batch "
+                       f"{core.shown(report.batch_id)} on this coordinator", report.batch_id,
+                       report.leg_index)
+    entry = report.entry
+    if entry is None:
+        return None
+    expected = (batch_entry_id(header.batch_id, report.leg_index), header.batch_id,
+                header.leg_count, report.leg_index, leg.leg.account_id, leg.leg.currency,
+                leg.leg.entry_type, leg.leg.amount_minor, leg.leg.reverses_entry_id)
+    actual = (entry.entry_id, entry.batch_id, entry.batch_size, entry.leg_index,
+              entry.account_id, entry.currency, entry.entry_type, entry.amount_minor,
+              entry.reverses_entry_id)
+    if actual != expected or not core.verify_entry_hash(entry):
+        return _reject(Reason.REPORT_MISMATCH, f"the posted entry of leg {report.leg_index} is "
+                       "not that leg's sealed entry", header.batch_id, report.leg_index)
+    return None
+
+
+def parse_tick(record: Mapping[str, Any], partition: int) -> int | BatchRejection:
+    """The time of a decoded BatchTick read on `partition`."""
+    if record.get("partition") != partition:
+        return _reject(Reason.WRONG_PARTITION, f"a tick for partition "
+                       f"{core.shown(record.get('partition'))} read on partition {partition}")
+    try:
+        now_ms = core._ms(record.get("now"))
+    except (ValueError, OverflowError):
+        now_ms = None
+    if now_ms is None or now_ms < 0:
+        return _reject(Reason.INVALID_FIELD, "now is not a timestamp")
+    return now_ms
 
 
 # ------------------------------------------------------------------ coordinator
@@ -505,9 +683,14 @@ class HoldStep:
     changed: bool = True  # False: state and hold are as they were
 
 
-def reserve(state: AccountState, existing: Hold | None, message: Reserve) -> HoldStep:
-    """Place a pending hold for one leg, or refuse it. A repeated reserve gets the same answer."""
+def reserve(state: AccountState, existing: Hold | None,
+            message: Reserve) -> HoldStep | BatchRejection:
+    """Place a pending hold for one leg, or refuse it. A repeated reserve gets the same answer;
+    a reserve of another leg under a held key is rejected (coordinators resend the same leg)."""
     leg = message.leg
+    if existing is not None and existing.leg is not None and existing.leg != leg:
+        return _reject(Reason.RESERVE_MISMATCH, f"leg {message.leg_index} is held with another "
+                       "leg", message.batch_id, message.leg_index)
     if existing is not None:
         kind = ReportKind.RESERVED if existing.status in (HoldStatus.PENDING, HoldStatus.POSTED) \
             else ReportKind.REFUSED
@@ -537,12 +720,33 @@ def reserve(state: AccountState, existing: Hold | None, message: Reserve) -> Hol
     return HoldStep(state, hold, LegReport(message.batch_id, message.leg_index, ReportKind.RESERVED))
 
 
-def post(state: AccountState, frontier: merkle.MerkleFrontier, hold: Hold | None, *,
-         partition: int, now_ms: int) -> HoldStep:
+def settle_mismatch(hold: Hold | None, message: Settle) -> BatchRejection | None:
+    """A settle must name the account and currency of an existing hold of its batch and leg; a
+    post needs that hold pending (or posted: a repeat), a void needs it not posted."""
+    if hold is None or hold.leg is None:
+        if message.action is SettleAction.VOID:
+            return None  # a void before its reserve leaves a tombstone
+        return _reject(Reason.SETTLE_MISMATCH, f"post of leg {message.leg_index} without a hold",
+                       message.batch_id, message.leg_index)
+    if (hold.leg.account_id, hold.leg.currency) != (message.account_id, message.currency):
+        return _reject(Reason.SETTLE_MISMATCH, f"leg {message.leg_index} is held on another "
+                       "account or currency", message.batch_id, message.leg_index)
+    refused = (HoldStatus.VOIDED, HoldStatus.REFUSED) if message.action is SettleAction.POST \
+        else (HoldStatus.POSTED,)
+    if hold.status in refused:
+        return _reject(Reason.SETTLE_MISMATCH, f"{message.action} of a {hold.status} hold",
+                       message.batch_id, message.leg_index)
+    return None
+
+
+def post(state: AccountState, frontier: merkle.MerkleFrontier, hold: Hold | None,
+         message: Settle, *, partition: int, now_ms: int) -> HoldStep | BatchRejection:
     """Turn a pending hold into a committed entry; a posted hold re-reports its entry."""
-    if hold is None or hold.leg is None or hold.status in (HoldStatus.VOIDED, HoldStatus.REFUSED):
-        # The coordinator posts only when every leg reserved, and never after a void.
-        raise InvariantViolation(f"post of a hold that is not pending: {hold!r}")
+    mismatch = settle_mismatch(hold, message)
+    if mismatch is not None:
+        return mismatch
+    if hold is None or hold.leg is None:
+        raise InvariantViolation("settle_mismatch let a post without a hold through")
     if hold.status is HoldStatus.POSTED:
         return HoldStep(state, hold, LegReport(hold.batch_id, hold.leg_index, ReportKind.POSTED,
                                                entry=hold.entry), entry=hold.entry, changed=False)
@@ -580,15 +784,16 @@ def post(state: AccountState, frontier: merkle.MerkleFrontier, hold: Hold | None
                     entry=entry, frontier=new_frontier)
 
 
-def void(state: AccountState, hold: Hold | None, message: Settle) -> HoldStep:
+def void(state: AccountState, hold: Hold | None, message: Settle) -> HoldStep | BatchRejection:
     """Release a pending hold. A void before its reserve leaves a tombstone that refuses it."""
+    mismatch = settle_mismatch(hold, message)
+    if mismatch is not None:
+        return mismatch
     report = LegReport(message.batch_id, message.leg_index, ReportKind.VOIDED)
     if hold is None:
         tombstone = Hold(message.batch_id, message.leg_index, 0, None, HoldStatus.VOIDED,
                          Reason.HOLD_VOIDED, "the batch was voided before this leg was reserved")
         return HoldStep(state, tombstone, report)
-    if hold.status is HoldStatus.POSTED:
-        raise InvariantViolation(f"void of posted hold {hold.batch_id}#{hold.leg_index}")
     if hold.status is not HoldStatus.PENDING or hold.leg is None:
         return HoldStep(state, hold, report, changed=False)
     leg = hold.leg

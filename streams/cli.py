@@ -48,6 +48,13 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_quarantine(args: argparse.Namespace) -> int:
+    from streams.quarantine import run_quarantine
+
+    print(run_quarantine(_settings(), args.position, args.note))
+    return EXIT_OK
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import run_worker
     from streams.topics import create_topics
@@ -129,11 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
                             "entry commands, coordinates batches and reconciles chain transfers "
                             "against entries (grace windows: SARDIS_RECONCILE_GRACE_S and "
                             "SARDIS_RECONCILE_GRACE_BLOCKS). Start more processes to share "
-                            "partitions. Creates missing topics first. Exits 70 if a decision "
-                            "fails, so its open transaction aborts; restart it.")
+                            "partitions. Creates missing topics first. Bad input never stops it: "
+                            "it goes to ledger.dlq with a reason. A decision that raises is a bug "
+                            "or corrupt state: the worker exits 70 (its open transaction aborts) "
+                            "and logs 'STOPPED on TOPIC:PARTITION:OFFSET'; after investigating, "
+                            "`sardis-ledger quarantine TOPIC:PARTITION:OFFSET` sets that record "
+                            "aside and a restarted worker goes on.")
     worker.add_argument("--loglevel", default="warn",
                         choices=["crit", "error", "warn", "info", "debug"])
     worker.set_defaults(func=_cmd_worker)
+
+    quarantine = sub.add_parser(
+        "quarantine", help="set aside the record a worker stopped on (after investigating)",
+        description="Move one input record aside so its partition can go on: writes a "
+        "DeadLetter (reason quarantined) to ledger.dlq and marks the position on "
+        "ledger.internal.quarantine, in one Kafka transaction. Workers skip a quarantined "
+        "record (a client command gets a rejected result, reason quarantined). Idempotent: a "
+        "second run changes nothing. Use the position a worker logged with 'STOPPED on'.")
+    quarantine.add_argument("position", metavar="TOPIC:PARTITION:OFFSET",
+                            help="full topic name (prefix included), partition and offset, "
+                            "e.g. ledger.commands:3:1200")
+    quarantine.add_argument("--note", default="", help="why it was set aside (kept in the "
+                            "dead letter's detail, at most 256 characters)")
+    quarantine.set_defaults(func=_cmd_quarantine)
 
     produce = sub.add_parser(
         "produce", help="JSON lines on stdin -> Avro commands",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 from streams import canonical, merkle
 from streams.errors import InvariantViolation
@@ -55,6 +55,14 @@ class Reason(StrEnum):
     ALREADY_ROLLED_BACK = "already_rolled_back"
     BATCH_NOT_COMMITTED = "batch_not_committed"
     HOLD_VOIDED = "hold_voided"
+    # the trust boundary: DLQ reasons of records that must never have an effect
+    NOT_A_CLIENT_COMMAND = "not_a_client_command"  # an internal record type on a client topic
+    WRONG_PARTITION = "wrong_partition"  # an internal record on a partition that does not own it
+    UNKNOWN_BATCH = "unknown_batch"  # a leg report for a batch or leg the coordinator never began
+    SETTLE_MISMATCH = "settle_mismatch"  # a post or void that does not match its hold
+    RESERVE_MISMATCH = "reserve_mismatch"  # a reserve for a hold placed with another leg
+    REPORT_MISMATCH = "report_mismatch"  # a posted report whose entry is not the leg's
+    QUARANTINED = "quarantined"  # set aside by an operator (`sardis-ledger quarantine`)
 
 
 class EntryType(StrEnum):
@@ -205,9 +213,21 @@ def shown(value: Any) -> str:
     return bounded(repr(value), SHOWN_VALUE_LENGTH_MAX)
 
 
-def valid_id(value: Any) -> bool:
-    """A command, account or batch id: 1..ID_LENGTH_MAX printable characters."""
-    return _valid_id(value)
+def valid_id(value: object, *, allow_separator: bool = True) -> TypeGuard[str]:
+    """A command, account or batch id: 1..ID_LENGTH_MAX printable characters (an account id
+    without ACCOUNT_KEY_SEPARATOR)."""
+    return _valid_id(value, allow_separator=allow_separator)
+
+
+ENTRY_ID_PREFIX = "ent_"
+ENTRY_ID_HEX_DIGITS = 32
+
+
+def valid_entry_id(value: Any) -> bool:
+    """An id entry_id_for or a batch leg could have given: ent_ and 32 lowercase hex digits."""
+    return (isinstance(value, str) and len(value) == len(ENTRY_ID_PREFIX) + ENTRY_ID_HEX_DIGITS
+            and value.startswith(ENTRY_ID_PREFIX)
+            and all(c in "0123456789abcdef" for c in value[len(ENTRY_ID_PREFIX):]))
 
 
 # ------------------------------------------------------------------ ids and keys
@@ -322,7 +342,7 @@ def parse_post_entry(record: Mapping[str, Any], currencies: Mapping[str, Currenc
                                   or len(reference) > REFERENCE_LENGTH_MAX):
         return reject(Reason.INVALID_FIELD, f"reference must be at most {REFERENCE_LENGTH_MAX} characters")
     metadata = record.get("metadata") or {}
-    problem = _metadata_problem(metadata)
+    problem = metadata_problem(metadata)
     if problem:
         return reject(Reason.METADATA_TOO_LARGE, problem)
     expected_sequence = record.get("expected_sequence")
@@ -358,7 +378,7 @@ def parse_post_entry(record: Mapping[str, Any], currencies: Mapping[str, Currenc
     )
 
 
-def _metadata_problem(metadata: Any) -> str | None:
+def metadata_problem(metadata: Any) -> str | None:
     if not isinstance(metadata, Mapping):
         return "metadata must be a map of strings"
     if len(metadata) > METADATA_ENTRIES_MAX:

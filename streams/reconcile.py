@@ -158,6 +158,20 @@ def _e18(amount: Decimal, what: str) -> int:
     return units
 
 
+def parse_tick(record: Mapping[str, Any], partition: int) -> tuple[int, int | None]:
+    """(now_ms, chain_head_block) of a decoded ReconcileTick read on `partition`."""
+    if record.get("partition") != partition:
+        raise ReconcileError(f"a tick for partition {record.get('partition')!r:.20} read on "
+                             f"partition {partition}")
+    head = record.get("chain_head_block")
+    if head is not None and (not isinstance(head, int) or head < 0):
+        raise ReconcileError("chain_head_block must be >= 0")
+    now_ms = epoch_ms(record.get("now"))
+    if now_ms < 0:
+        raise ReconcileError("now is before the epoch")
+    return now_ms, head
+
+
 def epoch_ms(value: Any) -> int:
     """Milliseconds since the Unix epoch of an aware datetime (or of epoch milliseconds)."""
     if isinstance(value, datetime):
@@ -182,8 +196,33 @@ def claim_from_entry(record: Mapping[str, Any]) -> EntryClaim | None:
         log_index=NO_LOG_INDEX if log_index is None else int(log_index))
 
 
+# Bounds of what a ChainTransfer or a tick may carry (validated before any join is touched).
+CHAIN_TEXT_LENGTH_MAX = 128
+DIRECTIONS = frozenset({"in", "out"})
+STATUSES = frozenset({CONFIRMED, REMOVED})
+
+
+def _text(record: Mapping[str, Any], name: str) -> str:
+    value = record.get(name)
+    if not isinstance(value, str) or not 0 < len(value) <= CHAIN_TEXT_LENGTH_MAX \
+            or not value.isprintable():
+        raise ReconcileError(f"{name} must be 1..{CHAIN_TEXT_LENGTH_MAX} printable characters")
+    return value
+
+
 def transfer_from_wire(record: Mapping[str, Any]) -> TransferEvent:
-    """The event of a decoded ChainTransfer record."""
+    """The event of a decoded ChainTransfer record; ReconcileError when a field is out of
+    range (chain.transfers is written by the watcher, but read as untrusted input)."""
+    for name in ("chain", "block_hash", "tx_hash", "currency", "account_id"):
+        _text(record, name)
+    if record.get("direction") not in DIRECTIONS or record.get("status") not in STATUSES:
+        raise ReconcileError("direction must be in or out, status confirmed or removed")
+    for name in ("block_number", "log_index"):
+        value = record.get(name)
+        if not isinstance(value, int) or value < 0:
+            raise ReconcileError(f"{name} must be a whole number >= 0")
+    if not isinstance(record.get("amount"), Decimal) or record["amount"] < 0:
+        raise ReconcileError("amount must be a decimal >= 0")
     return TransferEvent(
         chain=record["chain"], block_number=record["block_number"], block_hash=record["block_hash"],
         tx_hash=record["tx_hash"].lower(), log_index=record["log_index"],

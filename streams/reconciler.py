@@ -2,7 +2,7 @@
 
 # Inputs, both keyed by tx hash and so co-partitioned (Kafka's default partitioner, murmur2):
 # - chain.transfers: ChainTransfer records from `sardis-ledger chain watch`;
-# - ledger.chain-claims: every committed Entry that names a chain transfer, produced by the ledger
+# - ledger.internal.chain-claims: every committed Entry that names a chain transfer, produced by the ledger
 #   agent in the same transaction as the entry itself, plus this module's ReconcileTick records.
 # The join of one (tx_hash, log_index) lives in the `reconcile` table under `j:tx_hash:log_index`;
 # `o:topic:partition` holds the next undecided offset of each input partition. The decisions are
@@ -90,7 +90,7 @@ class ChainHead:
 
 
 class Reconciler:
-    """Decides the records of chain.transfers and ledger.chain-claims for the worker that owns
+    """Decides the records of chain.transfers and ledger.internal.chain-claims for the worker that owns
     their partition (the same worker, transaction and partition number as ledger.commands)."""
 
     def __init__(self, worker: LedgerWorker, table: Any) -> None:
@@ -142,16 +142,13 @@ class Reconciler:
 
     # ------------------------------------------------------------------ per record
 
-    async def process(self, command: Command) -> None:
-        partition = command.partition
+    async def process(self, command: Command, name: str, record: dict[str, Any]) -> None:
+        """Decide one decoded record of an input topic (the worker checked it may be there and
+        records its offset)."""
         try:
-            name, record = self.worker.codec.decode(command.value)
             await self._record(command, name, record)
-        except CodecError as exc:
-            await self.worker._dead_letter(command, exc.reason, str(exc), None)
         except reconcile.ReconcileError as exc:
             await self.worker._dead_letter(command, core.Reason.INVALID_FIELD, str(exc), None)
-        await self.advance_to(command.topic, partition, command.offset + 1)
 
     async def _record(self, command: Command, name: str, record: dict[str, Any]) -> None:
         partition = command.partition
@@ -159,6 +156,9 @@ class Reconciler:
         if command.topic == self.transfers_topic and name == "ChainTransfer":
             event = reconcile.transfer_from_wire(record)
         elif command.topic == self.claims_topic and name == "Entry":
+            problem = records.entry_problem(record, self.worker.currencies)
+            if problem is not None:
+                raise reconcile.ReconcileError(f"entry: {problem}")
             event = reconcile.claim_from_entry(record)
             if event is None:
                 await self.worker._dead_letter(
@@ -166,7 +166,8 @@ class Reconciler:
                     f"entry {record.get('entry_id')} names no chain transfer", None)
                 return
         elif command.topic == self.claims_topic and name == "ReconcileTick":
-            await self._tick(partition, core._ms(record["now"]) or 0, record["chain_head_block"])
+            now_ms, head = reconcile.parse_tick(record, partition)
+            await self._tick(partition, now_ms, head)
             return
         else:
             await self.worker._dead_letter(command, core.Reason.UNKNOWN_COMMAND,
@@ -273,7 +274,7 @@ class Reconciler:
 
 async def backfill_claims(settings: Any, progress: Any = None) -> tuple[int, int]:
     """Re-key the entries already on ledger.entries that name a chain transfer onto
-    ledger.chain-claims, as the ledger agent does for new ones: once, after upgrading a ledger
+    ledger.internal.chain-claims, as the ledger agent does for new ones: once, after upgrading a ledger
     that ran without the streaming reconciler. Running it again is harmless (the reconciler
     ignores an entry_id it has seen). Returns (entries read, claims produced)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition

@@ -11,6 +11,8 @@ from typing import Any
 
 from streams import merkle
 from streams.batches import (
+    BATCH_LEGS_MAX,
+    REVERSAL,
     BatchHeader,
     BatchOutcome,
     BatchStatus,
@@ -19,14 +21,16 @@ from streams.batches import (
     Leg,
     LegRecord,
     LegReport,
-    ReportKind,
     Reserve,
     Settle,
-    SettleAction,
+    valid_batch_id,
 )
 from streams.core import (
+    BALANCE_SIGN,
+    CHAIN_FIELD_LENGTH_MAX,
     EPOCH,
     ONE_MS,
+    REFERENCE_LENGTH_MAX,
     AccountState,
     CommandRecord,
     Entry,
@@ -35,6 +39,9 @@ from streams.core import (
     Reason,
     Status,
     bounded,
+    metadata_problem,
+    shown,
+    valid_entry_id,
     valid_id,
 )
 from streams.errors import InvariantViolation
@@ -120,6 +127,86 @@ def entry_from_wire(record: Mapping[str, Any], currencies: Mapping[str, Currency
         chain_tx_hash=record.get("chain_tx_hash"),
         chain_log_index=record.get("chain_log_index"),
     )
+
+
+ENTRY_HASH_BYTES = 32
+
+
+def _digest(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and len(bytes.fromhex(value)) == ENTRY_HASH_BYTES \
+            and value == value.lower()
+    except ValueError:
+        return False
+
+
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def entry_problem(record: Mapping[str, Any], currencies: Mapping[str, Currency]) -> str | None:
+    """What makes a decoded Entry record one no worker of this ledger could have written, or
+    None. Checked before anything reads an Entry it did not write itself (leg reports, sinks)."""
+    code = record.get("currency")
+    currency = currencies.get(code) if isinstance(code, str) else None
+    if currency is None:
+        return f"unknown currency {shown(record.get('currency'))}"
+    if not valid_entry_id(record.get("entry_id")):
+        return "entry_id is not an entry id"
+    if not (valid_id(record.get("command_id")) or valid_batch_id(record.get("command_id"))):
+        return "command_id is not a command or batch id"
+    if not valid_id(record.get("account_id"), allow_separator=False):
+        return "account_id is not an account id"
+    if record.get("entry_type") not in BALANCE_SIGN and record.get("entry_type") != REVERSAL:
+        return f"entry_type {shown(record.get('entry_type'))} is not an entry type"
+    for name in ("amount", "running_balance"):
+        value = record.get(name)
+        if not isinstance(value, Decimal) or to_minor(value, currency.decimals) is None:
+            return f"{name} does not fit {currency.code}'s {currency.decimals} decimals"
+    if to_minor(record["amount"], currency.decimals) <= 0:  # type: ignore[operator]
+        return "amount must be greater than zero"
+    if not (_whole(record.get("sequence"), 1) and _whole(record.get("partition"), 0)
+            and _whole(record.get("leaf_index"), 0)):
+        return "sequence, partition and leaf_index must be whole numbers (sequence from 1)"
+    if not (_digest(record.get("entry_hash")) and _digest(record.get("merkle_root"))):
+        return "entry_hash and merkle_root must be 64 lowercase hex digits"
+    return _entry_optional_problem(record)
+
+
+def _entry_optional_problem(record: Mapping[str, Any]) -> str | None:
+    batch = (record.get("batch_id"), record.get("batch_size"), record.get("leg_index"))
+    if batch != (None, None, None) and not (
+            valid_batch_id(batch[0]) and _whole(batch[1], 1) and _whole(batch[2], 0)
+            and batch[2] < batch[1] <= BATCH_LEGS_MAX):  # type: ignore[operator]
+        return "batch_id, batch_size and leg_index must all be absent or describe one leg"
+    reverses = record.get("reverses_entry_id")
+    if reverses is not None and not valid_entry_id(reverses):
+        return "reverses_entry_id is not an entry id"
+    reference = record.get("reference")
+    if reference is not None and len(reference) > REFERENCE_LENGTH_MAX:
+        return f"reference is longer than {REFERENCE_LENGTH_MAX} characters"
+    problem = metadata_problem(record.get("metadata") or {})
+    if problem is not None:
+        return problem
+    for name in ("chain", "chain_tx_hash"):
+        value = record.get(name)
+        if value is not None and len(value) > CHAIN_FIELD_LENGTH_MAX:
+            return f"{name} is longer than {CHAIN_FIELD_LENGTH_MAX} characters"
+    log_index = record.get("chain_log_index")
+    if log_index is not None and not _whole(log_index, 0):
+        return "chain_log_index must be >= 0"
+    try:
+        _ms(record.get("committed_at"))
+        _opt_ms(record.get("occurred_at"))
+    except InvariantViolation:
+        return "committed_at and occurred_at must be timestamps"
+    return None
+
+
+def parse_entry(record: Mapping[str, Any], currencies: Mapping[str, Currency]) -> Entry | str:
+    """A decoded Entry record that passed entry_problem, or the problem."""
+    problem = entry_problem(record, currencies)
+    return problem if problem is not None else entry_from_wire(record, currencies)
 
 
 def outcome_to_wire(outcome: Outcome, currencies: Mapping[str, Currency]) -> dict[str, Any]:
@@ -389,31 +476,10 @@ def reserve_to_wire(message: Reserve) -> dict[str, Any]:
             **_leg_wire(message.leg)}
 
 
-def reserve_from_wire(record: Mapping[str, Any], currencies: Mapping[str, Currency]) -> Reserve:
-    """A ReserveLeg as the coordinator sent it (it validated the leg; a currency missing here
-    means workers run with different currency tables: a deployment bug)."""
-    currency = currencies.get(record["currency"])
-    if currency is None:
-        raise InvariantViolation(f"reserve for unknown currency {record['currency']!r}")
-    if record["sign"] not in (1, -1):
-        raise InvariantViolation(f"reserve with sign {record['sign']!r}")
-    leg = Leg(record["account_id"], currency.code, currency.decimals, record["entry_type"],
-              _minor(record["amount"], currency), record["sign"], record.get("reference"),
-              dict(record.get("metadata") or {}), bool(record.get("allow_overdraft")),
-              record.get("reverses_entry_id"))
-    return Reserve(record["batch_id"], record["leg_index"], record["batch_size"], leg,
-                   record["coordinator_partition"])
-
-
 def settle_to_wire(message: Settle) -> dict[str, Any]:
     return {"batch_id": message.batch_id, "leg_index": message.leg_index,
             "account_id": message.account_id, "currency": message.currency,
             "action": str(message.action), "coordinator_partition": message.coordinator_partition}
-
-
-def settle_from_wire(record: Mapping[str, Any]) -> Settle:
-    return Settle(record["batch_id"], record["leg_index"], record["account_id"], record["currency"],
-                  SettleAction(record["action"]), record["coordinator_partition"])
 
 
 def report_to_wire(report: LegReport, currencies: Mapping[str, Currency]) -> dict[str, Any]:
@@ -422,14 +488,6 @@ def report_to_wire(report: LegReport, currencies: Mapping[str, Currency]) -> dic
             "reason": None if report.reason is None else str(report.reason),
             "detail": None if report.detail is None else bounded(report.detail),
             "entry": None if entry is None else entry_to_wire(entry, currencies[entry.currency])}
-
-
-def report_from_wire(record: Mapping[str, Any], currencies: Mapping[str, Currency]) -> LegReport:
-    entry = record.get("entry")
-    return LegReport(record["batch_id"], record["leg_index"], ReportKind(record["kind"]),
-                     None if record.get("reason") is None else Reason(record["reason"]),
-                     record.get("detail"),
-                     None if entry is None else entry_from_wire(entry, currencies))
 
 
 def batch_outcome_to_wire(outcome: BatchOutcome, currencies: Mapping[str, Currency]) -> dict[str, Any]:

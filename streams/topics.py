@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from streams.config import Settings
+from streams.core import Reason
 from streams.errors import LedgerError
 
 CREATE_TIMEOUT_MS = 30_000
@@ -14,19 +15,43 @@ MESSAGE_BYTES_MAX = 1_048_576
 
 
 class LedgerTopic(StrEnum):
+    # Client topics: the only topics a client principal may write.
     COMMANDS = "ledger.commands"
+    BATCHES = "ledger.batches"
+    # Internal topics (prefix ledger.internal.): written by workers only, never granted to
+    # clients. Coordinator and account sides talk over them; misrouted client commands are
+    # forwarded over them to the partition that owns them.
+    INTERNAL_COMMANDS = "ledger.internal.commands"
+    INTERNAL_COORDINATOR = "ledger.internal.coordinator"
+    CHAIN_CLAIMS = "ledger.internal.chain-claims"
+    QUARANTINE = "ledger.internal.quarantine"
+    # Outputs: written by workers (or sinks, anchoring), read by clients and sinks.
     ENTRIES = "ledger.entries"
     RESULTS = "ledger.results"
     BALANCES = "ledger.balances"
     TREE_HEADS = "ledger.tree-heads"
     DLQ = "ledger.dlq"
-    BATCHES = "ledger.batches"
+    SINK_DLQ = "ledger.sink-dlq"
     RECEIPTS = "ledger.receipts"
     ANCHORS = "ledger.anchors"
     RECONCILIATIONS = "ledger.reconciliations"
     DISCREPANCIES = "ledger.discrepancies"
+    # Written by the chain watcher.
     CHAIN_TRANSFERS = "chain.transfers"
-    CHAIN_CLAIMS = "ledger.chain-claims"
+
+
+INTERNAL_PREFIX = "ledger.internal."
+
+
+class Access(StrEnum):
+    """Who writes a topic; what the deployment's ACLs grant (see README: topics)."""
+
+    CLIENT = "clients"  # client principals write it; everything on it is untrusted
+    INTERNAL = "workers only"  # never granted to clients
+    OUTPUT = "workers, read by clients"
+    SINK = "sinks"
+    WATCHER = "chain watcher"
+    OPERATOR = "anchoring (operator)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,26 +59,55 @@ class TopicSpec:
     name: str
     key: str
     config: dict[str, str] = field(default_factory=dict)
+    access: Access = Access.OUTPUT
 
 
 TOPICS: tuple[TopicSpec, ...] = (
     # Commands are kept: they are the input that replays reproduce the ledger from.
-    TopicSpec(LedgerTopic.COMMANDS, "account_id", dict(RETAIN_FOREVER)),
+    TopicSpec(LedgerTopic.COMMANDS, "account_id", dict(RETAIN_FOREVER), Access.CLIENT),
+    TopicSpec(LedgerTopic.BATCHES, "batch_id", dict(RETAIN_FOREVER), Access.CLIENT),
+    TopicSpec(LedgerTopic.INTERNAL_COMMANDS, "account_id", dict(RETAIN_FOREVER), Access.INTERNAL),
+    TopicSpec(LedgerTopic.INTERNAL_COORDINATOR, "batch_id", dict(RETAIN_FOREVER), Access.INTERNAL),
+    # Entries that name a chain transfer, re-keyed by tx hash so they meet chain.transfers in the
+    # same partition (and the reconciler's ticks). Kept: a rebuilt reconciler replays it.
+    TopicSpec(LedgerTopic.CHAIN_CLAIMS, "tx_hash", dict(RETAIN_FOREVER), Access.INTERNAL),
+    TopicSpec(LedgerTopic.QUARANTINE, "topic:partition:offset", {"cleanup.policy": "compact"},
+              Access.INTERNAL),
     TopicSpec(LedgerTopic.ENTRIES, "account_id", dict(RETAIN_FOREVER)),
     TopicSpec(LedgerTopic.RESULTS, "command_id", {"retention.ms": str(7 * 24 * 3600 * 1000)}),
     TopicSpec(LedgerTopic.BALANCES, "account_id|currency", {"cleanup.policy": "compact"}),
     TopicSpec(LedgerTopic.TREE_HEADS, "partition", dict(RETAIN_FOREVER)),
     TopicSpec(LedgerTopic.DLQ, "source key", dict(RETAIN_FOREVER)),
-    TopicSpec(LedgerTopic.BATCHES, "batch_id", dict(RETAIN_FOREVER)),
-    TopicSpec(LedgerTopic.RECEIPTS, "entry_id", dict(RETAIN_FOREVER)),
-    TopicSpec(LedgerTopic.ANCHORS, "partition", dict(RETAIN_FOREVER)),
+    TopicSpec(LedgerTopic.SINK_DLQ, "source key", dict(RETAIN_FOREVER), Access.SINK),
+    TopicSpec(LedgerTopic.RECEIPTS, "entry_id", dict(RETAIN_FOREVER), Access.SINK),
+    TopicSpec(LedgerTopic.ANCHORS, "partition", dict(RETAIN_FOREVER), Access.OPERATOR),
     TopicSpec(LedgerTopic.RECONCILIATIONS, "tx_hash:log_index", dict(RETAIN_FOREVER)),
     TopicSpec(LedgerTopic.DISCREPANCIES, "tx_hash or entry_id", dict(RETAIN_FOREVER)),
-    TopicSpec(LedgerTopic.CHAIN_TRANSFERS, "tx_hash", dict(RETAIN_FOREVER)),
-    # Entries that name a chain transfer, re-keyed by tx hash so they meet chain.transfers in the
-    # same partition (and the reconciler's ticks). Kept: a rebuilt reconciler replays it.
-    TopicSpec(LedgerTopic.CHAIN_CLAIMS, "tx_hash", dict(RETAIN_FOREVER)),
+    TopicSpec(LedgerTopic.CHAIN_TRANSFERS, "tx_hash", dict(RETAIN_FOREVER), Access.WATCHER),
 )
+
+# The record types each input topic may carry. Anything else is dead-lettered with no effect:
+# `not_a_client_command` for an internal record type on a client topic, else `unknown_command`.
+INPUT_RECORDS: dict[LedgerTopic, frozenset[str]] = {
+    LedgerTopic.COMMANDS: frozenset({"PostEntry"}),
+    LedgerTopic.BATCHES: frozenset({"SubmitBatch", "RollbackBatch"}),
+    LedgerTopic.INTERNAL_COMMANDS: frozenset({"PostEntry", "ReserveLeg", "SettleLeg"}),
+    LedgerTopic.INTERNAL_COORDINATOR: frozenset({"SubmitBatch", "RollbackBatch", "LegReport",
+                                                 "BatchTick"}),
+    LedgerTopic.CHAIN_TRANSFERS: frozenset({"ChainTransfer"}),
+    LedgerTopic.CHAIN_CLAIMS: frozenset({"Entry", "ReconcileTick"}),
+}
+CLIENT_TOPICS: frozenset[LedgerTopic] = frozenset(
+    LedgerTopic(t.name) for t in TOPICS if t.access is Access.CLIENT)
+
+
+def misplaced_reason(topic: LedgerTopic, record_name: str) -> Reason | None:
+    """Why `record_name` may not be decided from `topic` (a DLQ reason), or None if it may."""
+    if record_name in INPUT_RECORDS[topic]:
+        return None
+    if topic in CLIENT_TOPICS:
+        return Reason.NOT_A_CLIENT_COMMAND
+    return Reason.UNKNOWN_COMMAND
 
 
 # The worker's Faust app and its changelog-backed tables. Their changelog topics are created here,

@@ -92,7 +92,7 @@ def _cmd_backfill_claims(args: argparse.Namespace) -> int:
 
     _logging(args.loglevel)
     read, produced = asyncio.run(backfill_claims(_settings(), ProgressBar("backfill claims")))
-    print(f"{read} entries read, {produced} chain claims produced on ledger.chain-claims",
+    print(f"{read} entries read, {produced} chain claims produced on ledger.internal.chain-claims",
           file=sys.stderr)
     return EXIT_OK
 
@@ -154,7 +154,7 @@ def add_chain_commands(sub: Any) -> None:
     backfill = chain_sub.add_parser(
         "backfill-claims", help="send entries booked before the streaming reconciler to it",
         description="Read ledger.entries from the beginning and produce every entry that names "
-        "a chain transfer (chain_tx_hash) to ledger.chain-claims, keyed by its tx hash, as the "
+        "a chain transfer (chain_tx_hash) to ledger.internal.chain-claims, keyed by its tx hash, as the "
         "worker does for new entries. Run it once after upgrading a ledger that ran without the "
         "streaming reconciler, so old bookings meet their transfers instead of showing as "
         "missing_in_ledger. Running it again is harmless: the reconciler ignores an entry it "

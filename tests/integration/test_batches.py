@@ -134,7 +134,8 @@ async def test_timeout_voids_a_batch_and_releases_its_hold(
     try:
         await blocker.begin_transaction()
         await blocker.send_and_wait(
-            settings.topic("ledger.commands"),
+            # Reserves reach accounts on ledger.internal.commands: hold that partition shut.
+            settings.topic("ledger.internal.commands"),
             AvroCodec().encode("PostEntry", {"command_id": "never-committed", "account_id": busy,
                                              "currency": "USDC", "entry_type": "credit",
                                              "amount": Decimal("1")}),

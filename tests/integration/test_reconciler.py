@@ -265,7 +265,7 @@ def _major(minor: int) -> str:
 
 
 async def test_backfill_claims_rekeys_old_chain_entries(settings: Settings) -> None:
-    """Entries booked before the reconciler existed reach ledger.chain-claims by tx hash."""
+    """Entries booked before the reconciler existed reach ledger.internal.chain-claims by tx hash."""
     settings = dataclasses.replace(settings, partitions=3)
     await create_topics(settings)
     book = Entries(settings)
@@ -280,7 +280,7 @@ async def test_backfill_claims_rekeys_old_chain_entries(settings: Settings) -> N
         await producer.flush()
     read, produced = await backfill_claims(settings)
     assert (read, produced) == (len(hashes) + 1, len(hashes))
-    claims = await read_topic(settings, "ledger.chain-claims", idle_s=2.0)
+    claims = await read_topic(settings, "ledger.internal.chain-claims", idle_s=2.0)
     assert sorted(r[3]["entry_id"] for r in claims) == sorted(f"e_old_{i}" for i in range(40))
     for partition, _offset, key, record in claims:
         assert key == record["chain_tx_hash"].lower().encode()

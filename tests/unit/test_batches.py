@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from streams import batches as b
 from streams import merkle
 from streams.core import AccountState, Reason
-from streams.errors import InvariantViolation
 from streams.money import currency_table
 
 CURRENCIES = currency_table()
@@ -115,6 +114,7 @@ class World:
         key = message.leg.account_id
         hold_step = b.reserve(self.states.get(key, AccountState()), self.holds.get(message.hold_key),
                               message)
+        assert isinstance(hold_step, b.HoldStep)
         self.states[key] = hold_step.state
         self.holds[message.hold_key] = hold_step.hold
         assert hold_step.report is not None
@@ -125,11 +125,13 @@ class World:
         hold = self.holds.get(message.hold_key)
         state = self.states.get(key, AccountState())
         if message.action is b.SettleAction.POST:
-            hold_step = b.post(state, self.frontier, hold, partition=0, now_ms=self.now_ms)
+            hold_step = b.post(state, self.frontier, hold, message, partition=0, now_ms=self.now_ms)
+            assert isinstance(hold_step, b.HoldStep)
             if hold_step.frontier is not None:
                 self.frontier = hold_step.frontier
         else:
             hold_step = b.void(state, hold, message)
+        assert isinstance(hold_step, b.HoldStep)
         self.states[key] = hold_step.state
         self.holds[message.hold_key] = hold_step.hold
         return hold_step.report
@@ -211,17 +213,25 @@ def test_void_before_reserve_leaves_a_tombstone_that_refuses_the_late_reserve() 
     settle = b.Settle("bat_1", 0, "alice", "USDC", b.SettleAction.VOID, 0)
     state = AccountState(balance_minor=10_000_000)
     voided = b.void(state, None, settle)
+    assert isinstance(voided, b.HoldStep)
     late = b.reserve(voided.state, voided.hold, message)
+    assert isinstance(late, b.HoldStep)
     assert late.report is not None and late.report.kind is b.ReportKind.REFUSED
     assert late.state.pending_debit_minor == 0
 
 
-def test_post_of_a_voided_hold_is_a_bug_not_a_decision() -> None:
+def test_post_of_a_voided_hold_is_rejected_with_no_effect() -> None:
+    """A genuine coordinator never posts after a void; a forged post must not book anything."""
     batch = parsed([leg("alice", "debit", "1"), leg("bob", "credit", "1")])
     held = b.reserve(AccountState(balance_minor=10_000_000), None, b.Reserve("bat_1", 0, 2, batch.legs[0], 0))
+    assert isinstance(held, b.HoldStep)
     voided = b.void(held.state, held.hold, b.Settle("bat_1", 0, "alice", "USDC", b.SettleAction.VOID, 0))
-    with pytest.raises(InvariantViolation):
-        b.post(voided.state, merkle.MerkleFrontier(), voided.hold, partition=0, now_ms=1)
+    assert isinstance(voided, b.HoldStep)
+    posted = b.post(voided.state, merkle.MerkleFrontier(), voided.hold,
+                    b.Settle("bat_1", 0, "alice", "USDC", b.SettleAction.POST, 0), partition=0,
+                    now_ms=1)
+    assert isinstance(posted, b.BatchRejection)
+    assert posted.reason is Reason.SETTLE_MISMATCH
 
 
 # ------------------------------------------------------------------ rollback
@@ -313,13 +323,17 @@ def test_no_sequence_of_hold_operations_breaks_the_invariants(
             the_leg = hold.leg if hold is not None and hold.leg is not None else b.Leg(
                 ACCOUNT, "USDC", 6, "debit" if sign < 0 else "credit", amount, sign,
                 allow_overdraft=overdraft)
-            step = b.reserve(state, hold, b.Reserve("bat", number, 6, the_leg, 0))
+            reserved = b.reserve(state, hold, b.Reserve("bat", number, 6, the_leg, 0))
+            assert isinstance(reserved, b.HoldStep)
+            step = reserved
         elif op == "post":
+            message = b.Settle("bat", number, ACCOUNT, "USDC", b.SettleAction.POST, 0)
+            posted = b.post(state, frontier, hold, message, partition=0, now_ms=1)
             if hold is None or hold.status not in (b.HoldStatus.PENDING, b.HoldStatus.POSTED):
-                with pytest.raises(InvariantViolation):
-                    b.post(state, frontier, hold, partition=0, now_ms=1)
+                assert isinstance(posted, b.BatchRejection)  # nothing changes
                 continue
-            step = b.post(state, frontier, hold, partition=0, now_ms=1)
+            assert isinstance(posted, b.HoldStep)
+            step = posted
             if step.frontier is not None:
                 frontier = step.frontier
             if step.changed and step.entry is not None:
@@ -327,11 +341,13 @@ def test_no_sequence_of_hold_operations_breaks_the_invariants(
                 sign_posted = 1 if step.hold.leg and step.hold.leg.sign > 0 else -1
                 expected_balance += step.entry.amount_minor * sign_posted
         else:  # void, or the coordinator's timeout, which voids
+            voided = b.void(state, hold, b.Settle("bat", number, ACCOUNT, "USDC",
+                                                  b.SettleAction.VOID, 0))
             if hold is not None and hold.status is b.HoldStatus.POSTED:
-                with pytest.raises(InvariantViolation):
-                    b.void(state, hold, b.Settle("bat", number, ACCOUNT, "USDC", b.SettleAction.VOID, 0))
+                assert isinstance(voided, b.BatchRejection)  # nothing changes
                 continue
-            step = b.void(state, hold, b.Settle("bat", number, ACCOUNT, "USDC", b.SettleAction.VOID, 0))
+            assert isinstance(voided, b.HoldStep)
+            step = voided
         state = step.state
         holds[number] = step.hold
         pending = sum(h.leg.amount_minor for h in holds.values()
