@@ -29,11 +29,11 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from schemas.codec import AvroCodec
 from sinks import kafka
 from sinks.errors import SinkError, SinkUnavailable, VerificationError
+from sinks.intake import SinkReject, intake
 from sinks.kafka import ALL_PARTITIONS, Shard
 from streams import canonical, records
 from streams.config import Settings, host_port
-from streams.core import murmur2
-from streams.errors import CodecError, LedgerError
+from streams.core import EPOCH, ONE_MS, murmur2
 from streams.money import Currency, currency_table
 from streams.outbox import send_batches
 from streams.topics import LedgerTopic
@@ -444,18 +444,19 @@ def receipt_record(entry_id: str, stored: Stored, database: str, now: datetime) 
 
 
 def entries_to_store(settings: Settings, messages: Iterable[Any], codec: AvroCodec,
-                     currencies: Mapping[str, Currency]) -> dict[str, tuple[bytes, bytes]]:
-    """entry_id -> (immudb key, canonical bytes) of the Entry records among `messages`."""
+                     currencies: Mapping[str, Currency],
+                     rejects: list[SinkReject] | None = None) -> dict[str, tuple[bytes, bytes]]:
+    """entry_id -> (immudb key, canonical bytes) of the Entry records among `messages`; the
+    records that cannot be stored go to `rejects` (sinks/intake)."""
     out: dict[str, tuple[bytes, bytes]] = {}
+    topic = settings.topic(LedgerTopic.ENTRIES)
     for message in messages:
-        try:
-            name, record = codec.decode(message.value)
-            if name != "Entry":
-                raise CodecError("unexpected_record", f"a {name} record on ledger.entries")
-            entry = records.entry_from_wire(record, currencies)
-        except (LedgerError, KeyError) as exc:
-            log.error("skipping unreadable record at offset %d: %s", message.offset, exc)
+        taken = intake(LedgerTopic.ENTRIES, topic, message, codec, currencies)
+        if isinstance(taken, SinkReject):
+            if rejects is not None:
+                rejects.append(taken)
             continue
+        entry = records.entry_from_wire(taken[1], currencies)
         data = canonical.entry_bytes(entry)
         if canonical.entry_hash(data) != entry.entry_hash:
             # Stored anyway: immudb keeps what the ledger published; `verify` flags the entry.
@@ -490,6 +491,7 @@ class ImmudbSink:
         self.group_id = group_id_for(settings)
         self.transactional_id = f"{self.group_id}{shard.suffix}"
         self.entries_written = 0
+        self.rejected = 0  # records set aside (sinks/intake), since start
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         stop = stop or asyncio.Event()
@@ -529,8 +531,8 @@ class ImmudbSink:
                     await self._handle(consumer, producer, tps, batches, stop)
                 if time.monotonic() - last_report >= REPORT_EVERY_S:
                     positions = {tp: await consumer.position(tp) for tp in tps}
-                    log.info("sink immudb: %d entries stored, lag %d records",
-                             self.entries_written, kafka.lag(consumer, positions))
+                    log.info("sink immudb: %d entries stored, lag %d records, %d set aside",
+                             self.entries_written, kafka.lag(consumer, positions), self.rejected)
                     last_report = time.monotonic()
         except ProducerFenced as exc:
             raise SinkError("another immudb sink with the same transactional id took over") from exc
@@ -589,7 +591,8 @@ class ImmudbSink:
                       batches: Mapping[TopicPartition, list[Any]], stop: asyncio.Event) -> None:
         messages = [m for tp in sorted(batches, key=lambda t: t.partition) for m in batches[tp]]
         offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batches.items() if msgs}
-        wanted = entries_to_store(self.settings, messages, self.codec, self.currencies)
+        rejects: list[SinkReject] = []
+        wanted = entries_to_store(self.settings, messages, self.codec, self.currencies, rejects)
         items = dict(wanted.values())
         behind = kafka.lag(consumer, {tp: offsets.get(tp, 0) for tp in offsets}) + len(items)
         stored = await self._store_with_retry(items, behind, stop) if items else {}
@@ -601,6 +604,7 @@ class ImmudbSink:
             try:
                 async with producer.transaction():
                     await self._send_receipts(producer, topic, wanted, stored, now)
+                    await self._send_rejects(producer, rejects, now)
                     await producer.send_offsets_to_transaction(offsets, self.group_id)
                 break
             except ProducerFenced:
@@ -611,6 +615,16 @@ class ImmudbSink:
                 log.warning("publishing receipts failed (%r); retrying", exc)
                 await asyncio.sleep(RETRY_BACKOFF_INITIAL_S * attempt)
         self.entries_written += len(wanted)
+        self.rejected += len(rejects)
+
+    async def _send_rejects(self, producer: AIOKafkaProducer, rejects: list[SinkReject],
+                            now: datetime) -> None:
+        """Set-aside records onto ledger.sink-dlq, in the transaction of the offsets past them."""
+        now_ms = (now - EPOCH) // ONE_MS
+        for reject in rejects:
+            await producer.send(self.settings.topic(LedgerTopic.SINK_DLQ),
+                                self.codec.encode("DeadLetter", reject.dead_letter("immudb", now_ms)),
+                                key=f"{reject.topic}:{reject.partition}:{reject.offset}".encode())
 
     async def _send_receipts(self, producer: AIOKafkaProducer, topic: str,
                              wanted: Mapping[str, tuple[bytes, bytes]],

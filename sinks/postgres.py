@@ -17,10 +17,10 @@ from aiokafka.errors import KafkaError
 from schemas.codec import AvroCodec
 from sinks import kafka, rows
 from sinks.errors import SinkError, SinkUnavailable
+from sinks.intake import SinkReject, intake
 from sinks.kafka import ALL_PARTITIONS, Shard
 from sinks.schema import connect, migrate, quoted
 from streams.config import Settings
-from streams.errors import CodecError
 from streams.money import Currency, currency_table
 from streams.topics import LedgerTopic
 
@@ -52,13 +52,6 @@ SOURCE_TOPICS: tuple[tuple[LedgerTopic, bool], ...] = (
     (LedgerTopic.RECEIPTS, False),
     (LedgerTopic.ANCHORS, False),
 )
-# Record names each topic carries; anything else on a topic is logged and skipped.
-RECORD_NAMES = {
-    LedgerTopic.ENTRIES: "Entry",
-    LedgerTopic.TREE_HEADS: "TreeHead",
-    LedgerTopic.RECEIPTS: "Receipt",
-    LedgerTopic.ANCHORS: "Anchor",
-}
 # SQLSTATE classes worth a reconnect and retry: connection problems, server shutting down,
 # resources, serialization failures. Everything else (constraint violations) is a real fault.
 RETRIABLE_SQLSTATE_PREFIXES = ("08", "57P", "53", "40001", "40P01", "58")
@@ -77,7 +70,8 @@ class Batch:
     anchors: list[tuple[Any, ...]] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     records: int = 0
-    skipped: int = 0
+    # Records that cannot be stored (sinks/intake): set aside with the offsets that pass them.
+    rejects: list[SinkReject] = field(default_factory=list)
 
 
 def build_batch(messages: Mapping[TopicPartition, list[Any]], topic_kinds: Mapping[str, LedgerTopic],
@@ -94,22 +88,14 @@ def add_messages(batch: Batch, tp: TopicPartition, messages: Sequence[Any],
                  currencies: Mapping[str, Currency]) -> None:
     """Decode consecutive messages of one partition into `batch` (rows deduplicated)."""
     kind = topic_kinds[tp.topic]
-    expected = RECORD_NAMES[kind]
     for message in messages:
         batch.records += 1
         batch.offsets[tp] = message.offset + 1
-        try:
-            name, record = codec.decode(message.value)
-        except CodecError as exc:
-            log.error("skipping undecodable record %s[%d]@%d: %s", tp.topic, tp.partition,
-                      message.offset, exc)
-            batch.skipped += 1
+        taken = intake(kind, tp.topic, message, codec, currencies)
+        if isinstance(taken, SinkReject):
+            batch.rejects.append(taken)
             continue
-        if name != expected:
-            log.error("skipping a %s record on %s[%d]@%d (expected %s)", name, tp.topic,
-                      tp.partition, message.offset, expected)
-            batch.skipped += 1
-            continue
+        _name, record = taken
         if kind is LedgerTopic.ENTRIES:
             # The worker may re-emit an entry after a crash; entry_id dedupes it.
             if record["entry_id"] not in batch.entries:
@@ -190,6 +176,8 @@ class PostgresSink:
         self.positions: dict[TopicPartition, int] = {}
         self.entries_written = 0
         self.records_done = 0
+        self.rejected = 0  # records set aside (sinks/intake), since start
+        self._dlq_producer: Any = None
 
     # ------------------------------------------------------------------ database
 
@@ -253,6 +241,12 @@ class PostgresSink:
         async with conn.transaction():
             if batch.entries:
                 added = await self._write_entries(list(batch.entries.values()))
+            if batch.rejects:
+                await conn.executemany(
+                    f"INSERT INTO {q}.sink_dead_letters (source_topic, source_partition, "
+                    "source_offset, reason, detail, payload_size, payload_sha256) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    [_reject_row(reject) for reject in batch.rejects])
             if batch.batches:
                 await conn.executemany(
                     f"INSERT INTO {q}.batches ({', '.join(rows.BATCH_COLUMNS)}) "
@@ -400,8 +394,9 @@ class PostgresSink:
                     if now - last_report >= REPORT_EVERY_S:
                         rate = (self.entries_written - written_at_report) / (now - last_report)
                         positions = {tp: await self.consumer.position(tp) for tp in self.tps}
-                        log.info("sink postgres: %d entries written (%.0f/s), lag %d records",
-                                 self.entries_written, rate, kafka.lag(self.consumer, positions))
+                        log.info("sink postgres: %d entries written (%.0f/s), lag %d records, "
+                                 "%d set aside", self.entries_written, rate,
+                                 kafka.lag(self.consumer, positions), self.rejected)
                         last_report, written_at_report = now, self.entries_written
                 if in_flight is not None:
                     # Stopping: let the last transaction finish (or fail: the next start resumes
@@ -416,6 +411,9 @@ class PostgresSink:
             await self._close_db()
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
+            if self._dlq_producer is not None:
+                with contextlib.suppress(Exception):
+                    await self._dlq_producer.stop()
         return self.entries_written
 
     async def _reached(self, ends: Mapping[TopicPartition, int]) -> bool:
@@ -433,6 +431,7 @@ class PostgresSink:
         batch is never written twice and never lost.
         """
         try:
+            await self._publish_rejects(batch.rejects)
             added = await self.write(batch)
         except Exception as exc:
             if not is_retriable(exc) and not self.conn.is_closed():
@@ -441,11 +440,34 @@ class PostgresSink:
                         "stored offsets", exc)
             return False
         self.entries_written += added
+        self.rejected += len(batch.rejects)
         self.positions.update(batch.offsets)
         self.records_done += batch.records
         if self.progress is not None and total:
             self.progress(min(self.records_done, total), total)
         return True
+
+    async def _publish_rejects(self, rejects: Sequence[SinkReject]) -> None:
+        """Put the batch's set-aside records on ledger.sink-dlq before its transaction commits
+        (a crash in between repeats them, keyed by their source position: harmless)."""
+        if not rejects:
+            return
+        from aiokafka import AIOKafkaProducer
+
+        try:
+            if self._dlq_producer is None:
+                producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                            enable_idempotence=True, acks="all")
+                await producer.start()
+                self._dlq_producer = producer
+            now_ms = time.time_ns() // 1_000_000
+            for reject in rejects:
+                await self._dlq_producer.send_and_wait(
+                    self.settings.topic(LedgerTopic.SINK_DLQ),
+                    self.codec.encode("DeadLetter", reject.dead_letter("postgres", now_ms)),
+                    key=f"{reject.topic}:{reject.partition}:{reject.offset}".encode())
+        except KafkaError as exc:
+            raise SinkUnavailable(f"publishing to {LedgerTopic.SINK_DLQ}: {exc!r}") from exc
 
     async def _reconnect(self, stop: asyncio.Event) -> None:
         """Connect with backoff until it works, then seek to the stored offsets."""
@@ -463,6 +485,12 @@ class PostgresSink:
                 await self._close_db()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+
+
+def _reject_row(reject: SinkReject) -> tuple[Any, ...]:
+    dead = reject.dead_letter("postgres", 0)
+    return (reject.topic, reject.partition, reject.offset, dead["reason"], dead["detail"],
+            dead["payload_size"], dead["payload_sha256"])
 
 
 def _columns(values: Any, width: int) -> list[list[Any]]:

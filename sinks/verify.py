@@ -241,8 +241,17 @@ async def verify(settings: Settings, schema: str, *, partition: int | None = Non
         anchor_rows = await conn.fetch(
             f"SELECT partition, tree_size, root_hash, tx_hash, contract_address FROM {q}.anchors "
             "ORDER BY partition, tree_size") if check_anchors else []
+        set_aside = await conn.fetch(
+            f"SELECT source_topic, source_partition, source_offset, reason, detail "
+            f"FROM {q}.sink_dead_letters ORDER BY source_topic, source_partition, source_offset")
     finally:
         await conn.close()
+    for row in set_aside:
+        if partitions is None or row["source_partition"] in partitions:
+            report.add(Problem(
+                f"the sink set aside {row['source_topic']}:{row['source_partition']}:"
+                f"{row['source_offset']} ({row['reason']}: {row['detail']}); whatever it held is "
+                "missing from the projection", None, row["source_partition"]))
 
     wanted_partitions = set(per_partition) | (set(heads) if partitions is None else set(partitions))
     leaf_hashes: dict[int, list[bytes]] = {}

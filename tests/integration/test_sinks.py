@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 
 from infra import harness
+from schemas.codec import AvroCodec
 from sinks.immudb import ImmudbSink, ImmudbStore, entry_key
 from sinks.kafka import Shard, record_time
 from sinks.postgres import PostgresSink
@@ -420,3 +421,51 @@ async def test_balance_cli_at_time(settings: Settings, pg_schema: str, state_dir
                          timeout=60, check=True)
     expected = last["running_balance"].quantize(Decimal(1).scaleb(-CURRENCIES["USDC"].decimals))
     assert f'"balance":"{expected}"' in out.stdout, out.stdout
+
+
+async def test_an_entry_a_sink_cannot_store_is_set_aside_and_verify_names_the_gap(
+    settings: Settings, pg_schema: str, state_dir: Path, sinks: dict[str, SinkProcess]
+) -> None:
+    """A corrupted record on ledger.entries (only workers write it, so: a bug, corruption or a
+    broken ACL) is never skipped silently: both sinks put the same dead letter on
+    ledger.sink-dlq, PostgreSQL records it with the offsets past it, both go on, and verify
+    fails naming the missing leaf and the set-aside record."""
+    workload = LedgerWorkload(settings.partitions, 20, seed=31)
+    produced = workload.next(300)
+    partition = max(range(settings.partitions),
+                    key=lambda p: sum(e["partition"] == p for e in produced.entries))
+    own = [e for e in produced.entries if e["partition"] == partition]
+    corrupted = own[len(own) // 2]
+    codec = AvroCodec()
+    async with WorkloadProducer(settings) as producer:
+        for record in produced.entries:
+            value = codec.encode("Entry", record)
+            if record is corrupted:
+                value = value[:-5]  # cut: no longer an Entry
+            await producer.producer.send(settings.topic("ledger.entries"), value,
+                                         key=record["account_id"].encode(),
+                                         partition=record["partition"])
+        await producer.flush()
+    for process in sinks.values():
+        process.start()
+    await wait_caught_up(settings, pg_schema, len(produced.entries) - 1, sinks)
+    dead = [r[3] for r in await read_topic(settings, "ledger.sink-dlq", timeout_s=60,
+                                           until=lambda rows: len(rows) >= 2)]
+    offset = own.index(corrupted)
+    assert sorted(d["detail"].split(" sink:")[0] for d in dead) == ["immudb", "postgres"]
+    assert {(d["source_partition"], d["source_offset"], d["reason"]) for d in dead} == \
+        {(partition, offset, "truncated")}
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        rows = await conn.fetch(f'SELECT source_partition, source_offset, reason '
+                                f'FROM "{pg_schema}".sink_dead_letters')
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [(partition, offset, "truncated")]
+    for process in sinks.values():
+        assert process.alive() and "setting aside" in process.log_path.read_text(errors="replace")
+    report = await verify(settings, pg_schema, state_directory=state_dir)
+    problems = [str(p) for p in report.problems]
+    assert any(f"the entry at leaf {corrupted['leaf_index']} is missing" in p for p in problems)
+    assert any(f"set aside {settings.topic('ledger.entries')}:{partition}:{offset}" in p
+               for p in problems)

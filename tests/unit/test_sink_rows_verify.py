@@ -13,7 +13,8 @@ from aiokafka import TopicPartition
 from schemas.codec import AvroCodec
 from sinks import rows
 from sinks.errors import SinkError
-from sinks.immudb import StateFile, TrustedState, entry_key, receipt_record
+from sinks.immudb import StateFile, TrustedState, entries_to_store, entry_key, receipt_record
+from sinks.intake import SinkReject
 from sinks.kafka import parse_from_offsets, parse_time
 from sinks.postgres import build_batch
 from sinks.schema import check_schema_name, migrations, pg_schema, quoted
@@ -55,10 +56,51 @@ def test_build_batch_dedupes_and_tracks_offsets() -> None:
     topic = "p.ledger.entries"
     tp = TopicPartition(topic, 0)
     values = [CODEC.encode("Entry", w) for w in wires] + [CODEC.encode("Entry", wires[0]), b"junk"]
-    messages = {tp: [SimpleNamespace(offset=i, value=v) for i, v in enumerate(values)]}
+    messages = {tp: [SimpleNamespace(offset=i, value=v, partition=0, key=None)
+                     for i, v in enumerate(values)]}
     batch = build_batch(messages, {topic: LedgerTopic.ENTRIES}, CODEC, CURRENCIES)
-    assert len(batch.entries) == 10 and batch.records == 12 and batch.skipped == 1
+    assert len(batch.entries) == 10 and batch.records == 12
+    assert [(r.offset, r.reason) for r in batch.rejects] == [(11, "bad_marker")]
     assert batch.offsets[tp] == 12
+
+
+def _hostile_entries() -> list[bytes]:
+    """Records on ledger.entries that no worker could have written."""
+    good = _entries(1)[0]
+    return [
+        b"junk",
+        b"",
+        CODEC.encode("TreeHead", {"partition": 0, "tree_size": 1, "root_hash": "ab" * 32,
+                                  "published_at": 1}),
+        CODEC.encode("Entry", {**good, "currency": "XXX"}),
+        CODEC.encode("Entry", {**good, "amount": Decimal("0")}),
+        CODEC.encode("Entry", {**good, "amount": Decimal("0.0000001")}),
+        CODEC.encode("Entry", {**good, "entry_id": "not-an-id"}),
+        CODEC.encode("Entry", {**good, "sequence": 0}),
+        CODEC.encode("Entry", good)[:-3],
+    ]
+
+
+def test_both_sinks_set_aside_the_same_records_for_the_same_reasons() -> None:
+    settings = Settings(topic_prefix="p.")
+    topic = settings.topic(LedgerTopic.ENTRIES)
+    values = [CODEC.encode("Entry", w) for w in _entries(3)] + _hostile_entries()
+    messages = [SimpleNamespace(offset=i, value=v, partition=2, key=b"k")
+                for i, v in enumerate(values)]
+    batch = build_batch({TopicPartition(topic, 2): messages}, {topic: LedgerTopic.ENTRIES},
+                        CODEC, CURRENCIES)
+    immudb_rejects: list[SinkReject] = []
+    stored = entries_to_store(settings, messages, CODEC, CURRENCIES, immudb_rejects)
+    assert len(batch.entries) == len(stored) == 3
+    assert batch.rejects == immudb_rejects
+    assert [r.offset for r in immudb_rejects] == list(range(3, len(values)))
+    reasons = {r.reason for r in immudb_rejects}
+    assert reasons == {"bad_marker", "empty_payload", "unexpected_record", "invalid_entry",
+                       "truncated"}
+    for reject in immudb_rejects:
+        dead = reject.dead_letter("immudb", 5)
+        assert dead["source_offset"] == reject.offset and dead["reason"] == reject.reason
+        CODEC.encode("DeadLetter", dead)
 
 
 def test_migrations_are_numbered_and_schema_names_checked() -> None:
