@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up down status topics demo test test-unit test-integration bench lint clean
+.PHONY: help install up down status topics demo test test-unit test-integration fuzz bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -38,6 +38,10 @@ test-unit: install ## unit tests only (no servers)
 
 test-integration: install ## integration tests only (starts the servers it needs)
 	$(BIN)/python -m pytest tests/integration
+
+fuzz: install ## the trust boundary at full size: 100,000 mutated records on the real worker, 100,000 pure-path examples
+	SARDIS_TEST_FUZZ_RECORDS=100000 SARDIS_FUZZ_EXAMPLES=100000 $(BIN)/python -m pytest \
+		tests/unit/test_input_fuzz.py tests/integration/test_trust_boundary.py -k "bug_path or mint"
 
 bench: install ## end-to-end benchmarks (see README: Benchmarks)
 	$(BIN)/sardis-ledger bench
