@@ -60,6 +60,9 @@ BATCH_NO_DEADLINE_MS = 2**62  # posting and voided batches wait for answers, not
 GAP_READ_TIMEOUT_S = 120.0
 EXIT_BROKEN = 70  # EX_SOFTWARE: the worker stopped itself on a bug or a broken invariant
 GAP_FETCH_BATCH_MAX = 5000
+# A running worker re-reads ledger.internal.quarantine this often (a restarted one reads it before
+# its first decision), so a partition it takes over skips what an operator set aside meanwhile.
+QUARANTINE_REFRESH_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +203,7 @@ class LedgerWorker:
         # Records an operator set aside (streams/quarantine); read before the first decision.
         self.quarantine = QuarantineReader(settings)
         self._quarantined: set[Position] | None = None
+        self._quarantine_refresh_at = 0.0
         self.dead_letters: dict[str, int] = {}  # DLQ records by reason, since start
 
     def owned_partitions(self, topic: str) -> frozenset[int]:
@@ -268,8 +272,11 @@ class LedgerWorker:
     async def _decide_one(self, command: Command) -> None:
         """Decide one input record with all-or-nothing writes (streams/event_scope); a decision
         that raises stops the worker naming the record (_fail_stop)."""
-        quarantined = Position(command.topic, command.partition, command.offset) in \
-            await self._quarantine_positions()
+        positions = self._quarantined
+        if positions is None:
+            positions = await self._quarantine_positions()
+        quarantined = bool(positions) and \
+            Position(command.topic, command.partition, command.offset) in positions
         if self._scope is not None:
             raise InvariantViolation("an event decided inside another event")
         scope = self._scope = EventScope()
@@ -289,6 +296,7 @@ class LedgerWorker:
     async def _quarantine_positions(self, refresh: bool = False) -> set[Position]:
         if self._quarantined is None or refresh:
             self._quarantined = await self.quarantine.refresh()
+            self._quarantine_refresh_at = time.monotonic() + QUARANTINE_REFRESH_S
         return self._quarantined
 
     async def _catch_up(self) -> None:
@@ -308,6 +316,8 @@ class LedgerWorker:
         """
         try:
             await self._check_partitions()
+            if time.monotonic() >= self._quarantine_refresh_at:
+                await self._quarantine_positions(refresh=True)
         except asyncio.CancelledError:
             raise
         except Exception:  # a dead timer would hide the next stall
@@ -480,7 +490,9 @@ class LedgerWorker:
         await self._decide_one(Command.of(message))
 
     async def _dispatch(self, command: Command) -> None:
-        """Decode a record, check it may be on its topic, decide it; then record its offset."""
+        """Decode a record, check it may be on its topic, decide it; then record its offset
+        (unless the decision recorded it in the same write, as a PostEntry's log head does)."""
+        recorded = False
         try:
             name, record = self.codec.decode(command.value)
         except CodecError as exc:
@@ -492,12 +504,13 @@ class LedgerWorker:
                                         f"a {name} record is not an input of {command.topic}",
                                         record.get("command_id") or record.get("batch_id"))
             elif command.topic in (self.commands_topic, self.internal_commands_topic):
-                await self._account_record(command, name, record)
+                recorded = await self._account_record(command, name, record)
             elif command.topic in self.reconciler.topics:
                 await self.reconciler.process(command, name, record)
             else:
                 await self._coordinator_record(command, name, record)
-        await self._advance_to(command.topic, command.partition, command.offset + 1)
+        if not recorded:
+            await self._advance_to(command.topic, command.partition, command.offset + 1)
 
     async def _skip_quarantined(self, command: Command) -> None:
         """A record an operator set aside: no decision; a client command gets a rejection."""
@@ -524,8 +537,9 @@ class LedgerWorker:
         """Dead-letter a record that must have no effect, with its reason."""
         await self._dead_letter(command, rejection.reason, rejection.detail, command_id)
 
-    async def _account_record(self, command: Command, name: str, record: dict[str, Any]) -> None:
-        """ledger.commands (PostEntry) and ledger.internal.commands (also reserves, settles)."""
+    async def _account_record(self, command: Command, name: str, record: dict[str, Any]) -> bool:
+        """ledger.commands (PostEntry) and ledger.internal.commands (also reserves, settles).
+        True when the decision recorded the record's offset itself."""
         partition = command.partition
         internal = command.topic == self.internal_commands_topic
         if name == "PostEntry":
@@ -536,19 +550,20 @@ class LedgerWorker:
                     await self._result(core.Outcome(parsed.command_id, core.Status.REJECTED,
                                                     parsed.reason, parsed.detail), partition)
             elif await self._owned(command, parsed.account_id, forward=not internal):
-                await self._decide(parsed, command)
-            return
+                return await self._decide(parsed, command)
+            return False
         parser = batches.parse_reserve if name == "ReserveLeg" else batches.parse_settle
         message = parser(record, self.currencies, self.settings.partitions)
         if isinstance(message, batches.BatchRejection):
             await self._rejected(command, message)
         elif not await self._owned(command, message.leg.account_id if isinstance(
                 message, batches.Reserve) else message.account_id, forward=False):
-            return
+            return False
         elif isinstance(message, batches.Reserve):
             await self._reserve(message, command)
         else:
             await self._settle(message, command)
+        return False
 
     async def _owned(self, command: Command, account_id: str, *, forward: bool) -> bool:
         """Whether this partition owns the account. A client command on another partition (a
@@ -970,12 +985,16 @@ class LedgerWorker:
             batch = await consumer.getmany(tp, timeout_ms=GAP_FETCH_TIMEOUT_MS,
                                            max_records=GAP_FETCH_BATCH_MAX)
             found.extend(Command.of(m) for m in batch.get(tp, []) if start <= m.offset < end)
+        # Paused until the next gap: an assigned partition is fetched again and again (every
+        # GAP_FETCH_MAX_WAIT_MS) on the worker's event loop.
+        consumer.pause(tp)
         if found:
             log.warning("%s: read %s record(s) in offsets [%s, %s) from Kafka that the consumer "
                         "did not deliver", tp, len(found), start, end)
         return found
 
-    async def _decide(self, command: core.PostEntry, source: Command) -> None:
+    async def _decide(self, command: core.PostEntry, source: Command) -> bool:
+        """Decide a PostEntry; True when its log-head write recorded the source offset too."""
         partition, now_ms = source.partition, source.timestamp_ms
         command_key = command.command_id.encode()
         seen = self.commands.get(command_key)
@@ -987,7 +1006,7 @@ class LedgerWorker:
                 # it; consumers dedupe by entry_id, so a second copy is harmless.
                 await self._entry(outcome.entry, partition)
             await self._result(outcome, partition)
-            return
+            return False
         account_key = command.account_key.encode()
         log_key = str(partition).encode()
         state = records.state_from_bytes(self.accounts.get(account_key))
@@ -1014,6 +1033,7 @@ class LedgerWorker:
         if entry is not None or source.topic == self.commands_topic:
             await self._put(self.logs, log_key, records.log_to_bytes(log_head), partition)
         await self._result(decision.outcome, partition)
+        return source.topic == self.commands_topic
 
     # ------------------------------------------------------------------ outputs (all to `partition`)
     # Every output goes to the partition of the command that caused it: Faust's exactly-once

@@ -63,46 +63,45 @@ class QuarantineReader:
         self.settings = settings
         self.topic = settings.topic(LedgerTopic.QUARANTINE)
         self.positions: set[Position] = set()
-        self._consumer: Any = None
 
     async def refresh(self) -> set[Position]:
-        """Read every quarantine record committed so far; returns all positions known."""
+        """Read every quarantine record committed so far; returns all positions known.
+
+        A consumer only for the read: a consumer left assigned keeps fetching (every
+        fetch_max_wait_ms) on the worker's event loop. The topic is compacted and small, so each
+        refresh reads it from the start.
+        """
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        if self._consumer is None:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                        isolation_level="read_committed",
-                                        enable_auto_commit=False, fetch_max_wait_ms=10,
-                                        request_timeout_ms=REQUEST_TIMEOUT_MS)
-            await consumer.start()
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                    isolation_level="read_committed", enable_auto_commit=False,
+                                    fetch_max_wait_ms=10, request_timeout_ms=REQUEST_TIMEOUT_MS)
+        await consumer.start()
+        try:
             if self.topic not in await consumer.topics():
-                await consumer.stop()
                 return self.positions  # no quarantine topic yet: nothing was quarantined
             # Every ledger topic has SARDIS_PARTITIONS partitions (topics create checks it).
             tps = [TopicPartition(self.topic, p) for p in range(self.settings.partitions)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            self._consumer = consumer
-        consumer = self._consumer
-        tps = list(consumer.assignment())
-        ends = await consumer.end_offsets(tps)
-        deadline = time.monotonic() + QUARANTINE_READ_TIMEOUT_S
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            if time.monotonic() > deadline:
-                raise QuarantineError(f"could not read {self.topic} to its end within "
-                                      f"{QUARANTINE_READ_TIMEOUT_S:.0f}s", retriable=True)
-            batch = await consumer.getmany(timeout_ms=QUARANTINE_FETCH_TIMEOUT_MS,
-                                           max_records=QUARANTINE_FETCH_RECORDS_MAX)
-            for messages in batch.values():
-                for message in messages:
-                    if message.key:
-                        self.positions.add(Position.parse(message.key.decode()))
-        return self.positions
+            ends = await consumer.end_offsets(tps)
+            deadline = time.monotonic() + QUARANTINE_READ_TIMEOUT_S
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                if time.monotonic() > deadline:
+                    raise QuarantineError(f"could not read {self.topic} to its end within "
+                                          f"{QUARANTINE_READ_TIMEOUT_S:.0f}s", retriable=True)
+                batch = await consumer.getmany(timeout_ms=QUARANTINE_FETCH_TIMEOUT_MS,
+                                               max_records=QUARANTINE_FETCH_RECORDS_MAX)
+                for messages in batch.values():
+                    for message in messages:
+                        if message.key:
+                            self.positions.add(Position.parse(message.key.decode()))
+            return self.positions
+        finally:
+            await consumer.stop()
 
     async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        """Nothing stays open between refreshes (kept for the worker's uniform shutdown)."""
 
 
 async def _read_record(settings: Settings, position: Position) -> Any:
