@@ -1016,18 +1016,22 @@ class LedgerWorker:
         await self._put(self.commands, command_key, records.record_to_bytes(decision.record),
                         partition)
         entry = decision.outcome.entry
+        next_offset = log_head.next_command_offset
         if source.topic == self.commands_topic:
             # One log-head write per command: Merkle frontier, tree-head state, next offset.
-            log_head = replace(log_head, next_command_offset=max(log_head.next_command_offset,
-                                                                 source.offset + 1))
+            next_offset = max(next_offset, source.offset + 1)
         if entry is not None:
             await self._put(self.accounts, account_key, records.state_to_bytes(decision.state),
                             partition)
-            log_head = replace(log_head, frontier=decision.frontier)
+            log_head = core.LogHead(decision.frontier, log_head.head_tree_size,
+                                    log_head.head_published_at_ms, next_offset)
             if core.tree_head_due(log_head, now_ms):
                 await self._tree_head(partition, log_head, now_ms)
-                log_head = replace(log_head, head_tree_size=log_head.frontier.tree_size,
-                                   head_published_at_ms=now_ms)
+                log_head = core.LogHead(log_head.frontier, log_head.frontier.tree_size, now_ms,
+                                        next_offset)
+        else:
+            log_head = core.LogHead(log_head.frontier, log_head.head_tree_size,
+                                    log_head.head_published_at_ms, next_offset)
             await self._entry(entry, partition)
             await self._balance(command, decision.state, partition)
         if entry is not None or source.topic == self.commands_topic:

@@ -272,6 +272,15 @@ class MerkleFrontier:
         for position, subtree_root in enumerate(self.subtree_roots):
             _check_hash(subtree_root, f"subtree root {position}")
 
+    @classmethod
+    def _trusted(cls, tree_size: int, subtree_roots: tuple[bytes, ...]) -> MerkleFrontier:
+        """A frontier whose invariants the caller has just established (append, from_bytes):
+        __post_init__ re-checking every root cost more than the append itself, per entry."""
+        frontier = object.__new__(cls)
+        object.__setattr__(frontier, "tree_size", tree_size)
+        object.__setattr__(frontier, "subtree_roots", subtree_roots)
+        return frontier
+
     def append(self, leaf_hash: bytes) -> MerkleFrontier:
         """The frontier after appending one leaf hash; self is unchanged."""
         _check_hash(leaf_hash, "leaf hash")
@@ -286,7 +295,8 @@ class MerkleFrontier:
             carried_root = _unchecked_node_hash(subtree_roots.pop(), carried_root)
             remaining_size >>= 1
         subtree_roots.append(carried_root)
-        return MerkleFrontier(self.tree_size + 1, tuple(subtree_roots))
+        # tree_size + 1 has one set bit per root: the carries replaced its trailing ones by one.
+        return MerkleFrontier._trusted(self.tree_size + 1, tuple(subtree_roots))
 
     def root(self) -> bytes:
         """MTH of every leaf appended so far; EMPTY_ROOT when empty."""
@@ -324,4 +334,5 @@ class MerkleFrontier:
             bytes(data[offset : offset + HASH_SIZE_BYTES])
             for offset in range(TREE_SIZE_FIELD_SIZE_BYTES, len(data), HASH_SIZE_BYTES)
         )
-        return cls(tree_size, subtree_roots)
+        # The length check above gave exactly one 32-byte root per set bit of tree_size.
+        return cls._trusted(tree_size, subtree_roots)
