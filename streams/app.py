@@ -7,7 +7,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,6 +20,7 @@ from streams import batches, core, records
 from streams.config import Settings
 from streams.errors import CodecError, InvariantViolation
 from streams.event_scope import EventScope
+from streams.faust_tables import table_items, table_value
 from streams.money import Currency, currency_table
 from streams.outbox import OUTBOX_RECORDS_HARD_MAX, Outbox, Value
 from streams.quarantine import Position, QuarantineReader
@@ -425,7 +426,7 @@ class LedgerWorker:
             return
         if topic == self.commands_topic:
             log_key = str(partition).encode()
-            log_head = records.log_from_bytes(self.logs.get(log_key))
+            log_head = records.log_from_bytes(table_value(self.logs, log_key))
             await self._put(self.logs, log_key, records.log_to_bytes(
                 replace(log_head, next_command_offset=next_offset)), partition)
         elif topic in self.reconciler.topics:
@@ -461,11 +462,11 @@ class LedgerWorker:
     def _next_offset(self, topic: str, partition: int) -> int:
         """Offset of the next record of an input partition that no decision has recorded yet."""
         if topic == self.commands_topic:
-            return records.log_next_command_offset(self.logs.get(str(partition).encode()))
+            return records.log_next_command_offset(table_value(self.logs, str(partition).encode()))
         if topic in self.reconciler.topics:
             return self.reconciler.next_offset(topic, partition)
         table, key = self._offset_slot(topic, partition)
-        return records.offset_from_bytes(table.get(key))
+        return records.offset_from_bytes(table_value(table, key))
 
     # ------------------------------------------------------------------ per command
 
@@ -588,8 +589,8 @@ class LedgerWorker:
         partition = command.partition
         account_key = core.account_key(message.leg.account_id, message.leg.currency).encode()
         hold_key = message.hold_key.encode()
-        state = records.state_from_bytes(self.accounts.get(account_key))
-        step = batches.reserve(state, records.hold_from_bytes(self.holds.get(hold_key)), message)
+        state = records.state_from_bytes(table_value(self.accounts, account_key))
+        step = batches.reserve(state, records.hold_from_bytes(table_value(self.holds, hold_key)), message)
         if isinstance(step, batches.BatchRejection):
             await self._rejected(command, step)
             return
@@ -607,10 +608,10 @@ class LedgerWorker:
         partition = command.partition
         account_key = core.account_key(message.account_id, message.currency).encode()
         hold_key = message.hold_key.encode()
-        state = records.state_from_bytes(self.accounts.get(account_key))
-        hold = records.hold_from_bytes(self.holds.get(hold_key))
+        state = records.state_from_bytes(table_value(self.accounts, account_key))
+        hold = records.hold_from_bytes(table_value(self.holds, hold_key))
         log_key = str(partition).encode()
-        log_head = records.log_from_bytes(self.logs.get(log_key))
+        log_head = records.log_from_bytes(table_value(self.logs, log_key))
         if message.action is batches.SettleAction.VOID:
             step = batches.void(state, hold, message)
         else:
@@ -682,12 +683,12 @@ class LedgerWorker:
         return False
 
     def _header(self, batch_id: str) -> batches.BatchHeader | None:
-        return records.header_from_bytes(self.batch_state.get(f"b:{batch_id}".encode()))
+        return records.header_from_bytes(table_value(self.batch_state, f"b:{batch_id}".encode()))
 
     def _legs(self, header: batches.BatchHeader) -> list[batches.LegRecord]:
         out: list[batches.LegRecord] = []
         for index in range(header.leg_count):
-            data = self.batch_state.get(f"l:{batches.hold_key(header.batch_id, index)}".encode())
+            data = table_value(self.batch_state, f"l:{batches.hold_key(header.batch_id, index)}".encode())
             if data is None:
                 raise InvariantViolation(f"batch {header.batch_id} has no leg {index}")
             out.append(records.leg_record_from_bytes(data))
@@ -812,7 +813,7 @@ class LedgerWorker:
             return
         header = self._header(report.batch_id)
         leg_data = None if header is None or report.leg_index >= header.leg_count else \
-            self.batch_state.get(f"l:{batches.hold_key(report.batch_id, report.leg_index)}".encode())
+            table_value(self.batch_state, f"l:{batches.hold_key(report.batch_id, report.leg_index)}".encode())
         if header is not None and report.leg_index < header.leg_count and leg_data is None:
             raise InvariantViolation(f"batch {report.batch_id} has no leg {report.leg_index}")
         leg = None if leg_data is None else records.leg_record_from_bytes(leg_data)
@@ -997,7 +998,7 @@ class LedgerWorker:
         """Decide a PostEntry; True when its log-head write recorded the source offset too."""
         partition, now_ms = source.partition, source.timestamp_ms
         command_key = command.command_id.encode()
-        seen = self.commands.get(command_key)
+        seen = table_value(self.commands, command_key)
         if seen is not None:
             record = records.record_from_bytes(seen)
             outcome = core.replay(record, core.payload_digest(command))
@@ -1009,8 +1010,8 @@ class LedgerWorker:
             return False
         account_key = command.account_key.encode()
         log_key = str(partition).encode()
-        state = records.state_from_bytes(self.accounts.get(account_key))
-        log_head = records.log_from_bytes(self.logs.get(log_key))
+        state = records.state_from_bytes(table_value(self.accounts, account_key))
+        log_head = records.log_from_bytes(table_value(self.logs, log_key))
         decision = core.decide_post_entry(state, log_head.frontier, command,
                                           partition=partition, now_ms=now_ms)
         await self._put(self.commands, command_key, records.record_to_bytes(decision.record),
@@ -1029,11 +1030,11 @@ class LedgerWorker:
                 await self._tree_head(partition, log_head, now_ms)
                 log_head = core.LogHead(log_head.frontier, log_head.frontier.tree_size, now_ms,
                                         next_offset)
+            await self._entry(entry, partition)
+            await self._balance(command, decision.state, partition)
         else:
             log_head = core.LogHead(log_head.frontier, log_head.head_tree_size,
                                     log_head.head_published_at_ms, next_offset)
-            await self._entry(entry, partition)
-            await self._balance(command, decision.state, partition)
         if entry is not None or source.topic == self.commands_topic:
             await self._put(self.logs, log_key, records.log_to_bytes(log_head), partition)
         await self._result(decision.outcome, partition)
@@ -1131,17 +1132,6 @@ class LedgerWorker:
                                              command_id=command_id,
                                              failed_at_ms=command.timestamp_ms),
                          command.partition)
-
-
-def table_items(table: Any, prefix: bytes, partitions: Container[int]
-                ) -> Iterator[tuple[int, bytes, bytes]]:
-    """(partition, key, value) of a table's keys that start with `prefix` and belong to one of
-    `partitions` (the memory store's own key -> partition bookkeeping, which _put keeps)."""
-    data: Any = table.data
-    for key, value in list(data.items()):
-        partition = data._key_partition.get(key)
-        if partition in partitions and key.startswith(prefix):
-            yield partition, key, value
 
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:

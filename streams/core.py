@@ -7,6 +7,7 @@ reason codes; broken invariants raise InvariantViolation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -273,6 +274,11 @@ def murmur2(data: bytes) -> int:
     return h - (1 << 32) if h & 0x80000000 else h
 
 
+# Keys whose partition is remembered (murmur2 in Python costs ~2 us; accounts repeat).
+PARTITION_CACHE_MAX = 65_536
+
+
+@functools.lru_cache(maxsize=PARTITION_CACHE_MAX)
 def partition_for(account_id: str, partitions: int) -> int:
     """The partition that owns an account: Kafka's default for key=account_id (murmur2)."""
     return (murmur2(account_id.encode("utf-8")) & 0x7FFFFFFF) % partitions

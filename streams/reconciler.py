@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from streams import core, reconcile, records
 from streams.errors import CodecError
+from streams.faust_tables import table_items, table_value
 
 if TYPE_CHECKING:
     from streams.app import Command, LedgerWorker
@@ -117,7 +118,7 @@ class Reconciler:
     # ------------------------------------------------------------------ offsets
 
     def next_offset(self, topic: str, partition: int) -> int:
-        return records.offset_from_bytes(self.table.get(self._offset_key(topic, partition)))
+        return records.offset_from_bytes(table_value(self.table, self._offset_key(topic, partition)))
 
     async def advance_to(self, topic: str, partition: int, next_offset: int) -> None:
         if next_offset > self.next_offset(topic, partition):
@@ -180,7 +181,7 @@ class Reconciler:
                                        owner, transaction_of=partition)
             return
         key = JOIN_PREFIX + reconcile.join_key(event.tx_hash, event.log_index).encode()
-        state = reconcile.join_from_bytes(self.table.get(key))
+        state = reconcile.join_from_bytes(table_value(self.table, key))
         if isinstance(event, reconcile.EntryClaim):
             joined, outputs = reconcile.on_entry(state, event, command.timestamp_ms, self.grace)
         else:
@@ -226,7 +227,7 @@ class Reconciler:
         # them all alike.
         due = sorted((at, key) for key, at in waiting.items() if at <= now_ms)
         for _, key in due[:RECONCILE_TICK_KEYS_MAX]:
-            state = reconcile.join_from_bytes(self.table.get(key))
+            state = reconcile.join_from_bytes(table_value(self.table, key))
             if state is None:
                 waiting.pop(key, None)
                 continue
@@ -235,7 +236,6 @@ class Reconciler:
 
     def _rebuild_waiting(self) -> None:
         """After a (re)assignment, find the waiting joins of owned partitions in the table."""
-        from streams.app import table_items
 
         owned = self.worker.owned_partitions(self.claims_topic)
         if owned == self._waiting_for:
