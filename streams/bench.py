@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import random
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -23,9 +25,15 @@ from streams.money import currency_table, to_major
 from streams.topics import create_topics, delete_topics_with_prefix
 from streams.worker_process import WorkerProcess
 
+T = TypeVar("T")
 RESULT_WAIT_S = 600.0
 PROGRESS_EVERY_S = 2.0
 PRODUCE_CHUNK = 2000
+CLOSED_LOOP_CLIENTS_DEFAULT = (1, 16)
+CLOSED_LOOP_DURATION_S_DEFAULT = 10.0
+OPEN_LOOP_RATE_DEFAULT = 1000
+OPEN_LOOP_DURATION_S_DEFAULT = 10.0
+OPEN_LOOP_TICK_S = 0.005  # the open-loop producer sends what is due every 5 ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +63,112 @@ def _commands(scenario: Scenario, seed: int) -> list[dict[str, object]]:
                     "entry_type": kind, "amount": to_major(1 if kind == "debit" else 5, decimals),
                     "allow_overdraft": True})
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class LoopFigures:
+    """A closed- or open-loop run: commands completed, their rate, latency percentiles."""
+
+    commands: int
+    rate_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+def percentile(sorted_ms: Sequence[float], fraction: float) -> float:
+    """The value at `fraction` (0..1) of an ascending list (nearest rank); 0.0 when empty."""
+    if not sorted_ms:
+        return 0.0
+    return sorted_ms[min(len(sorted_ms) - 1, int(len(sorted_ms) * fraction))]
+
+
+async def closed_loop(settings: Settings, clients: int, accounts: int,
+                      duration_s: float) -> LoopFigures:
+    """`clients` tasks, each posting one command with LedgerClient.create_entry and awaiting its
+    result before the next, as API handlers call a ledger; for `duration_s`."""
+    from streams.client import LedgerClient
+
+    latencies_ms: list[float] = []
+    stop_at = time.monotonic() + duration_s
+
+    async def client(index: int, ledger: LedgerClient) -> None:
+        rng = random.Random(index)
+        sequence = 0
+        while time.monotonic() < stop_at:
+            account = f"loop_{rng.randrange(accounts):05d}"
+            started = time.monotonic()
+            await ledger.create_entry(account_id=account, amount="0.10", entry_type="credit",
+                                      currency="USDC", command_id=f"loop-{index}-{sequence}")
+            latencies_ms.append((time.monotonic() - started) * 1000)
+            sequence += 1
+
+    async with LedgerClient(settings) as ledger:
+        # One command first: the client's consumer and producer are connected and warm.
+        await ledger.create_entry(account_id="loop_warm", amount="0.10", entry_type="credit",
+                                  currency="USDC", command_id=f"loop-warm-{time.time_ns()}")
+        began = time.monotonic()
+        await asyncio.gather(*(client(i, ledger) for i in range(clients)))
+        elapsed_s = time.monotonic() - began
+    latencies_ms.sort()
+    return LoopFigures(len(latencies_ms), len(latencies_ms) / elapsed_s,
+                       percentile(latencies_ms, 0.50), percentile(latencies_ms, 0.99))
+
+
+async def open_loop(settings: Settings, rate_per_s: int, accounts: int,
+                    duration_s: float) -> LoopFigures:
+    """Commands produced at a fixed rate whatever the ledger does (a schedule, not a reaction),
+    each timed from its send to its result being consumed."""
+    count = int(rate_per_s * duration_s)
+    encoded = _encoded(settings, Scenario("open", count, accounts), seed=int(time.time()))
+    results_topic = settings.topic("ledger.results")
+    producer, consumer = _clients(settings)
+    await producer.start()
+    await consumer.start()
+    sent_at: dict[str, float] = {}
+    latencies_ms: list[float] = []
+    try:
+        tps = [TopicPartition(results_topic, p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        reader = asyncio.create_task(_read_latencies(consumer, sent_at, latencies_ms, count))
+        began = time.monotonic()
+        sent = 0
+        while sent < count:
+            due = min(count, int((time.monotonic() - began) * rate_per_s) + 1)
+            for result_key, topic, key, value in encoded[sent:due]:
+                sent_at[result_key] = time.monotonic()
+                await producer.send(topic, value, key=key.encode(),
+                                    partition=core.partition_for(key, settings.partitions))
+            sent = due
+            await asyncio.sleep(OPEN_LOOP_TICK_S)
+        await producer.flush()
+        finished = await reader
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    latencies_ms.sort()
+    return LoopFigures(count, count / (finished - began), percentile(latencies_ms, 0.50),
+                       percentile(latencies_ms, 0.99))
+
+
+async def _read_latencies(consumer: AIOKafkaConsumer, sent_at: dict[str, float],
+                          latencies_ms: list[float], count: int) -> float:
+    """Read results until `count` of the sent keys answered; returns when the last one came."""
+    deadline = time.monotonic() + RESULT_WAIT_S
+    while len(latencies_ms) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count - len(latencies_ms)} results missing after "
+                               f"{RESULT_WAIT_S}s")
+        batches = await consumer.getmany(timeout_ms=100, max_records=10_000)
+        now = time.monotonic()
+        for messages in batches.values():
+            for message in messages:
+                started = sent_at.pop(message.key.decode(), None)
+                if started is not None:
+                    latencies_ms.append((now - started) * 1000)
+    return time.monotonic()
 
 
 def _clients(settings: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
@@ -152,7 +266,6 @@ def _warm_up(settings: Settings) -> list[tuple[str, str, str, bytes]]:
 
 
 async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
-    await _produce_and_wait(settings, _warm_up(settings), "warm-up")
     return await _produce_and_wait(settings, _encoded(settings, scenario, seed), scenario.name)
 
 
@@ -227,7 +340,10 @@ def _worker(settings: Settings, index: int) -> Iterator[WorkerProcess]:
 
 
 def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
-              scenarios: Sequence[str], batches: int = 10_000, workers: int = 1) -> int:
+              scenarios: Sequence[str], batches: int = 10_000, workers: int = 1,
+              clients: Sequence[int] = CLOSED_LOOP_CLIENTS_DEFAULT,
+              rate_per_s: int = OPEN_LOOP_RATE_DEFAULT,
+              duration_s: float = CLOSED_LOOP_DURATION_S_DEFAULT) -> int:
     from infra import harness
 
     harness.up()
@@ -239,6 +355,26 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
     }
     print(f"sardis-ledger bench: {runs} run(s) per scenario, median reported; {workers} worker "
           f"process(es), broker on the same machine", flush=True)
+    if any(key in plan for key in scenarios):
+        _print_baseline(base, runs, commands)
+    for key in scenarios:
+        if key == "closed":
+            for count in clients:
+                closed = functools.partial(closed_loop, clients=count, accounts=accounts,
+                                           duration_s=duration_s)
+                _report_loop(f"closed loop, {count} client(s) / {accounts} accts",
+                             [_fresh_run(base, key, run, workers, closed) for run in range(runs)])
+        elif key == "open":
+            _report_loop(f"open loop, {rate_per_s}/s offered / {accounts} accts",
+                         [_fresh_run(base, key, run, workers, lambda s: open_loop(
+                             s, rate_per_s, accounts, duration_s)) for run in range(runs)])
+        else:
+            _report_burst(plan[key], [_fresh_run(base, key, run, workers, functools.partial(
+                _run, scenario=plan[key], seed=run)) for run in range(runs)])
+    return 0
+
+
+def _print_baseline(base: Settings, runs: int, commands: int) -> None:
     baseline = []
     for run in range(runs):
         prefix = f"{base.topic_prefix}bench-{int(time.time())}-{run}."
@@ -249,26 +385,36 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
             asyncio.run(delete_topics_with_prefix(settings))
     print(f"  baseline Kafka+Avro produce->consume, no ledger: "
           f"{statistics.median(baseline):,.0f} records/s (median of {runs})", flush=True)
-    for key in scenarios:
-        scenario = plan[key]
-        figures: list[RunFigures] = []
-        for run in range(runs):
-            # Fresh topics and a fresh worker per run: no state carried between runs.
-            settings = dataclasses.replace(
-                base, topic_prefix=f"{base.topic_prefix}bench-{key}-{int(time.time())}-{run}.")
-            asyncio.run(create_topics(settings))
-            try:
-                with contextlib.ExitStack() as stack:
-                    processes = [stack.enter_context(_worker(settings, i)) for i in range(workers)]
-                    for process in processes:
-                        process.wait_ready()
-                    figures.append(asyncio.run(_run(settings, scenario, seed=run)))
-            finally:
-                # Also after a failed or interrupted run: every partition left slows Kafka's start.
-                asyncio.run(delete_topics_with_prefix(settings))
-        unit = "batch/s" if scenario.batches else "cmd/s"
-        print(f"  {scenario.name:28s} {statistics.median(f.rate_per_s for f in figures):>9,.0f} {unit}"
-              f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"
-              f"   p99 {statistics.median(f.p99_ms for f in figures):8.1f} ms"
-              f"   runs: {', '.join(f'{f.rate_per_s:,.0f}' for f in figures)}", flush=True)
-    return 0
+
+
+def _fresh_run(base: Settings, key: str, run: int, workers: int,
+               measure: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
+    """One run on fresh topics with fresh worker processes: no state carried between runs."""
+    settings = dataclasses.replace(
+        base, topic_prefix=f"{base.topic_prefix}bench-{key}-{int(time.time())}-{run}.")
+    asyncio.run(create_topics(settings))
+    try:
+        with contextlib.ExitStack() as stack:
+            processes = [stack.enter_context(_worker(settings, i)) for i in range(workers)]
+            for process in processes:
+                process.wait_ready()
+            asyncio.run(_produce_and_wait(settings, _warm_up(settings), "warm-up"))
+            return asyncio.run(measure(settings))
+    finally:
+        # Also after a failed or interrupted run: every partition left slows Kafka's start.
+        asyncio.run(delete_topics_with_prefix(settings))
+
+
+def _report_burst(scenario: Scenario, figures: list[RunFigures]) -> None:
+    unit = "batch/s" if scenario.batches else "cmd/s"
+    print(f"  {scenario.name:28s} {statistics.median(f.rate_per_s for f in figures):>9,.0f} {unit}"
+          f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"
+          f"   p99 {statistics.median(f.p99_ms for f in figures):8.1f} ms"
+          f"   runs: {', '.join(f'{f.rate_per_s:,.0f}' for f in figures)}", flush=True)
+
+
+def _report_loop(label: str, figures: list[LoopFigures]) -> None:
+    print(f"  {label:42s} {statistics.median(f.rate_per_s for f in figures):>9,.1f} cmd/s"
+          f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"
+          f"   p99 {statistics.median(f.p99_ms for f in figures):8.1f} ms"
+          f"   runs: {', '.join(f'{f.rate_per_s:,.1f}' for f in figures)}", flush=True)
