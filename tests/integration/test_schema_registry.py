@@ -25,12 +25,13 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from schemas.codec import CONFLUENT_HEADER_SIZE_BYTES, SCHEMA_DIR, AvroCodec, Framing, confluent_header
+from sinks.replay import replay_postgres
 from streams.client import LedgerClient
 from streams.config import Settings
 from streams.errors import LedgerError
 from streams.topics import LedgerTopic, create_topics
 from streams.worker_process import WorkerProcess
-from tests.integration.support import RawProducer, read_topic
+from tests.integration.support import RawProducer, check_merkle_logs, read_topic
 
 READ_TIMEOUT_S = 90.0
 POLL_S = 0.5
@@ -153,7 +154,7 @@ def confluent_worker(confluent: Settings, tmp_path: Path) -> Iterator[WorkerProc
 
 
 async def test_confluent_producers_and_consumers_with_both_framings_and_evolution(
-    confluent: Settings, confluent_worker: WorkerProcess
+    confluent: Settings, confluent_worker: WorkerProcess, pg_schema: str
 ) -> None:
     settings = confluent
     current = [command(i, f"acc-{i % 6}", f"{i + 1}.25") for i in range(30)]
@@ -203,6 +204,12 @@ async def test_confluent_producers_and_consumers_with_both_framings_and_evolutio
     assert entries_id is not None
     assert {value[:CONFLUENT_HEADER_SIZE_BYTES] for value, _ in entries} == \
         {confluent_header(entries_id)}
+    heads = await asyncio.to_thread(read_confluent, settings, LedgerTopic.TREE_HEADS,
+                                    lambda got: bool(got))
+    check_merkle_logs([entry for _, entry in entries], [head for _, head in heads])
+    # The PostgreSQL sink reads the Confluent-framed entries too (every one a row, none set aside).
+    replayed = await replay_postgres(settings, pg_schema, drop_old=True)
+    assert replayed["entries"] == len(everything)
 
     dead = await asyncio.to_thread(read_confluent, settings, LedgerTopic.DLQ,
                                    lambda got: len(got) >= 2)
