@@ -140,6 +140,17 @@ def _ids(records: list[tuple[bytes, dict[str, Any]]]) -> set[str]:
     return {record["command_id"] for _, record in records}
 
 
+@pytest.fixture(autouse=True)
+def own_subjects(settings: Settings) -> Iterator[None]:
+    """The test's subjects are deleted afterwards, as its topics are: the harness's registry
+    keeps its database between runs."""
+    yield
+    client = registry(settings)
+    for subject in client.get_subjects():
+        if subject.startswith(settings.topic_prefix):
+            client.delete_subject(subject, permanent=True)
+
+
 @pytest.fixture
 def confluent(settings: Settings) -> Settings:
     return dataclasses.replace(settings, wire_format=Framing.CONFLUENT)
