@@ -79,6 +79,7 @@ SCHEMA_ID_MAX: Final[int] = 2**32 - 1
 # the oldest is forgotten (and looked up again if it comes back).
 LEARNT_SCHEMA_IDS_MAX: Final[int] = 1024
 REFUSED_SCHEMA_IDS_MAX: Final[int] = 4096
+REFUSAL_DETAIL_CHARS_MAX: Final[int] = 512  # of why an id was refused (dead letters cut it too)
 
 
 class Framing(StrEnum):
@@ -711,6 +712,10 @@ class AvroCodec:
             writer = self._learnt_writer(schema_id, text)
         except CodecError as exc:
             self.refuse_schema_id(schema_id, exc.reason, str(exc))
+            return
+        except Exception as exc:  # a registry's schema is input too (e.g. nested past recursion)
+            detail = f"schema id {schema_id} cannot be used: {type(exc).__name__}: {exc}"
+            self.refuse_schema_id(schema_id, "incompatible_schema", detail[:REFUSAL_DETAIL_CHARS_MAX])
             return
         while len(self._by_id) - len(self._bound_ids) >= LEARNT_SCHEMA_IDS_MAX:
             oldest = next(i for i in self._by_id if i not in self._bound_ids)

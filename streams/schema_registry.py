@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import time
 import urllib.error
@@ -128,9 +129,10 @@ class SchemaRegistry:
                 raw = response.read(REGISTRY_RESPONSE_BYTES_MAX + 1)
         except urllib.error.HTTPError as exc:
             raise _http_error(method, url, exc) from exc
-        except (urllib.error.URLError, OSError) as exc:  # refused, reset, DNS, timeout
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # refused, reset, DNS, timeout, a connection closed half-way through the answer
             reason = getattr(exc, "reason", exc)
-            raise RegistryError(f"{method} {url}: no answer ({reason})", retriable=True) from exc
+            raise RegistryError(f"{method} {url}: no answer ({reason!r})", retriable=True) from exc
         if len(raw) > REGISTRY_RESPONSE_BYTES_MAX:
             raise RegistryError(f"{method} {url}: answer over {REGISTRY_RESPONSE_BYTES_MAX} bytes")
         try:

@@ -142,6 +142,18 @@ def test_schemas_that_are_not_one_of_our_records_are_refused(text: str) -> None:
     assert caught.value.reason == "incompatible_schema"
 
 
+def test_a_schema_nested_past_any_reason_is_refused_not_raised() -> None:
+    depth = 5_000
+    nested = '{"type": "array", "items": ' * depth + '"string"' + "}" * depth
+    text = ('{"type": "record", "name": "sardis.ledger.PostEntry", "fields": '
+            f'[{{"name": "x", "type": {nested}}}]}}')
+    codec = AvroCodec()
+    codec.learn_schema(31, text)
+    with pytest.raises(CodecError) as caught:
+        codec.decode(confluent_header(31) + b"\x00")
+    assert caught.value.reason == "incompatible_schema"
+
+
 def test_refused_and_learnt_ids_are_bounded() -> None:
     codec = AvroCodec()
     for schema_id in range(REFUSED_SCHEMA_IDS_MAX + 10):
