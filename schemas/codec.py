@@ -684,6 +684,10 @@ class AvroCodec:
 
     # --- Schema ids (Confluent framing): given by streams/wire.py, which talks to the registry.
 
+    def full_name(self, record_name: str) -> str:
+        """The full name (with namespace) of a record known by its short or full name."""
+        return self._writer(record_name).full_name
+
     def schema_text(self, record_name: str) -> str:
         """The JSON text of `record_name`'s current schema as the ledger registers it."""
         return schema_text(self._writer(record_name).schema)

@@ -51,25 +51,25 @@ REGISTRY_DOWN_PAUSE_S: Final[float] = 10.0
 LEARN_RETRY_BACKOFF_S: Final[float] = 1.0
 LEARN_RETRY_BACKOFF_MAX_S: Final[float] = 30.0
 SUBJECT_VALUE_SUFFIX: Final[str] = "-value"
-RECORD_NAMESPACE: Final[str] = "sardis.ledger"
 
 
-def subject_name(topic: str, record_name: str, records_on_topic: int) -> str:
-    """The subject of `record_name` on the (full) topic: `<topic>-value` when the topic carries
+def subject_name(topic: str, full_record_name: str, records_on_topic: int) -> str:
+    """The subject of a record type on the (full) topic: `<topic>-value` when the topic carries
     one record type, else `<topic>-<full record name>`."""
     if records_on_topic == 1:
         return f"{topic}{SUBJECT_VALUE_SUFFIX}"
-    full_name = record_name if "." in record_name else f"{RECORD_NAMESPACE}.{record_name}"
-    return f"{topic}-{full_name}"
+    return f"{topic}-{full_record_name}"
 
 
-def subjects_of(settings: Settings, topics: Iterable[LedgerTopic]) -> list[tuple[str, str]]:
+def subjects_of(settings: Settings, topics: Iterable[LedgerTopic],
+                codec: AvroCodec) -> list[tuple[str, str]]:
     """(subject, record name) of every record type on `topics`, in order, each subject once."""
     found: dict[str, str] = {}
     for topic in topics:
         names = TOPIC_RECORDS[topic]
         for name in names:
-            found.setdefault(subject_name(settings.topic(topic), name, len(names)), name)
+            subject = subject_name(settings.topic(topic), codec.full_name(name), len(names))
+            found.setdefault(subject, name)
     return list(found.items())
 
 
@@ -108,7 +108,7 @@ class Wire:
         registry = self.registry
         if registry is None:  # Settings refuses this combination; a codec given by hand may not
             raise RegistryError("Confluent framing needs a schema registry (SARDIS_SCHEMA_REGISTRY_URL)")
-        for subject, record_name in subjects_of(self.settings, topics):
+        for subject, record_name in subjects_of(self.settings, topics, self.codec):
             schema_id = await asyncio.to_thread(self._register, registry, subject, record_name)
             self.codec.bind_schema_id(record_name, schema_id)
             self.schema_ids[subject] = schema_id

@@ -18,11 +18,11 @@ CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens, connect
 
 def test_topic_name_strategy_and_one_subject_per_type_on_mixed_topics() -> None:
     assert subject_name("acme.ledger.commands", "PostEntry", 1) == "acme.ledger.commands-value"
-    assert subject_name("ledger.batches", "SubmitBatch", 2) == \
+    assert subject_name("ledger.batches", "sardis.ledger.SubmitBatch", 2) == \
         "ledger.batches-sardis.ledger.SubmitBatch"
     settings = Settings(topic_prefix="t.")
     subjects = dict(subjects_of(settings, [LedgerTopic.COMMANDS, LedgerTopic.BATCHES,
-                                           LedgerTopic.ENTRIES]))
+                                           LedgerTopic.ENTRIES], AvroCodec()))
     assert subjects == {"t.ledger.commands-value": "PostEntry",
                         "t.ledger.batches-sardis.ledger.SubmitBatch": "SubmitBatch",
                         "t.ledger.batches-sardis.ledger.RollbackBatch": "RollbackBatch",
