@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
-up: install ## provision (once) and start Kafka, PostgreSQL, immudb and anvil on 127.0.0.1
+up: install ## provision (once) and start Kafka, PostgreSQL, immudb, anvil and the schema registry on 127.0.0.1
 	$(BIN)/sardis-ledger dev up
 
 down: install ## stop the dev servers the harness started

@@ -1,4 +1,5 @@
-"""Local dev harness: provisions Kafka, PostgreSQL, immudb and anvil once, runs them on loopback."""
+"""Local dev harness: provisions Kafka, PostgreSQL, immudb, anvil and a schema registry once, runs
+them on loopback."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from streams.config import (
     KAFKA_BOOTSTRAP_DEFAULT,
     PG_DSN_DEFAULT,
     PG_PORT_DEFAULT,
+    SCHEMA_REGISTRY_PORT_DEFAULT,
+    SCHEMA_REGISTRY_URL_DEFAULT,
     Settings,
     host_port,
 )
@@ -33,6 +36,12 @@ from streams.errors import InfraError
 INFRA_DIR = Path(__file__).resolve().parent
 KAFKA_VERSION = "4.1.1"
 IMMUDB_VERSION = "v1.11.1"
+# The newest Apicurio Registry whose artifacts Maven Central serves here in full (README: Schema
+# registry); the version is also in infra/registry/pom.xml, whose digest keys the cache.
+APICURIO_VERSION = "2.4.2.Final"
+REGISTRY_PORT = SCHEMA_REGISTRY_PORT_DEFAULT
+REGISTRY_HEAP_MB = 256
+REGISTRY_JAR = "schema-registry-runner.jar"  # infra/registry/pom.xml's finalName + Quarkus' suffix
 KAFKA_PORT = 9092
 KAFKA_CONTROLLER_PORT = 9093
 IMMUDB_PORT = 3322
@@ -518,6 +527,97 @@ def health_anvil(url: str = CHAIN_RPC_DEFAULT) -> None:
         raise InfraError(f"anvil: eth_chainId returned {chain_id!r}")
 
 
+# ---------------------------------------------------------------- schema registry (Apicurio, Maven)
+
+def _registry_home() -> Path:
+    return cache_dir() / f"schema-registry-{APICURIO_VERSION}-{_inputs_digest(_registry_inputs())}"
+
+
+def _registry_inputs() -> list[Path]:
+    """The Maven project that builds the registry: its pom and our one Java class."""
+    src = INFRA_DIR / "registry"
+    return [src / "pom.xml", *sorted((src / "src").rglob("*.java"))]
+
+
+def provision_registry() -> None:
+    """Build a runnable Apicurio Registry from its released jars (one time, cached like Kafka).
+
+    Maven builds in a scratch copy of infra/registry (never in the source tree) and the runner
+    jar and its lib/ move into the cache only once complete, so an interrupted build is redone.
+    """
+    home = _registry_home()
+    if (home / REGISTRY_JAR).exists():
+        return
+    _java()
+    if shutil.which("mvn") is None:
+        _apt_install("maven")
+    _say(f"schema-registry: building Apicurio Registry {APICURIO_VERSION} with Maven (one time: "
+         "about 2 minutes and 230 MB of downloads on a fresh machine; log "
+         f"{cache_dir() / 'provision.log'})")
+    started = time.monotonic()
+    build = home.with_name(f"{home.name}.build-{os.getpid()}")
+    shutil.rmtree(build, ignore_errors=True)
+    try:
+        src = INFRA_DIR / "registry"
+        shutil.copytree(src, build, ignore=shutil.ignore_patterns("target"))
+        # skipDefault: Apicurio's parent POM adds two repositories besides Maven Central unless
+        # this property is set; everything the build needs is on Central.
+        _run(["mvn", "-B", "-q", "-f", str(build / "pom.xml"), "package", "-DskipDefault=true"],
+             what="schema-registry: Maven build")
+        staged = home.with_name(f"{home.name}.partial-{os.getpid()}")
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        (build / "target" / REGISTRY_JAR).rename(staged / REGISTRY_JAR)
+        (build / "target" / "lib").rename(staged / "lib")
+        try:
+            staged.rename(home)
+        except OSError:  # another harness finished the same build first: use that one
+            shutil.rmtree(staged, ignore_errors=True)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    if not (home / REGISTRY_JAR).exists():
+        raise InfraError(f"schema-registry: the Maven build left no {REGISTRY_JAR}; see "
+                         f"{cache_dir() / 'provision.log'}")
+    _say(f"schema-registry: built in {time.monotonic() - started:.0f} s")
+
+
+def _registry_data() -> Path:
+    return run_dir() / "schema-registry"
+
+
+def _registry_env() -> dict[str, str]:
+    # Apicurio's own variable (its application.properties reads it): a file-backed H2 database in
+    # the run directory instead of its in-memory default, so schema ids outlive a restart. Kafka
+    # keeps the records that carry the ids; an id must never come back meaning another schema.
+    return {"REGISTRY_DATASOURCE_URL": f"jdbc:h2:file:{_registry_data() / 'registry'}"}
+
+
+def _registry_prepare() -> None:
+    _registry_data().mkdir(parents=True, exist_ok=True)
+
+
+def _registry_command() -> list[str]:
+    return [_java(), f"-Xmx{REGISTRY_HEAP_MB}m", "-XX:+UseSerialGC", "-Djava.awt.headless=true",
+            "-Dquarkus.http.host=127.0.0.1", f"-Dquarkus.http.port={REGISTRY_PORT}",
+            "-jar", str(_registry_home() / REGISTRY_JAR)]
+
+
+def health_registry(settings: Settings | None = None) -> None:
+    """GET /subjects on the Confluent-compatible API answers with a list."""
+    from streams.errors import RegistryError
+    from streams.schema_registry import SchemaRegistry
+
+    settings = settings or Settings()
+    url = settings.schema_registry_url or SCHEMA_REGISTRY_URL_DEFAULT
+    # One attempt: the health wait loop is the retry.
+    registry = SchemaRegistry(url, settings.schema_registry_user,
+                              settings.schema_registry_password, attempts=1)
+    try:
+        registry.subjects()
+    except RegistryError as exc:
+        raise InfraError(f"schema-registry health check: {exc}", retriable=True) from exc
+
+
 # ---------------------------------------------------------------- the stack
 
 SERVER_ENV = {
@@ -525,11 +625,12 @@ SERVER_ENV = {
     "postgres": "SARDIS_PG_DSN",
     "immudb": "SARDIS_IMMUDB_ADDR",
     "anvil": "SARDIS_CHAIN_RPC",
+    "schema-registry": "SARDIS_SCHEMA_REGISTRY_URL",
 }
 
 
 def servers(settings: Settings) -> list[Server]:
-    return [
+    stack = [
         Server("kafka", (KAFKA_PORT, KAFKA_CONTROLLER_PORT),
                lambda: health_kafka(settings.kafka_bootstrap), provision_kafka, _kafka_command,
                prepare=_kafka_prepare, health_timeout_s=KAFKA_HEALTH_TIMEOUT_S,
@@ -544,6 +645,11 @@ def servers(settings: Settings) -> list[Server]:
         Server("anvil", (ANVIL_PORT,), lambda: health_anvil(settings.chain_rpc), provision_anvil,
                _anvil_command),
     ]
+    if settings.schema_registry_url:  # SARDIS_SCHEMA_REGISTRY_URL='' runs without a registry
+        stack.append(Server("schema-registry", (REGISTRY_PORT,), lambda: health_registry(settings),
+                            provision_registry, _registry_command, prepare=_registry_prepare,
+                            env=_registry_env()))
+    return stack
 
 
 def external(server: Server) -> bool:
@@ -640,6 +746,7 @@ def connection_settings(settings: Settings | None = None) -> str:
     settings = settings or Settings.from_env()
     env = settings.as_env()
     env.pop("SARDIS_IMMUDB_PASSWORD")
+    env.pop("SARDIS_SCHEMA_REGISTRY_PASSWORD")
     lines = [f"export {name}={value}" for name, value in env.items()]
     lines.append(f"# logs and data: {run_dir()}   immudb password: SARDIS_IMMUDB_PASSWORD")
     return "\n".join(lines)

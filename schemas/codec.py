@@ -1,7 +1,9 @@
-"""Avro wire codec of sardis-ledger: single-object encoding of the records in schemas/*.avsc."""
+"""Avro wire codec of sardis-ledger: records of schemas/*.avsc, single-object or Confluent framing."""
 
-# Wire layout of every Kafka value the ledger writes or reads (Avro 1.11 specification,
-# "Single-object encoding"):
+# Wire layout of every Kafka value the ledger writes or reads. The first byte tells the two
+# framings apart; decode reads both, encode writes the one the codec was made for.
+#
+# Avro single-object encoding (Avro 1.11 specification, "Single-object encoding"), the default:
 #
 #   offset  size  content
 #   0       2     marker C3 01 (format version 1 of single-object encoding)
@@ -9,11 +11,23 @@
 #                 LITTLE-endian (least significant byte first), as the specification requires
 #   10      n     Avro binary encoding of the record (no framing, no length prefix)
 #
-# Why this layout: the marker lets a reader reject bytes that are not Avro at all; the
+# Confluent wire format (schema registries, SARDIS_WIRE_FORMAT=confluent):
+#
+#   offset  size  content
+#   0       1     magic byte 00
+#   1       4     schema id the registry gave the WRITER schema, BIG-endian unsigned
+#   5       n     Avro binary encoding of the record (no framing, no length prefix)
+#
+# Why these layouts: the marker lets a reader reject bytes that are not Avro at all; the
 # fingerprint names the exact writer schema inside every message, so a consumer picks the
 # right schema without a schema registry and refuses bytes written with a schema it does not
 # know instead of misreading them; the body has no length of its own, so the message must
-# end exactly where the record ends (trailing bytes mean corruption).
+# end exactly where the record ends (trailing bytes mean corruption). The Confluent layout is
+# what Kafka Connect, ksqlDB and confluent-kafka's AvroSerializer speak: its schema id means
+# nothing without the registry that issued it, so ids are resolved at the edge (streams/wire.py)
+# and handed to this codec (bind_schema_id, learn_schema), which stays free of I/O. A writer
+# schema learnt by id that is not one of ours decodes into our current schema by Avro schema
+# resolution, once schemas/resolution.py has found that safe.
 #
 # Older versions of a schema live in schemas/history/<Name>.v<N>.avsc: their fingerprints stay
 # readable (records written with them decode into the current schema by Avro schema resolution),
@@ -36,12 +50,14 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, cast
 
 import fastavro
 from fastavro.schema import SchemaParseException, parse_schema, to_parsing_canonical_form
 
+from schemas.resolution import resolution_problem
 from streams.errors import CodecError
 
 SCHEMA_DIR: Final[Path] = Path(__file__).resolve().parent
@@ -53,6 +69,24 @@ HEX_ATTRIBUTE: Final[str] = "sardis.hex"
 SINGLE_OBJECT_MARKER: Final[bytes] = b"\xc3\x01"
 FINGERPRINT_SIZE_BYTES: Final[int] = 8
 HEADER_SIZE_BYTES: Final[int] = len(SINGLE_OBJECT_MARKER) + FINGERPRINT_SIZE_BYTES  # 10
+
+CONFLUENT_MAGIC: Final[bytes] = b"\x00"
+SCHEMA_ID_SIZE_BYTES: Final[int] = 4
+CONFLUENT_HEADER_SIZE_BYTES: Final[int] = len(CONFLUENT_MAGIC) + SCHEMA_ID_SIZE_BYTES  # 5
+SCHEMA_ID_MAX: Final[int] = 2**32 - 1
+# Writer schemas learnt by id, and ids refused (unknown to the registry, or unreadable), kept per
+# codec. Anyone who may write a client topic can make up ids, so both are bounded: past the bound
+# the oldest is forgotten (and looked up again if it comes back).
+LEARNT_SCHEMA_IDS_MAX: Final[int] = 1024
+REFUSED_SCHEMA_IDS_MAX: Final[int] = 4096
+REFUSAL_DETAIL_CHARS_MAX: Final[int] = 512  # of why an id was refused (dead letters cut it too)
+
+
+class Framing(StrEnum):
+    """What encode writes (SARDIS_WIRE_FORMAT); decode reads both."""
+
+    SINGLE_OBJECT = "single-object"
+    CONFLUENT = "confluent"
 
 # Largest message accepted in either direction: Kafka's default max.message.bytes is ~1 MiB,
 # and a bound keeps a hostile payload from costing unbounded decode time.
@@ -414,11 +448,13 @@ _ENCODE_ERRORS: Final = (
 class _Writer:
     """Everything encode and decode need for one record type, computed once.
 
-    A writer of an older version (schemas/history) only decodes: `reader_schema` is the current
-    schema its records resolve into, and the decode checks are the current schema's.
+    A writer of an older version (schemas/history), or one learnt from a schema registry, only
+    decodes: `reader_schema` is the current schema its records resolve into, and the decode
+    checks are the current schema's.
     """
 
     __slots__ = (
+        "confluent_header",
         "decode_plan",
         "encode_plan",
         "fingerprint",
@@ -438,26 +474,69 @@ class _Writer:
         self.reader_schema = current
         self.fingerprint = fingerprint_crc64_avro(schema)
         self.header = SINGLE_OBJECT_MARKER + self.fingerprint
+        self.confluent_header: bytes | None = None  # set once a registry gave this schema an id
         self.encode_plan = _compile_plan(schema, encode=True)
         self.decode_plan = _compile_plan(current or schema, encode=False)
         self.record_unions = _record_union_fields(schema)
 
 
+def schema_text(parsed_schema: Mapping[str, Any]) -> str:
+    """The one JSON text of a parsed schema that the ledger registers with a schema registry.
+
+    Registries key a schema by its exact text (other whitespace: a new version and id), so it
+    is always this text: fastavro's bookkeeping keys dropped, object keys sorted, no spaces.
+    Docs, defaults, logical types and "sardis.hex" stay: a registry checks compatibility with
+    the defaults, and readers that fetch the schema by id see the documented contract.
+    """
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {key: strip(value) for key, value in node.items() if not key.startswith("__")}
+        if isinstance(node, list):
+            return [strip(item) for item in node]
+        return node
+
+    return json.dumps(strip(parsed_schema), sort_keys=True, separators=(",", ":"))
+
+
+def confluent_schema_id(data: bytes | bytearray | memoryview | None) -> int | None:
+    """The schema id of a Confluent-framed message, or None for anything else."""
+    if not data or len(data) < CONFLUENT_HEADER_SIZE_BYTES or data[0] != CONFLUENT_MAGIC[0]:
+        return None
+    return int.from_bytes(data[1:CONFLUENT_HEADER_SIZE_BYTES], "big")
+
+
+def confluent_header(schema_id: int) -> bytes:
+    """Magic byte and big-endian schema id: the 5 bytes in front of a Confluent-framed body."""
+    if not 0 <= schema_id <= SCHEMA_ID_MAX:
+        raise CodecError("invalid_schema", f"schema id {schema_id} does not fit 4 bytes")
+    return CONFLUENT_MAGIC + schema_id.to_bytes(SCHEMA_ID_SIZE_BYTES, "big")
+
+
 class AvroCodec:
-    """Encodes and decodes ledger records as Avro single-object messages.
+    """Encodes and decodes ledger records as Avro messages (layouts at the top of this module).
 
     Schemas are parsed and fingerprinted once, at construction; encode and decode only run
-    fastavro's compiled reader and writer plus a few precompiled checks. Thread-safe: the
-    codec holds no per-call state.
+    fastavro's compiled reader and writer plus a few precompiled checks. Confluent framing
+    needs schema ids, which only a registry can give: bind_schema_id (our schemas, for encode)
+    and learn_schema (any writer schema, for decode) take them from streams/wire.py. Safe to
+    share between threads as long as ids are bound or learnt on one (decode holds no state).
     """
 
     def __init__(self, schemas: dict[str, dict[str, Any]] | None = None,
-                 history: list[tuple[str, dict[str, Any]]] | None = None) -> None:
+                 history: list[tuple[str, dict[str, Any]]] | None = None,
+                 framing: Framing = Framing.SINGLE_OBJECT) -> None:
         if schemas is None:
             schemas = load_schemas()
             history = load_history() if history is None else history
+        self.framing = framing
         self._by_name: dict[str, _Writer] = {}
         self._by_fingerprint: dict[bytes, _Writer] = {}
+        self._current: dict[str, dict[str, Any]] = dict(schemas)
+        # schema id -> writer: ids bound to our schemas, then ids learnt (bounded, oldest first)
+        self._by_id: dict[int, _Writer] = {}
+        self._bound_ids: set[int] = set()
+        self._refused_ids: dict[int, tuple[str, str]] = {}  # id -> (reason, detail)
         short_names: dict[str, list[_Writer]] = {}
         for full_name, schema in schemas.items():
             writer = self._add(_Writer(full_name, schema))
@@ -489,7 +568,7 @@ class AvroCodec:
         return writer
 
     def encode(self, record_name: str, record: dict[str, Any]) -> bytes:
-        """Single-object encoding of `record` as `record_name` (short or full name).
+        """`record` as `record_name` (short or full name), in the codec's framing.
 
         Decimal fields take decimal.Decimal with at most 18 fractional digits; timestamps take
         timezone-aware datetimes (truncated to the millisecond) or int epoch milliseconds.
@@ -499,8 +578,14 @@ class AvroCodec:
             raise CodecError(
                 "invalid_record", f"{writer.short_name} needs a mapping, got {type(record)}"
             )
+        header = writer.header
+        if self.framing is Framing.CONFLUENT:
+            if writer.confluent_header is None:
+                raise CodecError("unregistered_schema", f"{writer.short_name} has no schema id: "
+                                 "this process did not register it (streams/wire.py)")
+            header = writer.confluent_header
         buffer = io.BytesIO()
-        buffer.write(writer.header)
+        buffer.write(header)
         try:
             _run_plan(writer.encode_plan, record)
             if writer.record_unions:
@@ -524,9 +609,11 @@ class AvroCodec:
         return data
 
     def decode(self, data: bytes | bytearray | memoryview | None) -> tuple[str, dict[str, Any]]:
-        """(short record name, record) of a single-object message; CodecError if it is not one.
+        """(short record name, record) of a message in either framing; CodecError if it is not
+        one this codec can read.
 
-        None (a Kafka tombstone) counts as an empty payload.
+        None (a Kafka tombstone) counts as an empty payload. A Confluent-framed message decodes
+        only once its schema id is bound or learnt (unresolved_schema_id tells which to fetch).
         """
         if not data:
             raise CodecError("empty_payload", "the message has no bytes")
@@ -535,23 +622,12 @@ class AvroCodec:
         size = len(data)
         if size > MESSAGE_SIZE_MAX_BYTES:
             raise CodecError("message_too_large", f"{size} bytes, max {MESSAGE_SIZE_MAX_BYTES}")
-        marker = data[: len(SINGLE_OBJECT_MARKER)]
-        if not SINGLE_OBJECT_MARKER.startswith(marker):
-            raise CodecError(
-                "bad_marker", f"starts with {marker.hex()}, not {SINGLE_OBJECT_MARKER.hex()}"
-            )
-        if size < HEADER_SIZE_BYTES:
-            raise CodecError(
-                "truncated", f"{size} bytes, shorter than the {HEADER_SIZE_BYTES}-byte header"
-            )
-        fingerprint = data[len(SINGLE_OBJECT_MARKER) : HEADER_SIZE_BYTES]
-        writer = self._by_fingerprint.get(fingerprint)
-        if writer is None:
-            raise CodecError(
-                "unknown_fingerprint", f"no known schema has fingerprint {fingerprint.hex()}"
-            )
+        if data[0] == CONFLUENT_MAGIC[0]:
+            writer, header_size = self._confluent_writer(data)
+        else:
+            writer, header_size = self._single_object_writer(data)
         buffer = io.BytesIO(data)
-        buffer.seek(HEADER_SIZE_BYTES)
+        buffer.seek(header_size)
         try:
             record = fastavro.schemaless_reader(buffer, writer.schema, writer.reader_schema)
         except EOFError as exc:
@@ -572,6 +648,125 @@ class AvroCodec:
         except ValueError as exc:
             raise CodecError("malformed_body", f"{writer.short_name}: {exc}") from exc
         return writer.short_name, record
+
+    def _single_object_writer(self, data: bytes) -> tuple[_Writer, int]:
+        marker = data[: len(SINGLE_OBJECT_MARKER)]
+        if not SINGLE_OBJECT_MARKER.startswith(marker):
+            raise CodecError(
+                "bad_marker", f"starts with {marker.hex()}: neither single-object "
+                f"({SINGLE_OBJECT_MARKER.hex()}) nor Confluent ({CONFLUENT_MAGIC.hex()}) framing"
+            )
+        if len(data) < HEADER_SIZE_BYTES:
+            raise CodecError(
+                "truncated", f"{len(data)} bytes, shorter than the {HEADER_SIZE_BYTES}-byte header"
+            )
+        fingerprint = data[len(SINGLE_OBJECT_MARKER) : HEADER_SIZE_BYTES]
+        writer = self._by_fingerprint.get(fingerprint)
+        if writer is None:
+            raise CodecError(
+                "unknown_fingerprint", f"no known schema has fingerprint {fingerprint.hex()}"
+            )
+        return writer, HEADER_SIZE_BYTES
+
+    def _confluent_writer(self, data: bytes) -> tuple[_Writer, int]:
+        schema_id = confluent_schema_id(data)
+        if schema_id is None:
+            raise CodecError("truncated", f"{len(data)} bytes, shorter than the "
+                             f"{CONFLUENT_HEADER_SIZE_BYTES}-byte Confluent header")
+        writer = self._by_id.get(schema_id)
+        if writer is not None:
+            return writer, CONFLUENT_HEADER_SIZE_BYTES
+        refused = self._refused_ids.get(schema_id)
+        if refused is not None:
+            raise CodecError(*refused)
+        raise CodecError("unknown_schema_id", f"schema id {schema_id} was never looked up in a "
+                         "schema registry by this process")
+
+    # --- Schema ids (Confluent framing): given by streams/wire.py, which talks to the registry.
+
+    def full_name(self, record_name: str) -> str:
+        """The full name (with namespace) of a record known by its short or full name."""
+        return self._writer(record_name).full_name
+
+    def schema_text(self, record_name: str) -> str:
+        """The JSON text of `record_name`'s current schema as the ledger registers it."""
+        return schema_text(self._writer(record_name).schema)
+
+    def bind_schema_id(self, record_name: str, schema_id: int) -> None:
+        """Encode `record_name` with this id (the registry's id of schema_text(record_name))."""
+        writer = self._writer(record_name)
+        header = confluent_header(schema_id)
+        known = self._by_id.get(schema_id)
+        if schema_id in self._bound_ids and known is not writer:
+            raise CodecError("invalid_schema", f"schema id {schema_id} is already "
+                             f"{known.full_name if known else 'taken'}, not {writer.full_name}")
+        if writer.confluent_header is None:
+            writer.confluent_header = header
+        self._by_id[schema_id] = writer
+        self._bound_ids.add(schema_id)
+        self._refused_ids.pop(schema_id, None)
+
+    def learn_schema(self, schema_id: int, text: str) -> None:
+        """Decode messages framed with `schema_id` by this writer schema (JSON text, as the
+        registry returned it). A schema the ledger cannot read safely is remembered as refused
+        (reason incompatible_schema), so its messages fail with that reason."""
+        if schema_id in self._by_id or schema_id in self._refused_ids:
+            return
+        try:
+            writer = self._learnt_writer(schema_id, text)
+        except CodecError as exc:
+            self.refuse_schema_id(schema_id, exc.reason, str(exc))
+            return
+        except Exception as exc:  # a registry's schema is input too (e.g. nested past recursion)
+            detail = f"schema id {schema_id} cannot be used: {type(exc).__name__}: {exc}"
+            self.refuse_schema_id(schema_id, "incompatible_schema", detail[:REFUSAL_DETAIL_CHARS_MAX])
+            return
+        while len(self._by_id) - len(self._bound_ids) >= LEARNT_SCHEMA_IDS_MAX:
+            oldest = next(i for i in self._by_id if i not in self._bound_ids)
+            del self._by_id[oldest]
+        self._by_id[schema_id] = writer
+
+    def _learnt_writer(self, schema_id: int, text: str) -> _Writer:
+        what = f"schema id {schema_id}"
+        try:
+            parsed = parse_schema(json.loads(text), named_schemas={})
+        except (ValueError, TypeError, KeyError, SchemaParseException) as exc:
+            raise CodecError("incompatible_schema", f"{what} is not an Avro schema the ledger "
+                             f"can parse (references are not supported): {exc}") from exc
+        if not isinstance(parsed, dict) or parsed.get("type") != "record":
+            raise CodecError("incompatible_schema", f"{what} is not a record")
+        known = self._by_fingerprint.get(fingerprint_crc64_avro(parsed))
+        if known is not None and resolution_problem(parsed, known.schema) is None:
+            # One of our schemas, current or older: decoded exactly as single-object. (The
+            # fingerprint alone would not do: Parsing Canonical Form drops logical types, so a
+            # decimal of another scale has the same fingerprint.)
+            return known
+        full_name = str(parsed["name"])
+        current = self._current.get(full_name)
+        if current is None:
+            raise CodecError("incompatible_schema",
+                             f"{what} is a {full_name}: not a record this ledger reads")
+        problem = resolution_problem(parsed, current)
+        if problem is not None:
+            raise CodecError("incompatible_schema",
+                             f"{what} ({full_name}) cannot be read as the ledger's: {problem}")
+        return _Writer(full_name, parsed, current)
+
+    def refuse_schema_id(self, schema_id: int, reason: str, detail: str) -> None:
+        """Fail messages framed with `schema_id` with this reason (bounded, oldest forgotten)."""
+        if schema_id in self._bound_ids:
+            return
+        while len(self._refused_ids) >= REFUSED_SCHEMA_IDS_MAX:
+            del self._refused_ids[next(iter(self._refused_ids))]
+        self._refused_ids[schema_id] = (reason, detail)
+
+    def unresolved_schema_id(self, data: bytes | bytearray | memoryview | None) -> int | None:
+        """The schema id of a Confluent-framed message this codec has neither learnt nor refused
+        (what the edge should look up before decoding), else None."""
+        schema_id = confluent_schema_id(data)
+        if schema_id is None or schema_id in self._by_id or schema_id in self._refused_ids:
+            return None
+        return schema_id
 
     def fingerprint_of(self, record_name: str) -> bytes:
         """The 8 fingerprint bytes (wire order) of the schema of `record_name`."""

@@ -37,6 +37,7 @@ from streams.core import EPOCH, ONE_MS, murmur2
 from streams.money import Currency, currency_table
 from streams.outbox import send_batches
 from streams.topics import LedgerTopic
+from streams.wire import Wire
 
 WRITE_BATCH_MAX = 1000  # immudb's default limit is 1024 entries per transaction
 # Records per Kafka transaction (receipts + offsets): several verified immudb transactions of
@@ -486,7 +487,9 @@ class ImmudbSink:
         self.settings = settings
         self.shard = shard
         self.store = ImmudbStore(settings, directory)
-        self.codec = AvroCodec()
+        # Reads both framings, writes SARDIS_WIRE_FORMAT (streams/wire.py).
+        self.wire = Wire(settings)
+        self.codec = self.wire.codec
         self.currencies = dict(currencies) if currencies is not None else currency_table()
         self.group_id = group_id_for(settings)
         self.transactional_id = f"{self.group_id}{shard.suffix}"
@@ -495,6 +498,7 @@ class ImmudbSink:
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         stop = stop or asyncio.Event()
+        await self.wire.start((LedgerTopic.RECEIPTS, LedgerTopic.SINK_DLQ))
         producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap,
                                     transactional_id=self.transactional_id,
                                     enable_idempotence=True, acks="all", linger_ms=5,
@@ -592,6 +596,7 @@ class ImmudbSink:
         messages = [m for tp in sorted(batches, key=lambda t: t.partition) for m in batches[tp]]
         offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batches.items() if msgs}
         rejects: list[SinkReject] = []
+        await self.wire.learn_retrying([m.value for m in messages], stop)  # Confluent schema ids
         wanted = entries_to_store(self.settings, messages, self.codec, self.currencies, rejects)
         items = dict(wanted.values())
         behind = kafka.lag(consumer, {tp: offsets.get(tp, 0) for tp in offsets}) + len(items)

@@ -23,6 +23,7 @@ from sinks.schema import connect, migrate, quoted
 from streams.config import Settings
 from streams.money import Currency, currency_table
 from streams.topics import LedgerTopic
+from streams.wire import Wire
 
 BATCH_RECORDS_MAX = 20_000  # records per database transaction
 # Records decoded between yields to the event loop, so the COPY of the batch in flight keeps
@@ -165,7 +166,9 @@ class PostgresSink:
         self.schema = schema
         self.q = quoted(schema)
         self.currencies = dict(currencies) if currencies is not None else currency_table()
-        self.codec = AvroCodec()
+        # Reads both framings, writes SARDIS_WIRE_FORMAT (streams/wire.py).
+        self.wire = Wire(settings)
+        self.codec = self.wire.codec
         self.start = start  # replay: where to start when the schema has no offsets yet
         self.stop_at_end = stop_at_end  # replay: stop once every partition reached its end
         self.progress = progress
@@ -345,6 +348,7 @@ class PostgresSink:
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Sink until `stop` is set (or, for a replay, until the end). Returns entries written."""
         stop = stop or asyncio.Event()
+        await self.wire.start((LedgerTopic.SINK_DLQ,))
         await self._open_consumer()
         assert self.consumer is not None
         try:
@@ -377,6 +381,9 @@ class PostgresSink:
                             await asyncio.sleep(RETRY_BACKOFF_INITIAL_S)
                     batch = None
                     if messages:
+                        # Confluent schema ids not seen yet: fetched (waiting for the registry)
+                        await self.wire.learn_retrying(
+                            [m.value for batch_of_tp in messages.values() for m in batch_of_tp], stop)
                         batch = await build_batch_yielding(messages, self.topic_kinds, self.codec,
                                                            self.currencies)
                     if in_flight is not None:

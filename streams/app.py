@@ -15,7 +15,6 @@ from typing import Any, NoReturn
 import faust
 from faust.types import EventT, StreamT
 
-from schemas.codec import AvroCodec
 from streams import batches, core, records
 from streams.config import Settings
 from streams.errors import CodecError, InvariantViolation
@@ -32,6 +31,7 @@ from streams.transactions import (
     record_control_batches,
     transactional_id_for,
 )
+from streams.wire import Wire
 
 log = logging.getLogger("sardis.worker")
 
@@ -93,7 +93,9 @@ class LedgerWorker:
     def __init__(self, settings: Settings, currencies: Mapping[str, Currency] | None = None) -> None:
         self.settings = settings
         self.currencies = dict(currencies) if currencies is not None else currency_table()
-        self.codec = AvroCodec()
+        # Reads both framings, writes SARDIS_WIRE_FORMAT; schema ids via the registry (streams/wire).
+        self.wire = Wire(settings)
+        self.codec = self.wire.codec
         self.app = faust.App(
             settings.topic(APP_NAME),
             datadir=os.environ.get("SARDIS_WORKER_DATADIR",
@@ -495,7 +497,7 @@ class LedgerWorker:
         (unless the decision recorded it in the same write, as a PostEntry's log head does)."""
         recorded = False
         try:
-            name, record = self.codec.decode(command.value)
+            name, record = await self.wire.decode(command.value)
         except CodecError as exc:
             await self._dead_letter(command, exc.reason, str(exc), None)
         else:
@@ -518,7 +520,7 @@ class LedgerWorker:
         log.warning("skipping quarantined record %s:%s:%s", command.topic, command.partition,
                     command.offset)
         try:
-            name, record = self.codec.decode(command.value)
+            name, record = await self.wire.decode(command.value)
         except CodecError:
             name, record = "", {}
         detail = "set aside by an operator (sardis-ledger quarantine); see ledger.dlq"
@@ -1136,5 +1138,9 @@ class LedgerWorker:
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     """Run one worker process until it is stopped (SIGTERM/SIGINT); blocks."""
+    from streams.topics import WORKER_TOPICS
+
     worker = LedgerWorker(settings)
+    # Confluent framing: schema ids registered (BACKWARD checked) before anything is encoded.
+    asyncio.run(worker.wire.start(WORKER_TOPICS))
     faust.Worker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()

@@ -29,7 +29,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     else:
         states = harness.status()
         for name, state in states.items():
-            print(f"{name:10s} {state}")
+            print(f"{name:16s} {state}")
         return EXIT_OK if all("healthy" in s and "unhealthy" not in s for s in states.values()) \
             else EXIT_ERROR
     return EXIT_OK
@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     dev = sub.add_parser(
-        "dev", help="local dev servers: Kafka, PostgreSQL, immudb, anvil",
+        "dev", help="local dev servers: Kafka, PostgreSQL, immudb, anvil, schema registry",
         description="Provision (once, cached in ~/.cache/sardis-ledger or $SARDIS_CACHE_DIR), "
-        "start on 127.0.0.1 and health-check the four dev servers. A server whose SARDIS_* "
+        "start on 127.0.0.1 and health-check the five dev servers. A server whose SARDIS_* "
         "variable is set is treated as external and only health-checked.")
     dev.add_argument("action", choices=["up", "down", "status"],
                      help="up: start what is not running and wait for health; down: stop what the "

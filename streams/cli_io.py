@@ -16,12 +16,12 @@ from typing import IO, Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from schemas.codec import AvroCodec
 from streams.client import LedgerClient, LedgerClientError, _at_scale
 from streams.config import Settings
 from streams.core import EPOCH, ONE_MS
-from streams.errors import CodecError, LedgerError
+from streams.errors import CodecError, LedgerError, RegistryError
 from streams.money import currency_table
+from streams.wire import Wire
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -174,7 +174,7 @@ async def consume(settings: Settings, topic_name: str, stdout: IO[str], *,
                   from_beginning: bool = False, from_offset: list[str] | None = None,
                   from_time: str | None = None, max_records: int | None = None,
                   timeout_s: float | None = None) -> int:
-    codec = AvroCodec()
+    wire = Wire(settings)
     topic = settings.topic(topic_name)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
                                 isolation_level="read_committed", enable_auto_commit=False)
@@ -228,12 +228,17 @@ async def consume(settings: Settings, topic_name: str, stdout: IO[str], *,
                         "key": message.key.decode(errors="replace") if message.key else None,
                     }
                     try:
-                        name, record = codec.decode(message.value)
+                        await wire.learn([message.value])  # a Confluent schema id, once
+                        name, record = wire.codec.decode(message.value)
                         out["type"] = name
                         out["value"] = _at_currency_scale(record)
                     except CodecError as exc:
                         out["type"] = None
                         out["error"] = f"{exc.reason}: {exc}"
+                        out["raw"] = message.value
+                    except RegistryError as exc:
+                        out["type"] = None
+                        out["error"] = f"schema_registry_unavailable: {exc}"
                         out["raw"] = message.value
                     print(dumps(out), file=stdout, flush=True)
                     count += 1

@@ -16,12 +16,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from schemas.codec import AvroCodec
 from streams import core
 from streams.config import Settings
-from streams.errors import CodecError, LedgerError
+from streams.errors import CodecError, LedgerError, RegistryError
 from streams.money import Currency, currency_table, to_major, to_minor
 from streams.topics import LedgerTopic
+from streams.wire import Wire
 
 RESULT_TIMEOUT_S = 30.0
 BATCH_RESULT_MARGIN_S = 10.0  # a batch's result may come this long after its own timeout
@@ -133,7 +133,9 @@ class LedgerClient:
         self.settings = settings or Settings.from_env()
         self.currencies = dict(currencies) if currencies is not None else currency_table()
         self.result_timeout_s = result_timeout_s
-        self.codec = AvroCodec()
+        # Reads both framings, writes SARDIS_WIRE_FORMAT (streams/wire.py).
+        self.wire = Wire(self.settings)
+        self.codec = self.wire.codec
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -147,6 +149,8 @@ class LedgerClient:
         await self.stop()
 
     async def start(self) -> None:
+        # Confluent framing: the ids of what this client writes, registered or found.
+        await self.wire.start((LedgerTopic.COMMANDS, LedgerTopic.BATCHES))
         bootstrap = self.settings.kafka_bootstrap
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
                                           acks="all", linger_ms=2,
@@ -213,8 +217,9 @@ class LedgerClient:
                     if fut is None or fut.done():
                         continue
                     try:
+                        await self.wire.learn([message.value])
                         _name, record = self.codec.decode(message.value)
-                    except CodecError as exc:
+                    except (CodecError, RegistryError) as exc:
                         fut.set_exception(exc)
                         continue
                     fut.set_result(record)
@@ -385,6 +390,7 @@ class LedgerClient:
                 batch = await consumer.getmany(tp, timeout_ms=500, max_records=FETCH_BATCH_MAX)
                 for message in batch.get(tp, []):
                     if message.key == key:
+                        await self.wire.learn([message.value])
                         latest = self.codec.decode(message.value)[1]
         except KafkaError as exc:
             raise LedgerClientError(f"reading balances: {exc!r}", retriable=True) from exc

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from schemas.codec import Framing
 from streams.errors import ConfigError
 
 # Loopback defaults of the local dev harness (`sardis-ledger dev up`). The dev-only credentials
@@ -29,6 +32,11 @@ RECONCILE_GRACE_S_DEFAULT = 900
 RECONCILE_GRACE_BLOCKS_DEFAULT = 64
 RECONCILE_GRACE_S_MAX = 30 * 24 * 3600
 RECONCILE_GRACE_BLOCKS_MAX = 10_000_000
+# The dev harness's Apicurio Registry, Confluent-compatible API. An empty value means no registry.
+SCHEMA_REGISTRY_PORT_DEFAULT = 8081
+SCHEMA_REGISTRY_URL_DEFAULT = f"http://127.0.0.1:{SCHEMA_REGISTRY_PORT_DEFAULT}/apis/ccompat/v7"
+# A secret read from a *_FILE variable (a mounted secret) is at most this long.
+SECRET_FILE_BYTES_MAX = 4096
 
 ENV_NAMES = (
     "SARDIS_KAFKA_BOOTSTRAP",
@@ -42,6 +50,10 @@ ENV_NAMES = (
     "SARDIS_PARTITIONS",
     "SARDIS_RECONCILE_GRACE_S",
     "SARDIS_RECONCILE_GRACE_BLOCKS",
+    "SARDIS_WIRE_FORMAT",
+    "SARDIS_SCHEMA_REGISTRY_URL",
+    "SARDIS_SCHEMA_REGISTRY_USER",
+    "SARDIS_SCHEMA_REGISTRY_PASSWORD",
 )
 
 
@@ -60,6 +72,10 @@ class Settings:
     partitions: int = PARTITIONS_DEFAULT
     reconcile_grace_s: int = RECONCILE_GRACE_S_DEFAULT
     reconcile_grace_blocks: int = RECONCILE_GRACE_BLOCKS_DEFAULT
+    wire_format: Framing = Framing.SINGLE_OBJECT
+    schema_registry_url: str = SCHEMA_REGISTRY_URL_DEFAULT
+    schema_registry_user: str = ""
+    schema_registry_password: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -82,6 +98,7 @@ class Settings:
                 "characters from [A-Za-z0-9._-]"
             )
         partitions = _whole(env, "SARDIS_PARTITIONS", PARTITIONS_DEFAULT, 1, PARTITIONS_MAX)
+        wire_format, registry_url, registry_user, registry_password = _registry_settings(env)
         return cls(
             kafka_bootstrap=env.get("SARDIS_KAFKA_BOOTSTRAP", KAFKA_BOOTSTRAP_DEFAULT),
             topic_prefix=prefix,
@@ -97,6 +114,10 @@ class Settings:
             reconcile_grace_blocks=_whole(env, "SARDIS_RECONCILE_GRACE_BLOCKS",
                                           RECONCILE_GRACE_BLOCKS_DEFAULT, 0,
                                           RECONCILE_GRACE_BLOCKS_MAX),
+            wire_format=wire_format,
+            schema_registry_url=registry_url,
+            schema_registry_user=registry_user,
+            schema_registry_password=registry_password,
         )
 
     def topic(self, name: str) -> str:
@@ -117,6 +138,10 @@ class Settings:
             "SARDIS_PARTITIONS": str(self.partitions),
             "SARDIS_RECONCILE_GRACE_S": str(self.reconcile_grace_s),
             "SARDIS_RECONCILE_GRACE_BLOCKS": str(self.reconcile_grace_blocks),
+            "SARDIS_WIRE_FORMAT": self.wire_format.value,
+            "SARDIS_SCHEMA_REGISTRY_URL": self.schema_registry_url,
+            "SARDIS_SCHEMA_REGISTRY_USER": self.schema_registry_user,
+            "SARDIS_SCHEMA_REGISTRY_PASSWORD": self.schema_registry_password,
         }
 
 
@@ -129,6 +154,68 @@ def _whole(env: Mapping[str, str], name: str, default: int, low: int, high: int)
     if not low <= value <= high:
         raise ConfigError(f"{name}={value} must be {low}..{high}")
     return value
+
+
+def _registry_settings(env: Mapping[str, str]) -> tuple[Framing, str, str, str]:
+    """(wire format, registry URL, user, password), checked together: Confluent framing needs a
+    registry, and credentials come in pairs, from the environment or files, never in the URL."""
+    raw_format = env.get("SARDIS_WIRE_FORMAT", Framing.SINGLE_OBJECT.value)
+    try:
+        wire_format = Framing(raw_format)
+    except ValueError as exc:
+        choices = "|".join(f.value for f in Framing)
+        raise ConfigError(f"SARDIS_WIRE_FORMAT={raw_format!r}: use {choices}") from exc
+    url = schema_registry_url(env.get("SARDIS_SCHEMA_REGISTRY_URL", SCHEMA_REGISTRY_URL_DEFAULT))
+    if wire_format is Framing.CONFLUENT and not url:
+        raise ConfigError("SARDIS_WIRE_FORMAT=confluent needs a schema registry: set "
+                          "SARDIS_SCHEMA_REGISTRY_URL")
+    user = _secret(env, "SARDIS_SCHEMA_REGISTRY_USER")
+    password = _secret(env, "SARDIS_SCHEMA_REGISTRY_PASSWORD")
+    if bool(user) != bool(password):
+        raise ConfigError("set both SARDIS_SCHEMA_REGISTRY_USER and SARDIS_SCHEMA_REGISTRY_PASSWORD "
+                          "(or their *_FILE variants), or neither")
+    return wire_format, url, user, password
+
+
+def schema_registry_url(raw: str) -> str:
+    """The registry's base URL without a trailing slash ('' for none); ConfigError if it is not
+    a plain http(s) URL. Credentials in a URL end up in logs, so they are refused."""
+    url = raw.strip().rstrip("/")
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"SARDIS_SCHEMA_REGISTRY_URL={url!r} is not an http(s) URL")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("SARDIS_SCHEMA_REGISTRY_URL must not carry credentials: set "
+                          "SARDIS_SCHEMA_REGISTRY_USER and SARDIS_SCHEMA_REGISTRY_PASSWORD "
+                          "(or *_FILE) instead")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"SARDIS_SCHEMA_REGISTRY_URL={url!r}: no query or fragment, only the "
+                          "base URL (e.g. http://registry:8081 or .../apis/ccompat/v7)")
+    return url
+
+
+def _secret(env: Mapping[str, str], name: str) -> str:
+    """`name` from the environment, or the content of the file `name`_FILE names (one of them)."""
+    value = env.get(name, "")
+    path = env.get(f"{name}_FILE", "")
+    if value and path:
+        raise ConfigError(f"set {name} or {name}_FILE, not both")
+    if not path:
+        return value
+    try:
+        with Path(path).open("rb") as handle:
+            data = handle.read(SECRET_FILE_BYTES_MAX + 1)
+    except OSError as exc:
+        raise ConfigError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from exc
+    if len(data) > SECRET_FILE_BYTES_MAX:
+        raise ConfigError(f"{name}_FILE={path}: longer than {SECRET_FILE_BYTES_MAX} bytes")
+    try:
+        # A trailing newline is how editors and `echo` end a file; it is never part of a secret.
+        return data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}_FILE={path}: not UTF-8 text") from exc
 
 
 def host_port(address: str) -> tuple[str, int]:

@@ -36,3 +36,14 @@ class MerkleError(LedgerError):
 
 class InfraError(LedgerError):
     """A dev-harness server could not be provisioned or started."""
+
+
+class RegistryError(LedgerError):
+    """A schema registry call failed. `status` is the HTTP status (None: no answer) and
+    `error_code` the registry's own code from its error body (e.g. 40401), when it gave one."""
+
+    def __init__(self, message: str, *, status: int | None = None, error_code: int | None = None,
+                 retriable: bool | None = None) -> None:
+        super().__init__(message, retriable=retriable)
+        self.status = status
+        self.error_code = error_code

@@ -22,6 +22,7 @@ from streams import core, records
 from streams.config import Settings
 from streams.errors import CodecError, LedgerError
 from streams.topics import LedgerTopic
+from streams.wire import Wire
 
 QUARANTINE_READ_TIMEOUT_S = 60.0
 QUARANTINE_FETCH_TIMEOUT_MS = 200
@@ -159,8 +160,11 @@ async def quarantine(settings: Settings, position: Position, note: str) -> str:
     finally:
         await reader.close()
     message = await _read_record(settings, position)
-    codec = AvroCodec()
+    wire = Wire(settings)
+    await wire.start((LedgerTopic.DLQ, LedgerTopic.QUARANTINE))
+    codec = wire.codec
     value = message.value or b""
+    await wire.learn([value])  # the record's Confluent schema id, for its command_id
     dead = codec.encode("DeadLetter", records.dead_letter(
         reason=core.Reason.QUARANTINED, detail=core.bounded(note or "set aside by an operator"),
         topic=position.topic, partition=position.partition, offset=position.offset,

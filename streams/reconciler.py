@@ -279,9 +279,10 @@ async def backfill_claims(settings: Any, progress: Any = None) -> tuple[int, int
     ignores an entry_id it has seen). Returns (entries read, claims produced)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    from schemas.codec import AvroCodec
+    from streams.wire import Wire
 
-    codec = AvroCodec()
+    wire = Wire(settings)
+    codec = wire.codec
     entries_topic = settings.topic(LedgerTopic.ENTRIES)
     claims_topic = settings.topic(LedgerTopic.CHAIN_CLAIMS)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
@@ -306,6 +307,7 @@ async def backfill_claims(settings: Any, progress: Any = None) -> tuple[int, int
                 raise TimeoutError(f"{entries_topic}: no records for "
                                    f"{BACKFILL_IDLE_FETCHES_MAX} fetches before its end")
             for messages in batches.values():
+                await wire.learn_retrying([m.value for m in messages])  # Confluent schema ids
                 for message in messages:
                     read += 1
                     try:

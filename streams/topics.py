@@ -97,6 +97,32 @@ INPUT_RECORDS: dict[LedgerTopic, frozenset[str]] = {
     LedgerTopic.CHAIN_TRANSFERS: frozenset({"ChainTransfer"}),
     LedgerTopic.CHAIN_CLAIMS: frozenset({"Entry", "ReconcileTick"}),
 }
+# The record types on every topic (the inputs' are those above): what a schema registry's
+# subjects hold for each topic in Confluent framing (streams/wire.py).
+TOPIC_RECORDS: dict[LedgerTopic, tuple[str, ...]] = {
+    LedgerTopic.COMMANDS: ("PostEntry",),
+    LedgerTopic.BATCHES: ("SubmitBatch", "RollbackBatch"),
+    LedgerTopic.INTERNAL_COMMANDS: ("PostEntry", "ReserveLeg", "SettleLeg"),
+    LedgerTopic.INTERNAL_COORDINATOR: ("SubmitBatch", "RollbackBatch", "LegReport", "BatchTick"),
+    LedgerTopic.CHAIN_CLAIMS: ("Entry", "ReconcileTick"),
+    LedgerTopic.QUARANTINE: ("DeadLetter",),
+    LedgerTopic.ENTRIES: ("Entry",),
+    LedgerTopic.RESULTS: ("Result",),
+    LedgerTopic.BALANCES: ("Balance",),
+    LedgerTopic.TREE_HEADS: ("TreeHead",),
+    LedgerTopic.DLQ: ("DeadLetter",),
+    LedgerTopic.SINK_DLQ: ("DeadLetter",),
+    LedgerTopic.RECEIPTS: ("Receipt",),
+    LedgerTopic.ANCHORS: ("Anchor",),
+    LedgerTopic.RECONCILIATIONS: ("Reconciliation",),
+    LedgerTopic.DISCREPANCIES: ("Discrepancy",),
+    LedgerTopic.CHAIN_TRANSFERS: ("ChainTransfer",),
+}
+# The topics a worker writes or decides: it registers their schemas in Confluent framing.
+WORKER_TOPICS: tuple[LedgerTopic, ...] = (
+    *INPUT_RECORDS, LedgerTopic.ENTRIES, LedgerTopic.RESULTS, LedgerTopic.BALANCES,
+    LedgerTopic.TREE_HEADS, LedgerTopic.DLQ, LedgerTopic.RECONCILIATIONS,
+    LedgerTopic.DISCREPANCIES)
 CLIENT_TOPICS: frozenset[LedgerTopic] = frozenset(
     LedgerTopic(t.name) for t in TOPICS if t.access is Access.CLIENT)
 

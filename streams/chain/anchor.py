@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.codec import AvroCodec
 from streams import canonical, merkle
 from streams.chain import eth
 from streams.chain.config import chain_name_for, normalize_address
@@ -31,6 +30,7 @@ from streams.config import Settings
 from streams.errors import CodecError, LedgerError
 from streams.money import Currency, currency_table
 from streams.topics import LedgerTopic
+from streams.wire import Wire
 
 log = logging.getLogger("sardis.chain.anchor")
 
@@ -107,7 +107,8 @@ async def read_records(settings: Settings, topic_name: str) -> list[tuple[int, d
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.errors import KafkaError
 
-    codec = AvroCodec()
+    wire = Wire(settings)
+    codec = wire.codec
     topic = settings.topic(topic_name)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
                                 isolation_level="read_committed", enable_auto_commit=False,
@@ -132,6 +133,7 @@ async def read_records(settings: Settings, topic_name: str) -> list[tuple[int, d
                     if message.offset >= ends[tp]:
                         continue
                     try:
+                        await wire.learn([message.value])  # a Confluent schema id, once
                         out.append((tp.partition, codec.decode(message.value)[1]))
                     except CodecError as exc:
                         raise AnchorError(f"{topic} partition {tp.partition} offset "
@@ -161,7 +163,9 @@ async def _produce(settings: Settings, records: list[dict[str, Any]]) -> None:
     from aiokafka import AIOKafkaProducer
     from aiokafka.errors import KafkaError
 
-    codec = AvroCodec()
+    wire = Wire(settings)
+    await wire.start((LedgerTopic.ANCHORS,))
+    codec = wire.codec
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
                                 enable_idempotence=True, acks="all",
                                 request_timeout_ms=KAFKA_TIMEOUT_MS)

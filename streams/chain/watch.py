@@ -457,11 +457,12 @@ class KafkaSink:
     """Transfers to chain.transfers and progress to the state topic, in one transaction each."""
 
     def __init__(self, settings: Settings, chain: str, watch_id: str) -> None:
-        from schemas.codec import AvroCodec
         from streams.topics import LedgerTopic
+        from streams.wire import Wire
 
         self.settings = settings
-        self.codec = AvroCodec()
+        self.wire = Wire(settings)  # writes SARDIS_WIRE_FORMAT
+        self.codec = self.wire.codec
         self.topic = settings.topic(LedgerTopic.CHAIN_TRANSFERS)
         self.state_topic = state_topic(settings)
         self.state_key = f"{chain}/{watch_id}".encode()
@@ -471,6 +472,10 @@ class KafkaSink:
     async def start(self) -> None:
         from aiokafka import AIOKafkaProducer
         from aiokafka.errors import KafkaError
+
+        from streams.topics import LedgerTopic
+
+        await self.wire.start((LedgerTopic.CHAIN_TRANSFERS,))
 
         # Starting a producer with the same transactional id fences a previous (crashed) watcher
         # and aborts its open transaction, so the progress read next is the last committed one.

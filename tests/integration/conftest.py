@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Settings]:
-    """The four real servers: testcontainers where asked for and possible, else the dev harness.
+    """The five real servers: testcontainers where asked for and possible, else the dev harness.
 
     Servers that were already running (`make up`) are reused and left running; servers this
     fixture started are stopped at the end of the session.

@@ -12,6 +12,7 @@ KAFKA_IMAGE = "apache/kafka:4.1.1"
 POSTGRES_IMAGE = "postgres:15"
 IMMUDB_IMAGE = "codenotary/immudb:1.11.1"
 ANVIL_IMAGE = "ghcr.io/foundry-rs/foundry:v1.7.1"
+REGISTRY_IMAGE = "apicurio/apicurio-registry-mem:2.4.2.Final"
 STARTUP_TIMEOUT_S = 120
 
 
@@ -34,7 +35,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def container_stack() -> Iterator[Settings]:
-    """Start the four servers as containers bound to loopback; yield settings that point at them."""
+    """Start the five servers as containers bound to loopback; yield settings that point at them."""
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.waiting_utils import wait_for_logs
 
@@ -72,8 +73,10 @@ def container_stack() -> Iterator[Settings]:
         .with_exposed_ports(8545)
         .with_command(["anvil", "--host", "0.0.0.0", "--port", "8545", "--chain-id", "31337"])
     )
-    with kafka, postgres, immudb, anvil:
+    registry = DockerContainer(REGISTRY_IMAGE).with_exposed_ports(8080)
+    with kafka, postgres, immudb, anvil, registry:
         wait_for_logs(kafka, "Kafka Server started", timeout=STARTUP_TIMEOUT_S)
+        wait_for_logs(registry, "Listening on", timeout=STARTUP_TIMEOUT_S)
         wait_for_logs(postgres, "database system is ready to accept connections",
                       timeout=STARTUP_TIMEOUT_S)
         wait_for_logs(anvil, "Listening on", timeout=STARTUP_TIMEOUT_S)
@@ -83,4 +86,5 @@ def container_stack() -> Iterator[Settings]:
             pg_dsn=f"postgresql://sardis@{host}:{postgres.get_exposed_port(5432)}/sardis",
             immudb_addr=f"{host}:{immudb.get_exposed_port(3322)}",
             chain_rpc=f"http://{host}:{anvil.get_exposed_port(8545)}",
+            schema_registry_url=f"http://{host}:{registry.get_exposed_port(8080)}/apis/ccompat/v7",
         )

@@ -85,7 +85,7 @@ def _forged_client_records(partitions: int) -> list[tuple[str, bytes, str]]:
         (LedgerTopic.BATCHES, CODEC.encode("BatchTick", {"partition": 0, "now": 1}),
          "not_a_client_command"),
         (LedgerTopic.COMMANDS, CODEC.encode("PostEntry", huge_currency), "unknown_currency"),
-        (LedgerTopic.COMMANDS, b"\x00" * 1_000_000, "bad_marker"),
+        (LedgerTopic.COMMANDS, b"\x00" * 1_000_000, "unknown_schema_id"),  # Confluent id 0
         (LedgerTopic.COMMANDS, CODEC.encode("PostEntry", {**huge_currency, "currency": "USD",
                                                           "amount": Decimal("-500")}),
          "invalid_amount"),

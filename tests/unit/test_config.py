@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from schemas.codec import Framing
 from streams.config import (
     IMMUDB_DEV_PASSWORD,
     PARTITIONS_DEFAULT,
+    SCHEMA_REGISTRY_URL_DEFAULT,
+    SECRET_FILE_BYTES_MAX,
     Settings,
     host_port,
 )
@@ -21,6 +26,9 @@ def test_defaults_point_at_the_loopback_dev_harness() -> None:
     assert settings.chain_rpc == "http://127.0.0.1:8545"
     assert settings.partitions == PARTITIONS_DEFAULT
     assert settings.topic("ledger.commands") == "ledger.commands"
+    assert settings.wire_format is Framing.SINGLE_OBJECT
+    assert settings.schema_registry_url == SCHEMA_REGISTRY_URL_DEFAULT
+    assert SCHEMA_REGISTRY_URL_DEFAULT == "http://127.0.0.1:8081/apis/ccompat/v7"
 
 
 def test_topic_prefix_is_prepended() -> None:
@@ -38,6 +46,17 @@ def test_topic_prefix_is_prepended() -> None:
         ({"SARDIS_IMMUDB_ADDR": "immudb.internal:3322"}, "SARDIS_IMMUDB_USER"),
         ({"SARDIS_RECONCILE_GRACE_S": "15m"}, "SARDIS_RECONCILE_GRACE_S.*not a whole number"),
         ({"SARDIS_RECONCILE_GRACE_BLOCKS": "-1"}, "SARDIS_RECONCILE_GRACE_BLOCKS=-1 must be 0.."),
+        ({"SARDIS_WIRE_FORMAT": "avro"}, "SARDIS_WIRE_FORMAT='avro': use single-object|confluent"),
+        ({"SARDIS_WIRE_FORMAT": "confluent", "SARDIS_SCHEMA_REGISTRY_URL": ""},
+         "confluent needs a schema registry"),
+        ({"SARDIS_SCHEMA_REGISTRY_URL": "registry:8081"}, "not an http"),
+        ({"SARDIS_SCHEMA_REGISTRY_URL": "https://u:p@registry"}, "must not carry credentials"),
+        ({"SARDIS_SCHEMA_REGISTRY_URL": "https://registry/?x=1"}, "no query"),
+        ({"SARDIS_SCHEMA_REGISTRY_USER": "ledger"}, "set both SARDIS_SCHEMA_REGISTRY_USER"),
+        ({"SARDIS_SCHEMA_REGISTRY_USER": "a", "SARDIS_SCHEMA_REGISTRY_PASSWORD": "b",
+          "SARDIS_SCHEMA_REGISTRY_PASSWORD_FILE": "/x"}, "not both"),
+        ({"SARDIS_SCHEMA_REGISTRY_USER": "a",
+          "SARDIS_SCHEMA_REGISTRY_PASSWORD_FILE": "/nonexistent/secret"}, "cannot read it"),
     ],
 )
 def test_bad_settings_raise_config_error_naming_the_variable(
@@ -55,10 +74,34 @@ def test_external_immudb_takes_credentials_from_environment_not_defaults() -> No
     assert settings.immudb_password != IMMUDB_DEV_PASSWORD
 
 
+def test_registry_credentials_come_from_files_and_stay_out_of_repr(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    settings = Settings.from_env({"SARDIS_WIRE_FORMAT": "confluent",
+                                  "SARDIS_SCHEMA_REGISTRY_URL": "https://registry.internal:8081/",
+                                  "SARDIS_SCHEMA_REGISTRY_USER": "ledger",
+                                  "SARDIS_SCHEMA_REGISTRY_PASSWORD_FILE": str(secret)})
+    assert settings.wire_format is Framing.CONFLUENT
+    assert settings.schema_registry_url == "https://registry.internal:8081"
+    assert (settings.schema_registry_user, settings.schema_registry_password) == ("ledger", "s3cret")
+    assert "s3cret" not in repr(settings)
+    secret.write_bytes(b"x" * (SECRET_FILE_BYTES_MAX + 1))
+    with pytest.raises(ConfigError, match="longer than"):
+        Settings.from_env({"SARDIS_SCHEMA_REGISTRY_USER": "ledger",
+                           "SARDIS_SCHEMA_REGISTRY_PASSWORD_FILE": str(secret)})
+
+
+def test_an_empty_registry_url_means_no_registry() -> None:
+    assert Settings.from_env({"SARDIS_SCHEMA_REGISTRY_URL": ""}).schema_registry_url == ""
+
+
 def test_as_env_round_trips() -> None:
     settings = Settings.from_env({"SARDIS_TOPIC_PREFIX": "x.", "SARDIS_PARTITIONS": "3",
                                   "SARDIS_RECONCILE_GRACE_S": "5",
-                                  "SARDIS_RECONCILE_GRACE_BLOCKS": "0"})
+                                  "SARDIS_RECONCILE_GRACE_BLOCKS": "0",
+                                  "SARDIS_WIRE_FORMAT": "confluent",
+                                  "SARDIS_SCHEMA_REGISTRY_USER": "u",
+                                  "SARDIS_SCHEMA_REGISTRY_PASSWORD": "p"})
     assert (settings.reconcile_grace_s, settings.reconcile_grace_blocks) == (5, 0)
     assert Settings.from_env(settings.as_env()) == settings
 

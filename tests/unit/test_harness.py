@@ -63,11 +63,14 @@ def test_failure_message_names_server_log_and_last_lines(
 def test_docker_compose_matches_the_harness() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"kafka", "postgres", "immudb", "anvil"} <= set(services)
+    assert {"kafka", "postgres", "immudb", "anvil", "schema-registry"} <= set(services)
     expected_ports = {"kafka": harness.KAFKA_PORT, "postgres": 5432,
                       "immudb": harness.IMMUDB_PORT, "anvil": harness.ANVIL_PORT}
     for name, port in expected_ports.items():
         assert f"127.0.0.1:{port}:{port}" in services[name]["ports"], name
+    registry = services["schema-registry"]
+    assert f"127.0.0.1:{harness.REGISTRY_PORT}:8080" in registry["ports"]
+    assert registry["image"].endswith(harness.APICURIO_VERSION)
     assert services["kafka"]["image"].endswith(harness.KAFKA_VERSION)
     assert services["immudb"]["image"].endswith(harness.IMMUDB_VERSION.lstrip("v"))
     worker_env = services["worker"]["environment"]
@@ -125,6 +128,38 @@ def test_wait_healthy_fails_with_the_last_check_after_the_limit(
 def test_wait_healthy_checks_once_even_with_no_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
     server, _ = _flaky_server(monkeypatch, healthy_after_s=0, timeout_s=0)
     harness._wait_healthy(server)
+
+
+def test_the_registry_is_a_fifth_server_on_loopback_keyed_by_its_maven_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SARDIS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SARDIS_RUN_DIR", str(tmp_path / "run"))
+    registry = harness.servers(Settings())[-1]
+    assert (registry.name, registry.ports) == ("schema-registry", (8081,))
+    command = registry.command()
+    assert "-Dquarkus.http.host=127.0.0.1" in command and "-Dquarkus.http.port=8081" in command
+    assert command[-1].startswith(str(tmp_path / "cache" / "schema-registry-2.4.2.Final-"))
+    # Ids outlive a restart: a file-backed database in the run directory.
+    assert registry.env["REGISTRY_DATASOURCE_URL"] == \
+        f"jdbc:h2:file:{tmp_path / 'run' / 'schema-registry' / 'registry'}"
+    inputs = harness._registry_inputs()
+    assert {path.name for path in inputs} == {"pom.xml", "DynamicConfigPropertyListProducer.java"}
+    assert harness.APICURIO_VERSION in (harness.INFRA_DIR / "registry" / "pom.xml").read_text()
+
+
+def test_no_registry_server_when_the_url_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [server.name for server in harness.servers(Settings(schema_registry_url=""))]
+    assert names == ["kafka", "postgres", "immudb", "anvil"]
+    registry = harness.servers(Settings())[-1]
+    monkeypatch.setenv("SARDIS_SCHEMA_REGISTRY_URL", "https://registry.internal")
+    assert harness.external(registry)
+
+
+def test_registry_health_fails_retriably_when_nothing_answers() -> None:
+    with pytest.raises(harness.InfraError, match="schema-registry health check") as caught:
+        harness.health_registry(Settings(schema_registry_url="http://127.0.0.1:9"))
+    assert caught.value.retriable
 
 
 def test_postgres_stops_fast_and_kafka_gets_time_to_stop_cleanly() -> None:
