@@ -141,7 +141,7 @@ def ensure_venv(venv: Path, reinstall: bool = False) -> Path:
         return python
     if venv.exists():
         shutil.rmtree(venv)
-    log = venv.parent / f"{VENV_NAME}-install.log"
+    log = venv.parent / f"{venv.name}-install.log"
     venv.parent.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     _say(f"creating the scratch venv {venv} (once; log: {log})")
@@ -166,7 +166,8 @@ def _run_logged(cmd: list[str], log: Path, what: str) -> None:
         out.write(f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}\n")
     if done.returncode != 0:
         raise CompareError(f"{what} failed (exit {done.returncode}); the scratch venv is left "
-                           f"unstamped and will be rebuilt next time. Last lines (all in {log}):\n"
+                           f"unstamped and will be rebuilt next time (check that pip reaches its "
+                           f"package index). Last lines (all in {log}):\n"
                            f"{_tail(done.stdout + done.stderr)}")
 
 
