@@ -99,7 +99,7 @@ def _cell(figures: Figures) -> str:
 def format_table(rows: Sequence[Row]) -> str:
     """Median per configuration of both engines and this ledger's rate and p50 as a multiple of
     the old engine's (rate > 1: this ledger is faster; p50 > 1: its latency is longer)."""
-    header = (f"{'configuration':26s} | {'old engine (median)':40s} | {'this ledger (median)':40s}"
+    header = (f"{'configuration':28s} | {'old engine (median)':40s} | {'this ledger (median)':40s}"
               f" | rate ratio | p50 ratio")
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -107,7 +107,7 @@ def format_table(rows: Sequence[Row]) -> str:
         rate_ratio = new.rate_per_s / old.rate_per_s if old.rate_per_s else float("inf")
         p50_ratio = new.p50_ms / old.p50_ms if old.p50_ms else float("inf")
         label = f"{row.clients} client(s) / {row.accounts} acct(s)"
-        lines.append(f"{label:26s} | {_cell(old):40s} | {_cell(new):40s} | {rate_ratio:9.3f}x"
+        lines.append(f"{label:28s} | {_cell(old):40s} | {_cell(new):40s} | {rate_ratio:9.3f}x"
                      f" | {p50_ratio:8.1f}x")
     return "\n".join(lines)
 
