@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import re
 import shutil
 import statistics
@@ -114,6 +115,13 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def _say(message: str) -> None:
     print(f"[old-engine] {message}", flush=True)
+
+
+def _load() -> str:
+    # Both engines share the machine with the broker and PostgreSQL (and, on a shared machine,
+    # whatever else runs): the load average tells a quiet run from a disturbed one.
+    one, five, _fifteen = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
 def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -247,7 +255,7 @@ def compare(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     checks: dict[tuple[int, int], dict[str, Any]] = {}
     _say(f"{len(configs)} configuration(s) x {args.runs} run(s), old engine then this ledger "
-         f"each time, {args.duration_s:g} s per run")
+         f"each time, {args.duration_s:g} s per run; {_load()}")
     for clients, accounts in configs:
         row = Row(clients, accounts, [], [])
         for run in range(args.runs):
@@ -267,7 +275,7 @@ def compare(args: argparse.Namespace) -> int:
     print("\nold engine, what it stored (last run of each configuration):")
     for (clients, accounts), found in checks.items():
         print(describe_checks(clients, accounts, found))
-    print(f"\nwall time {time.monotonic() - began:.0f} s", flush=True)
+    print(f"\nwall time {time.monotonic() - began:.0f} s; {_load()}", flush=True)
     return 0
 
 
