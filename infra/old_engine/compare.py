@@ -229,7 +229,7 @@ def run_new(clients: int, accounts: int, duration_s: float) -> Figures:
 
 
 def describe_checks(clients: int, accounts: int, checks: dict[str, Any]) -> str:
-    """One line on what the old engine stored: exact sums or not, and its audit chain."""
+    """One line on what the old engine stored: exact sums or not, its audit chain, stale balances."""
     from decimal import Decimal
 
     exact = (Decimal(checks["sum"]) == Decimal(checks["expected_sum"])
@@ -239,7 +239,9 @@ def describe_checks(clients: int, accounts: int, checks: dict[str, Any]) -> str:
             f"{', '.join(checks['stored_amounts'])}; get_balance({checks['balance_account']}) = "
             f"{checks['balance']} (exact: {checks['expected_balance']}) -> "
             f"{'exact' if exact else 'NOT exact'}; audit log rows naming an already-named "
-            f"predecessor (hash chain forks): {checks['audit_forks']:,}")
+            f"predecessor (hash chain forks): {checks['audit_forks']:,}; entries whose running "
+            f"balance repeats an earlier one of the account (stale reads): "
+            f"{checks['stale_running_balances']:,}")
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -93,7 +93,9 @@ async def closed_loop(engine: Any, clients: int, accounts: int,
 async def exactness(dsn: str, engine: Any) -> dict[str, Any]:
     """What the engine stored against what was posted: every entry is a credit of 0.10, so
     each sum is count x 0.10 exactly, or the engine lost exactness; and the audit log's hash
-    chain, whose forks are rows that name the same predecessor."""
+    chain, whose forks are rows that name the same predecessor; and running balances written
+    twice for one account (with credits only, each should be new): the engine releases its
+    advisory lock before its transaction commits, so the next entry can sum a stale balance."""
     import asyncpg
 
     conn = await asyncpg.connect(dsn)
@@ -103,6 +105,8 @@ async def exactness(dsn: str, engine: Any) -> dict[str, Any]:
         stored_amounts = await conn.fetch("SELECT DISTINCT amount FROM ledger_entries_v2")
         forks = await conn.fetchval(
             "SELECT count(previous_hash) - count(DISTINCT previous_hash) FROM ledger_audit_log")
+        stale = await conn.fetchval(
+            "SELECT count(*) - count(DISTINCT (account_id, running_balance)) FROM ledger_entries_v2")
         account_count = await conn.fetchval(
             "SELECT count(*) FROM ledger_entries_v2 WHERE account_id = $1", account_name(0))
     finally:
@@ -111,7 +115,8 @@ async def exactness(dsn: str, engine: Any) -> dict[str, Any]:
     return {"entries": count, "sum": str(total), "expected_sum": str(AMOUNT * count),
             "stored_amounts": sorted(str(r[0]) for r in stored_amounts),
             "balance_account": account_name(0), "balance": str(balance),
-            "expected_balance": str(AMOUNT * account_count), "audit_forks": forks}
+            "expected_balance": str(AMOUNT * account_count), "audit_forks": forks,
+            "stale_running_balances": stale}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

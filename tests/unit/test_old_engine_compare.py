@@ -86,7 +86,8 @@ def test_format_table_survives_an_old_engine_that_did_nothing() -> None:
 def test_describe_checks_compares_decimals(total: str, balance: str, verdict: str) -> None:
     checks = {"entries": 3, "sum": total, "expected_sum": "0.30", "stored_amounts": ["0.1"],
               "balance_account": "loop_00000", "balance": balance, "expected_balance": "0.20",
-              "audit_forks": 1}
+              "audit_forks": 1, "stale_running_balances": 2}
     line = compare.describe_checks(1, 1, checks)
     assert verdict in line
-    assert "hash chain forks): 1" in line
+    assert "hash chain forks): 1;" in line
+    assert "(stale reads): 2" in line
