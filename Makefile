@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up down status topics demo test test-unit test-integration fuzz bench lint clean
+.PHONY: help install up down status topics demo test test-unit test-integration fuzz bench bench-old-engine lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ fuzz: install ## the trust boundary at full size: 100,000 mutated records on the
 bench: install ## end-to-end benchmarks (see README: Benchmarks)
 	$(BIN)/sardis-ledger bench
 	$(BIN)/python -m sinks.bench 50000 3 --shards 1 --shards 2 --lag-rate 2000 --lag-rate 10000
+
+bench-old-engine: install ## closed loop vs the old engine (sardis-ledger 1.1.0, scratch venv); options: ARGS=--help
+	$(BIN)/python -m infra.old_engine.compare $(ARGS)
 
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .
