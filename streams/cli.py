@@ -40,12 +40,28 @@ def _settings() -> Settings:
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from streams.topics import create_topics
+    from streams.topic_policy import Severity
+    from streams.topics import ensure_topics
 
     settings = _settings()
-    created = asyncio.run(create_topics(settings))
-    print(f"created: {', '.join(created) or 'nothing (all topics exist)'}")
-    return EXIT_OK
+    report = asyncio.run(ensure_topics(settings, create=args.action == "create", check_entries=True))
+    plan = report.plan
+    print(f"cluster: {plan.brokers} broker(s); ledger topics need replication factor "
+          f"{plan.replication_factor}, min.insync.replicas {plan.min_insync_replicas}, "
+          "unclean.leader.election.enable=false")
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.action == "create":
+        print(f"created: {', '.join(report.created) or 'nothing (all topics exist)'}")
+    for difference in report.differences:
+        print(difference)
+    serious = [d for d in report.differences
+               if d.severity in (Severity.OWNERSHIP, Severity.LOSES_DATA)]
+    if args.action == "check":
+        print(f"{len(report.differences)} difference(s), {len(serious)} that can lose data or "
+              "move accounts" if report.differences else "every topic as expected")
+        return EXIT_ERROR if report.differences else EXIT_OK
+    return EXIT_ERROR if serious else EXIT_OK
 
 
 def _cmd_quarantine(args: argparse.Namespace) -> int:
@@ -57,10 +73,17 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import run_worker
-    from streams.topics import create_topics
+    from streams.topics import ensure_topics, worker_settings
 
     settings = _settings()
-    asyncio.run(create_topics(settings))
+    report = asyncio.run(ensure_topics(settings, check_entries=True))
+    for warning in report.plan.warnings:
+        print(f"sardis-ledger worker: warning: {warning}", file=sys.stderr)
+    settings = worker_settings(settings, report, allow_unsafe=args.allow_unsafe_topics)
+    if args.allow_unsafe_topics:
+        for reason in report.unsafe():
+            print(f"sardis-ledger worker: starting anyway (--allow-unsafe-topics): {reason}",
+                  file=sys.stderr)
     # Faust's worker parses sys.argv itself; give it none of ours.
     sys.argv = [sys.argv[0]]
     run_worker(settings, loglevel=args.loglevel)
@@ -125,10 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "harness started; status: show each server and its health")
     dev.set_defaults(func=_cmd_dev)
 
-    topics = sub.add_parser("topics", help="create the ledger topics",
-                            description="Create every ledger topic with SARDIS_PARTITIONS "
-                            "partitions (idempotent; existing topics are checked).")
-    topics.add_argument("action", choices=["create"])
+    topics = sub.add_parser(
+        "topics", help="create the ledger topics, or check existing ones",
+        description="create: make every missing ledger topic with SARDIS_PARTITIONS partitions "
+        "and the cluster's replication (SARDIS_REPLICATION_FACTOR, default 3 with 3 or more "
+        "brokers, else the broker count; min.insync.replicas RF-1; unclean leader election off), "
+        "then check the rest. check: compare the existing topics with those settings without "
+        "creating anything. Both name each difference (partitions, replication factor, "
+        "min.insync.replicas, compaction, retention) and say whether it can lose data; both "
+        "read the newest entry of each partition to catch partitions added under the ledger. "
+        "Exit 1: check found any difference; create left one that can lose data or move "
+        "accounts between partitions.")
+    topics.add_argument("action", choices=["create", "check"])
     topics.set_defaults(func=_cmd_topics)
 
     worker = sub.add_parser("worker", help="run the ledger worker (Faust, exactly-once)",
@@ -136,12 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "entry commands, coordinates batches and reconciles chain transfers "
                             "against entries (grace windows: SARDIS_RECONCILE_GRACE_S and "
                             "SARDIS_RECONCILE_GRACE_BLOCKS). Start more processes to share "
-                            "partitions. Creates missing topics first. Bad input never stops it: "
+                            "partitions. Creates missing topics first and refuses to start on "
+                            "topics that can lose data (see `topics check`). Bad input never stops it: "
                             "it goes to ledger.dlq with a reason. A decision that raises is a bug "
                             "or corrupt state: the worker exits 70 (its open transaction aborts) "
                             "and logs 'STOPPED on TOPIC:PARTITION:OFFSET'; after investigating, "
                             "`sardis-ledger quarantine TOPIC:PARTITION:OFFSET` sets that record "
                             "aside and a restarted worker goes on.")
+    worker.add_argument("--allow-unsafe-topics", action="store_true",
+                        help="start even on topics whose settings can lose data (replication "
+                        "factor 1 on a multi-broker cluster, too few in-sync replicas, unclean "
+                        "leader election, short retention). Never overrides a partition count "
+                        "that moves accounts between partitions")
     worker.add_argument("--loglevel", default="warn",
                         choices=["crit", "error", "warn", "info", "debug"])
     worker.set_defaults(func=_cmd_worker)

@@ -29,6 +29,10 @@ RECONCILE_GRACE_S_DEFAULT = 900
 RECONCILE_GRACE_BLOCKS_DEFAULT = 64
 RECONCILE_GRACE_S_MAX = 30 * 24 * 3600
 RECONCILE_GRACE_BLOCKS_MAX = 10_000_000
+# SARDIS_REPLICATION_FACTOR: "auto" (the default) picks it from the cluster's broker count at start
+# (streams/topic_policy.py); a number is checked against that count.
+REPLICATION_AUTO = "auto"
+REPLICATION_FACTOR_MAX = 7
 
 ENV_NAMES = (
     "SARDIS_KAFKA_BOOTSTRAP",
@@ -42,6 +46,7 @@ ENV_NAMES = (
     "SARDIS_PARTITIONS",
     "SARDIS_RECONCILE_GRACE_S",
     "SARDIS_RECONCILE_GRACE_BLOCKS",
+    "SARDIS_REPLICATION_FACTOR",
 )
 
 
@@ -60,6 +65,7 @@ class Settings:
     partitions: int = PARTITIONS_DEFAULT
     reconcile_grace_s: int = RECONCILE_GRACE_S_DEFAULT
     reconcile_grace_blocks: int = RECONCILE_GRACE_BLOCKS_DEFAULT
+    replication_factor: int | None = None  # None: chosen from the broker count at start
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +103,7 @@ class Settings:
             reconcile_grace_blocks=_whole(env, "SARDIS_RECONCILE_GRACE_BLOCKS",
                                           RECONCILE_GRACE_BLOCKS_DEFAULT, 0,
                                           RECONCILE_GRACE_BLOCKS_MAX),
+            replication_factor=_replication_factor(env),
         )
 
     def topic(self, name: str) -> str:
@@ -117,6 +124,8 @@ class Settings:
             "SARDIS_PARTITIONS": str(self.partitions),
             "SARDIS_RECONCILE_GRACE_S": str(self.reconcile_grace_s),
             "SARDIS_RECONCILE_GRACE_BLOCKS": str(self.reconcile_grace_blocks),
+            "SARDIS_REPLICATION_FACTOR": (REPLICATION_AUTO if self.replication_factor is None
+                                          else str(self.replication_factor)),
         }
 
 
@@ -129,6 +138,13 @@ def _whole(env: Mapping[str, str], name: str, default: int, low: int, high: int)
     if not low <= value <= high:
         raise ConfigError(f"{name}={value} must be {low}..{high}")
     return value
+
+
+def _replication_factor(env: Mapping[str, str]) -> int | None:
+    raw = env.get("SARDIS_REPLICATION_FACTOR", REPLICATION_AUTO).strip()
+    if raw in ("", REPLICATION_AUTO):
+        return None
+    return _whole(env, "SARDIS_REPLICATION_FACTOR", 0, 1, REPLICATION_FACTOR_MAX)
 
 
 def host_port(address: str) -> tuple[str, int]:

@@ -38,6 +38,8 @@ def test_topic_prefix_is_prepended() -> None:
         ({"SARDIS_IMMUDB_ADDR": "immudb.internal:3322"}, "SARDIS_IMMUDB_USER"),
         ({"SARDIS_RECONCILE_GRACE_S": "15m"}, "SARDIS_RECONCILE_GRACE_S.*not a whole number"),
         ({"SARDIS_RECONCILE_GRACE_BLOCKS": "-1"}, "SARDIS_RECONCILE_GRACE_BLOCKS=-1 must be 0.."),
+        ({"SARDIS_REPLICATION_FACTOR": "three"}, "SARDIS_REPLICATION_FACTOR.*not a whole number"),
+        ({"SARDIS_REPLICATION_FACTOR": "0"}, "SARDIS_REPLICATION_FACTOR=0 must be 1.."),
     ],
 )
 def test_bad_settings_raise_config_error_naming_the_variable(
@@ -60,6 +62,15 @@ def test_as_env_round_trips() -> None:
                                   "SARDIS_RECONCILE_GRACE_S": "5",
                                   "SARDIS_RECONCILE_GRACE_BLOCKS": "0"})
     assert (settings.reconcile_grace_s, settings.reconcile_grace_blocks) == (5, 0)
+    assert Settings.from_env(settings.as_env()) == settings
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, None), ("auto", None), ("", None),
+                                               ("1", 1), ("3", 3), ("5", 5)])
+def test_replication_factor_is_auto_unless_a_number_is_given(raw: str | None,
+                                                             expected: int | None) -> None:
+    settings = Settings.from_env({} if raw is None else {"SARDIS_REPLICATION_FACTOR": raw})
+    assert settings.replication_factor == expected
     assert Settings.from_env(settings.as_env()) == settings
 
 
