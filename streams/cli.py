@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,23 +17,43 @@ EXIT_USAGE = 2
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from infra import harness
+    from infra import harness, kafka_cluster
 
     if args.action == "up":
-        started = harness.up()
+        started = []
+        if args.brokers > 1:
+            if "SARDIS_KAFKA_BOOTSTRAP" in os.environ:
+                raise LedgerError("SARDIS_KAFKA_BOOTSTRAP is set: Kafka is external, so there is no "
+                                  "dev cluster to start; unset it to use --brokers")
+            started = kafka_cluster.up(args.brokers)
+            # The rest of the stack treats the cluster as its (external) Kafka.
+            os.environ["SARDIS_KAFKA_BOOTSTRAP"] = kafka_cluster.bootstrap(args.brokers)
+        started += harness.up()
         print(harness.connection_settings())
         print(f"# started now: {', '.join(started) or 'nothing (all were running)'}",
               file=sys.stderr)
     elif args.action == "down":
-        stopped = harness.down()
+        stopped = kafka_cluster.down() + harness.down()
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     else:
         states = harness.status()
-        for name, state in states.items():
-            print(f"{name:10s} {state}")
-        return EXIT_OK if all("healthy" in s and "unhealthy" not in s for s in states.values()) \
-            else EXIT_ERROR
+        cluster = kafka_cluster.status() if kafka_cluster.running() else {}
+        for name, state in {**states, **cluster}.items():
+            print(f"{name:14s} {state}")
+        return EXIT_OK if _stack_healthy(states, cluster) else EXIT_ERROR
     return EXIT_OK
+
+
+def _stack_healthy(states: dict[str, str], cluster: dict[str, str]) -> bool:
+    """Every server healthy, Kafka being the single node or a cluster with all nodes in."""
+    def healthy(state: str) -> bool:
+        return "healthy" in state and "unhealthy" not in state
+
+    cluster_ok = bool(cluster) and all("registered" in state and "not registered" not in state
+                                       for name, state in cluster.items() if name != "quorum") \
+        and cluster["quorum"].startswith("active controller")
+    kafka_ok = healthy(states.get("kafka", "")) or cluster_ok
+    return kafka_ok and all(healthy(state) for name, state in states.items() if name != "kafka")
 
 
 def _settings() -> Settings:
@@ -139,13 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     dev = sub.add_parser(
-        "dev", help="local dev servers: Kafka, PostgreSQL, immudb, anvil",
+        "dev", help="local dev servers: Kafka (one node or a 3-node cluster), PostgreSQL, immudb, anvil",
         description="Provision (once, cached in ~/.cache/sardis-ledger or $SARDIS_CACHE_DIR), "
-        "start on 127.0.0.1 and health-check the four dev servers. A server whose SARDIS_* "
-        "variable is set is treated as external and only health-checked.")
+        "start on 127.0.0.1 and health-check the dev servers. A server whose SARDIS_* "
+        "variable is set is treated as external and only health-checked. `up --brokers 3` "
+        "starts a 3-node KRaft cluster instead of the single Kafka node (every node a broker "
+        "and a controller, a quorum of 3, ports 19192-19197, data in the run directory's "
+        "kafka-cluster/) and prints its bootstrap list.")
     dev.add_argument("action", choices=["up", "down", "status"],
                      help="up: start what is not running and wait for health; down: stop what the "
-                     "harness started; status: show each server and its health")
+                     "harness started (the cluster's nodes too); status: show each server and "
+                     "its health, and each cluster node and the controller quorum")
+    dev.add_argument("--brokers", type=int, choices=[1, 3], default=1,
+                     help="up only: 1 (default) for the single node on 9092, 3 for the cluster")
     dev.set_defaults(func=_cmd_dev)
 
     topics = sub.add_parser(
