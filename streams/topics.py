@@ -172,8 +172,8 @@ def expected_topics(settings: Settings, plan: ReplicationPlan) -> list[TopicShap
 
 async def create_topics(settings: Settings) -> list[str]:
     """Create every missing ledger topic (SARDIS_PARTITIONS partitions, replication from the
-    cluster); raises TopicError when an existing topic's partitions break account ownership."""
-    report = await ensure_topics(settings)
+    cluster); raises TopicError when existing topics would move accounts between partitions."""
+    report = await ensure_topics(settings, check_entries=True)
     ownership = [str(d) for d in report.differences if d.severity is Severity.OWNERSHIP]
     if ownership:
         raise TopicError("; ".join(ownership))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -22,6 +23,9 @@ from streams.config import Settings
 from streams.topics import delete_topics_with_prefix
 from tests.integration.conftest import TEST_TOPIC_PREFIX
 
+# SARDIS_TEST_KEEP_TOPICS=1 keeps a test's topics on the cluster, to read what a failing
+# scenario wrote (delete them afterwards: each partition slows the brokers' next start).
+KEEP_TOPICS_ENV = "SARDIS_TEST_KEEP_TOPICS"
 POLL_S = 0.2
 LEADERS_TIMEOUT_S = 120.0
 ISR_TIMEOUT_S = 300.0
@@ -60,6 +64,10 @@ def cluster_settings(stack: Settings, cluster: str) -> Iterator[Settings]:
                               topic_prefix=f"{TEST_TOPIC_PREFIX}{uuid.uuid4().hex[:10]}.")
     yield own
     kafka_cluster.up()
+    if os.environ.get(KEEP_TOPICS_ENV) == "1":
+        print(f"[tests] {KEEP_TOPICS_ENV}=1: keeping the topics {own.topic_prefix}* on the "
+              "cluster", file=sys.stderr)
+        return
     asyncio.run(delete_topics_with_prefix(own))
 
 
@@ -116,6 +124,7 @@ class Kill:
     at: float  # monotonic
     leaders_moved_s: float | None = None
     back_in_sync_s: float | None = None  # restart -> every replica in sync again
+    ready_s: float | None = None  # kill -> the restarted worker ready (its tables recovered)
     longest_silence_s: float = 0.0  # longest time a partition of ledger.results got nothing
     median_silence_s: float = 0.0
 
@@ -125,6 +134,8 @@ class Kill:
             parts.append(f"leaders moved in {self.leaders_moved_s:.1f} s")
         parts.append(f"every partition served again within {self.longest_silence_s:.1f} s "
                      f"(median partition {self.median_silence_s:.1f} s)")
+        if self.ready_s is not None:
+            parts.append(f"restarted worker ready after {self.ready_s:.1f} s")
         if self.back_in_sync_s is not None:
             parts.append(f"restarted node back in sync in {self.back_in_sync_s:.1f} s")
         return "; ".join(parts)
@@ -157,6 +168,13 @@ class ArrivalWatcher:
                         self.arrivals[tp.partition].append(now)
         finally:
             await consumer.stop()
+
+    async def wait_served_after(self, at: float, timeout_s: float = SILENCE_WINDOW_S) -> None:
+        """Until every partition that had traffic has had records arrive after `at`."""
+        deadline = time.monotonic() + timeout_s
+        while any(times[-1] <= at for times in self.arrivals.values()):
+            assert time.monotonic() < deadline, f"partitions unserved for {timeout_s:.0f} s"
+            await asyncio.sleep(POLL_S)
 
     def silences_after(self, at: float) -> list[float]:
         """Per partition with traffic, the longest gap between arrivals starting at `at` or

@@ -6,6 +6,7 @@ are intact, both sinks hold every entry once and `verify` passes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import time
@@ -49,6 +50,7 @@ from tests.integration.test_ledger_stream import (
     results_for,
 )
 from tests.integration.test_sinks import check_exactly_once, wait_caught_up
+from tests.integration.test_topics import cli, start_worker
 
 __all__ = ["cluster", "cluster_settings"]  # fixtures, imported for pytest
 
@@ -61,13 +63,16 @@ COMMANDS = 20_000
 COMMAND_ACCOUNTS = 200
 BATCHES = 2_000
 BATCH_ACCOUNTS = 60
-COMMAND_CHUNK, COMMAND_PAUSE_S = 250, 0.75  # 20,000 commands arrive over about a minute
-BATCH_CHUNK, BATCH_PAUSE_S = 50, 1.5  # and 2,000 batches alongside
+COMMAND_CHUNK, BATCH_CHUNK = 250, 50
+# 20,000 commands and 2,000 batches arrive over about a minute; over about three while workers
+# are killed one after the other (each kill waits for the previous one's recovery).
+STREAM_PAUSES_S = {"commands": 0.75, "batches": 1.5}
+SLOW_STREAM_PAUSES_S = {"commands": 2.0, "batches": 4.0}
 KILL_AFTER_S = 15.0  # into the stream
 NODE_DOWN_S = 15.0  # a killed broker stays down this long before its restart
 WORKERS = 3
 WORKER_KILLS = 3
-WORKER_KILL_PAUSE_S = (6.0, 12.0)
+WORKER_KILL_PAUSE_S = (3.0, 10.0)  # after the previous kill's partitions are served again
 RESULTS_TIMEOUT_S = 900.0
 
 
@@ -130,11 +135,11 @@ async def _kill_broker(settings: Settings, victim: int, what: str) -> Kill:
     return kill
 
 
-async def _disturb(scenario: str, settings: Settings, ledger: Ledger,
-                   rng: random.Random) -> list[Kill]:
+async def _disturb(scenario: str, settings: Settings, ledger: Ledger, rng: random.Random,
+                   watcher: ArrivalWatcher) -> list[Kill]:
     await asyncio.sleep(KILL_AFTER_S)
     if scenario == "workers":
-        return await _kill_workers(ledger, rng)
+        return await _kill_workers(ledger, rng, watcher)
     if scenario == "broker":
         victim = rng.choice(list(kafka_cluster.node_ids()))
         what = f"broker {victim}"
@@ -148,35 +153,43 @@ async def _disturb(scenario: str, settings: Settings, ledger: Ledger,
     return [await _kill_broker(settings, victim, what)]
 
 
-async def _kill_workers(ledger: Ledger, rng: random.Random) -> list[Kill]:
+async def _kill_workers(ledger: Ledger, rng: random.Random, watcher: ArrivalWatcher) -> list[Kill]:
     """A random one of the workers, killed and started again at once (as a supervisor would),
-    WORKER_KILLS times at random moments."""
+    WORKER_KILLS times at random moments, each once the previous one's partitions are served
+    again (so each kill's cost is its own)."""
     kills = []
     for n in range(WORKER_KILLS):
         if n:
             await asyncio.sleep(rng.uniform(*WORKER_KILL_PAUSE_S))
         index = rng.randrange(len(ledger.workers))
-        kills.append(Kill(f"worker {index + 1} of {len(ledger.workers)}", time.monotonic()))
-        ledger.workers[index].kill9()
-        await asyncio.to_thread(ledger.workers[index].start, False)
+        victim = ledger.workers[index]
+        kill = Kill(f"worker {index + 1} of {len(ledger.workers)}", time.monotonic())
+        kills.append(kill)
+        victim.kill9()
+        await asyncio.to_thread(victim.start, False)
+        await asyncio.to_thread(victim.wait_ready)
+        kill.ready_s = time.monotonic() - kill.at
+        await watcher.wait_served_after(time.monotonic())
     return kills
 
 
 # ------------------------------------------------------------------ workload
 
 
-async def _stream_commands(settings: Settings, commands: list[dict[str, Any]]) -> None:
+async def _stream_commands(settings: Settings, commands: list[dict[str, Any]],
+                           pause_s: float) -> None:
     async with RawProducer(settings) as producer:
-        await producer.post_entries_paced(commands, chunk=COMMAND_CHUNK, pause_s=COMMAND_PAUSE_S)
+        await producer.post_entries_paced(commands, chunk=COMMAND_CHUNK, pause_s=pause_s)
 
 
-async def _stream_batches(settings: Settings, planned: list[dict[str, Any]]) -> None:
+async def _stream_batches(settings: Settings, planned: list[dict[str, Any]],
+                          pause_s: float) -> None:
     async with RawProducer(settings) as producer:
         for i, batch in enumerate(planned):
             await producer.send("ledger.batches", "SubmitBatch", batch, batch["batch_id"])
             if i % BATCH_CHUNK == BATCH_CHUNK - 1:
                 await producer.flush()
-                await asyncio.sleep(BATCH_PAUSE_S)
+                await asyncio.sleep(pause_s)
         await producer.flush()
 
 
@@ -253,7 +266,31 @@ async def _check_balances(settings: Settings, outcomes: dict[str, core.Outcome],
             to_minor(amount, USDC_DECIMALS), account
 
 
-# ------------------------------------------------------------------ the test
+# ------------------------------------------------------------------ the tests
+
+
+async def test_one_replica_on_the_cluster_is_named_and_the_worker_refuses_it_unless_allowed(
+    cluster_settings: Settings, tmp_path: Path
+) -> None:
+    """Topics made with replication factor 1 (as every version before this one made them) on
+    a 3-broker cluster: `topics check` names each, the worker refuses them, and refuses
+    SARDIS_REPLICATION_FACTOR=1 itself, unless --allow-unsafe-topics."""
+    settings = cluster_settings
+    one_replica = dataclasses.replace(settings, replication_factor=1)
+    await create_topics(one_replica)
+    check = cli(settings, "topics", "check")
+    assert check.returncode == 1
+    commands = settings.topic("ledger.commands")
+    assert (f"{commands}: replication factor is 1, expected 3 (can lose data: losing 1 "
+            "broker(s) loses its committed records)") in check.stdout, check.stdout
+    assert f"{commands}: min.insync.replicas is 1, expected 2 (can lose data" in check.stdout
+    refused = cli(settings, "worker")
+    assert refused.returncode == 1 and "refusing to start the worker" in refused.stderr
+    asked = cli(one_replica, "worker")
+    assert asked.returncode == 1
+    assert "replication factor 1 on a cluster of 3 brokers" in asked.stderr, asked.stderr
+    worker = await asyncio.to_thread(start_worker, settings, tmp_path, "--allow-unsafe-topics")
+    worker.stop()
 
 
 @pytest.mark.slow
@@ -279,9 +316,10 @@ async def test_kill_on_the_cluster_mid_stream_loses_and_doubles_nothing(
         await fund(settings, accounts)
         watching = asyncio.create_task(watcher.run())
         started = time.monotonic()
-        producing = asyncio.gather(_stream_commands(settings, commands),
-                                   _stream_batches(settings, planned))
-        kills = await _disturb(scenario, settings, ledger, rng)
+        pauses_s = SLOW_STREAM_PAUSES_S if scenario == "workers" else STREAM_PAUSES_S
+        producing = asyncio.gather(_stream_commands(settings, commands, pauses_s["commands"]),
+                                   _stream_batches(settings, planned, pauses_s["batches"]))
+        kills = await _disturb(scenario, settings, ledger, rng, watcher)
         await producing
         streamed_s = time.monotonic() - started
         decided = await _check_decisions(settings, outcomes, planned)
