@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
 import shutil
 import statistics
@@ -13,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -26,6 +28,7 @@ from streams.worker_process import WorkerProcess
 RESULT_WAIT_S = 600.0
 PROGRESS_EVERY_S = 2.0
 PRODUCE_CHUNK = 2000
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,9 @@ class RunFigures:
     rate_per_s: float
     p50_ms: float
     p99_ms: float
+    count: int = 0  # commands or batches timed
+    worker_cpu_s: float = 0.0  # CPU the worker processes used in the run (warm-up included)
+    broker_cpu_s: float = 0.0  # CPU every broker used in the run (0: external brokers)
 
 
 def _commands(scenario: Scenario, seed: int) -> list[dict[str, object]]:
@@ -207,7 +213,7 @@ async def _produce_and_wait(settings: Settings, encoded: list[tuple[str, str, st
         await producer.stop()
         await consumer.stop()
     latencies_ms.sort()
-    return RunFigures(rate_per_s=len(encoded) / (finished - started),
+    return RunFigures(rate_per_s=len(encoded) / (finished - started), count=len(encoded),
                       p50_ms=latencies_ms[len(latencies_ms) // 2],
                       p99_ms=latencies_ms[min(len(latencies_ms) - 1, len(latencies_ms) * 99 // 100)])
 
@@ -226,49 +232,123 @@ def _worker(settings: Settings, index: int) -> Iterator[WorkerProcess]:
         shutil.rmtree(datadir, ignore_errors=True)
 
 
+def _clusters(base: Settings, brokers: Sequence[int]) -> dict[int, Settings]:
+    """Settings per cluster size: 1 is the single dev node (or SARDIS_KAFKA_BOOTSTRAP), 3 the
+    dev cluster (`dev up --brokers 3`), started here if it is not running."""
+    from infra import kafka_cluster
+
+    out: dict[int, Settings] = {}
+    for size in brokers:
+        if size == 1:
+            out[size] = base
+        else:
+            kafka_cluster.up(size)
+            out[size] = dataclasses.replace(base, kafka_bootstrap=kafka_cluster.bootstrap(size))
+    return out
+
+
+def _label(size: int) -> str:
+    return f"{size} broker{'s' if size > 1 else ''}"
+
+
+def _baseline(clusters: dict[int, Settings], runs: int, count: int) -> dict[int, list[float]]:
+    """The Kafka+Avro baseline on every cluster, the sizes alternating within each run."""
+    rates: dict[int, list[float]] = {size: [] for size in clusters}
+    for run in range(runs):
+        for size, base in clusters.items():
+            settings = dataclasses.replace(
+                base, topic_prefix=f"{base.topic_prefix}bench-{int(time.time())}-{run}.")
+            try:
+                rates[size].append(asyncio.run(_kafka_baseline(settings, count)))
+            finally:
+                asyncio.run(delete_topics_with_prefix(settings))
+    return rates
+
+
+def _scenario_run(base: Settings, key: str, scenario: Scenario, run: int,
+                  workers: int, broker_pids: list[int]) -> RunFigures:
+    """One run: fresh topics and fresh workers, so no state is carried between runs."""
+    settings = dataclasses.replace(
+        base, topic_prefix=f"{base.topic_prefix}bench-{key}-{int(time.time())}-{run}.")
+    asyncio.run(create_topics(settings))
+    try:
+        with contextlib.ExitStack() as stack:
+            processes = [stack.enter_context(_worker(settings, i)) for i in range(workers)]
+            for process in processes:
+                process.wait_ready()
+            worker_pids = [p.proc.pid for p in processes if p.proc is not None]
+            workers_before, brokers_before = _cpu_s(worker_pids), _cpu_s(broker_pids)
+            figures = asyncio.run(_run(settings, scenario, seed=run))
+            return dataclasses.replace(figures, worker_cpu_s=_cpu_s(worker_pids) - workers_before,
+                                       broker_cpu_s=_cpu_s(broker_pids) - brokers_before)
+    finally:
+        # Also after a failed or interrupted run: every partition left slows Kafka's start.
+        asyncio.run(delete_topics_with_prefix(settings))
+
+
+def _cpu_s(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes used so far (Linux /proc; 0 if unreadable)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            # Fields 14 and 15 (utime, stime), counted after the ")" that ends the command name.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    return total
+
+
+def _broker_pids(size: int) -> list[int]:
+    """The dev harness's broker processes for a cluster size ([] for external brokers)."""
+    from infra import harness, kafka_cluster
+
+    if size == 1:
+        servers = [s for s in harness.servers(Settings()) if s.name == "kafka"]
+        servers = [s for s in servers if not harness.external(s)]
+    else:
+        servers = kafka_cluster.nodes_of(size)
+    return [pid for pid in (s.pid() for s in servers) if pid is not None]
+
+
+def _report(name: str, unit: str, size: int, found: list[RunFigures]) -> str:
+    worker_us = statistics.median(f.worker_cpu_s / f.count * 1e6 for f in found)
+    broker_us = statistics.median(f.broker_cpu_s / f.count * 1e6 for f in found)
+    return (f"  {name:28s} {_label(size):9s} "
+            f"{statistics.median(f.rate_per_s for f in found):>9,.0f} {unit}"
+            f"   p50 {statistics.median(f.p50_ms for f in found):8.1f} ms"
+            f"   p99 {statistics.median(f.p99_ms for f in found):8.1f} ms"
+            f"   CPU per {unit.split('/')[0]}: workers {worker_us:,.0f} us, brokers {broker_us:,.0f} us"
+            f"   runs: {', '.join(f'{f.rate_per_s:,.0f}' for f in found)}")
+
+
 def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
-              scenarios: Sequence[str], batches: int = 10_000, workers: int = 1) -> int:
+              scenarios: Sequence[str], batches: int = 10_000, workers: int = 1,
+              brokers: Sequence[int] = (1,)) -> int:
     from infra import harness
 
     harness.up()
-    base = Settings.from_env()
+    clusters = _clusters(Settings.from_env(), brokers)
     plan = {
         "spread": Scenario(f"(a) {commands} cmds / {accounts} accts", commands, accounts),
         "hot": Scenario(f"(b) {hot_commands} cmds / 1 account", hot_commands, 1),
         "batches": Scenario(f"(c) {batches} 2-leg batches", batches, accounts, batches=True),
     }
     print(f"sardis-ledger bench: {runs} run(s) per scenario, median reported; {workers} worker "
-          f"process(es), broker on the same machine", flush=True)
-    baseline = []
-    for run in range(runs):
-        prefix = f"{base.topic_prefix}bench-{int(time.time())}-{run}."
-        settings = dataclasses.replace(base, topic_prefix=prefix)
-        try:
-            baseline.append(asyncio.run(_kafka_baseline(settings, min(commands, 50_000))))
-        finally:
-            asyncio.run(delete_topics_with_prefix(settings))
-    print(f"  baseline Kafka+Avro produce->consume, no ledger: "
-          f"{statistics.median(baseline):,.0f} records/s (median of {runs})", flush=True)
+          f"process(es) on {' and '.join(_label(s) for s in clusters)} (alternating within each "
+          "run), brokers on the same machine", flush=True)
+    for size, rates in _baseline(clusters, runs, min(commands, 50_000)).items():
+        print(f"  baseline Kafka+Avro produce->consume, no ledger, {_label(size)}: "
+              f"{statistics.median(rates):,.0f} records/s (runs: "
+              f"{', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
     for key in scenarios:
         scenario = plan[key]
-        figures: list[RunFigures] = []
+        figures: dict[int, list[RunFigures]] = {size: [] for size in clusters}
         for run in range(runs):
-            # Fresh topics and a fresh worker per run: no state carried between runs.
-            settings = dataclasses.replace(
-                base, topic_prefix=f"{base.topic_prefix}bench-{key}-{int(time.time())}-{run}.")
-            asyncio.run(create_topics(settings))
-            try:
-                with contextlib.ExitStack() as stack:
-                    processes = [stack.enter_context(_worker(settings, i)) for i in range(workers)]
-                    for process in processes:
-                        process.wait_ready()
-                    figures.append(asyncio.run(_run(settings, scenario, seed=run)))
-            finally:
-                # Also after a failed or interrupted run: every partition left slows Kafka's start.
-                asyncio.run(delete_topics_with_prefix(settings))
+            for size, base in clusters.items():
+                figures[size].append(_scenario_run(base, key, scenario, run, workers,
+                                                   _broker_pids(size)))
         unit = "batch/s" if scenario.batches else "cmd/s"
-        print(f"  {scenario.name:28s} {statistics.median(f.rate_per_s for f in figures):>9,.0f} {unit}"
-              f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"
-              f"   p99 {statistics.median(f.p99_ms for f in figures):8.1f} ms"
-              f"   runs: {', '.join(f'{f.rate_per_s:,.0f}' for f in figures)}", flush=True)
+        for size, found in figures.items():
+            print(_report(scenario.name, unit, size, found), flush=True)
     return 0

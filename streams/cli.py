@@ -141,7 +141,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     return run_bench(runs=args.runs, commands=args.commands, accounts=args.accounts,
                      hot_commands=args.hot_commands, batches=args.batches, workers=args.workers,
-                     scenarios=args.scenario or ["spread", "hot", "batches"])
+                     scenarios=args.scenario or ["spread", "hot", "batches"],
+                     brokers=sorted(set(args.brokers or [1])))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -282,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only this scenario (repeatable)")
     bench.add_argument("--workers", type=int, default=1,
                        help="worker processes sharing the partitions (one consumer group)")
+    bench.add_argument("--brokers", type=int, action="append", choices=[1, 3],
+                       help="run on the single node (1) and/or the 3-node dev cluster (3, "
+                       "started if not running); repeat for both: each run then measures both, "
+                       "one after the other (default: 1)")
     bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="bring the stack up and show it working",
