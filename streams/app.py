@@ -482,14 +482,6 @@ class LedgerWorker:
         message = event.message
         partition: int = message.partition
         next_offset = self._next_offset(message.topic, partition)
-        if message.offset < next_offset:
-            # Decided already: its effects are in the tables and its records in a committed
-            # transaction or in this partition's still open one. After a rebalance that left this
-            # worker the partition, Faust delivers again from the committed offset; deciding again
-            # on tables that hold the first decision applied it twice (three-worker kill test: a
-            # hold posted twice, "pending debit below zero").
-            self._acknowledge(message.topic, partition, next_offset)
-            return
         if message.offset > next_offset:
             # Kafka delivered past records that no decision recorded. Usually transaction markers
             # (no record); but Faust was seen to start a partition past its committed offset, to
