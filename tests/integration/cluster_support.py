@@ -176,19 +176,22 @@ class ArrivalWatcher:
             assert time.monotonic() < deadline, f"partitions unserved for {timeout_s:.0f} s"
             await asyncio.sleep(POLL_S)
 
-    def silences_after(self, at: float) -> list[float]:
-        """Per partition with traffic, the longest gap between arrivals starting at `at` or
-        later (a gap that began before `at` counts from `at`)."""
+    def silences_after(self, at: float, until: float) -> list[float]:
+        """Per partition with traffic, the longest gap between arrivals that starts in
+        [at, until) (a gap that began before `at` counts from `at`)."""
         out = []
         for times in self.arrivals.values():
             longest = 0.0
             for before, after in itertools.pairwise(times):
-                if after > at and before < at + SILENCE_WINDOW_S:
+                if after > at and before < until:
                     longest = max(longest, after - max(before, at))
             out.append(longest)
         return out
 
-    def measure(self, kill: Kill) -> None:
-        silences = self.silences_after(kill.at)
-        kill.longest_silence_s = max(silences, default=0.0)
-        kill.median_silence_s = statistics.median(silences) if silences else 0.0
+    def measure(self, kills: list[Kill]) -> None:
+        """Each kill's silences, up to the next kill (so one long silence is not counted twice)."""
+        for kill, following in zip(kills, [*kills[1:], None], strict=True):
+            until = following.at if following is not None else kill.at + SILENCE_WINDOW_S
+            silences = self.silences_after(kill.at, until)
+            kill.longest_silence_s = max(silences, default=0.0)
+            kill.median_silence_s = statistics.median(silences) if silences else 0.0
