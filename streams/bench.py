@@ -47,6 +47,7 @@ class RunFigures:
     count: int = 0  # commands or batches timed
     worker_cpu_s: float = 0.0  # CPU the worker processes used in the run (warm-up included)
     broker_cpu_s: float = 0.0  # CPU every broker used in the run (0: external brokers)
+    worker_rss_growth_bytes: int = 0  # how much the workers' resident memory grew in the run
 
 
 def _commands(scenario: Scenario, seed: int) -> list[dict[str, object]]:
@@ -278,9 +279,11 @@ def _scenario_run(base: Settings, key: str, scenario: Scenario, run: int,
                 process.wait_ready()
             worker_pids = [p.proc.pid for p in processes if p.proc is not None]
             workers_before, brokers_before = _cpu_s(worker_pids), _cpu_s(broker_pids)
+            rss_before = _rss_bytes(worker_pids)
             figures = asyncio.run(_run(settings, scenario, seed=run))
             return dataclasses.replace(figures, worker_cpu_s=_cpu_s(worker_pids) - workers_before,
-                                       broker_cpu_s=_cpu_s(broker_pids) - brokers_before)
+                                       broker_cpu_s=_cpu_s(broker_pids) - brokers_before,
+                                       worker_rss_growth_bytes=_rss_bytes(worker_pids) - rss_before)
     finally:
         # Also after a failed or interrupted run: every partition left slows Kafka's start.
         asyncio.run(delete_topics_with_prefix(settings))
@@ -299,6 +302,20 @@ def _cpu_s(pids: Sequence[int]) -> float:
     return total
 
 
+def _rss_bytes(pids: Sequence[int]) -> int:
+    """Resident memory of the processes now (Linux /proc; 0 if unreadable)."""
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024  # kB
+    return total
+
+
 def _broker_pids(size: int) -> list[int]:
     """The dev harness's broker processes for a cluster size ([] for external brokers)."""
     from infra import harness, kafka_cluster
@@ -314,11 +331,13 @@ def _broker_pids(size: int) -> list[int]:
 def _report(name: str, unit: str, size: int, found: list[RunFigures]) -> str:
     worker_us = statistics.median(f.worker_cpu_s / f.count * 1e6 for f in found)
     broker_us = statistics.median(f.broker_cpu_s / f.count * 1e6 for f in found)
+    rss_per = statistics.median(f.worker_rss_growth_bytes / f.count for f in found)
     return (f"  {name:28s} {_label(size):9s} "
             f"{statistics.median(f.rate_per_s for f in found):>9,.0f} {unit}"
             f"   p50 {statistics.median(f.p50_ms for f in found):8.1f} ms"
             f"   p99 {statistics.median(f.p99_ms for f in found):8.1f} ms"
-            f"   CPU per {unit.split('/')[0]}: workers {worker_us:,.0f} us, brokers {broker_us:,.0f} us"
+            f"   per {unit.split('/')[0]}: worker CPU {worker_us:,.0f} us, broker CPU {broker_us:,.0f} us, "
+            f"worker memory {rss_per:,.0f} B"
             f"   runs: {', '.join(f'{f.rate_per_s:,.0f}' for f in found)}")
 
 

@@ -7,17 +7,21 @@ import os
 from streams import bench
 
 
-def test_cpu_seconds_of_live_and_missing_processes() -> None:
+def test_cpu_and_memory_of_live_and_missing_processes() -> None:
     sum(i * i for i in range(200_000))  # burn a little CPU in this process
     assert bench._cpu_s([os.getpid()]) > 0
-    assert bench._cpu_s([2**22 + 7]) == 0.0  # above pid_max: no such process
+    assert bench._rss_bytes([os.getpid()]) > 1_000_000
+    missing = 2**22 + 7  # above pid_max: no such process
+    assert bench._cpu_s([missing]) == 0.0 and bench._rss_bytes([missing]) == 0
 
 
 def test_report_line_names_size_rate_latency_and_cpu_per_command() -> None:
-    runs = [bench.RunFigures(1000.0, 50.0, 90.0, count=2000, worker_cpu_s=1.0, broker_cpu_s=0.5),
-            bench.RunFigures(1200.0, 40.0, 80.0, count=2000, worker_cpu_s=1.2, broker_cpu_s=0.7)]
+    runs = [bench.RunFigures(1000.0, 50.0, 90.0, count=2000, worker_cpu_s=1.0, broker_cpu_s=0.5,
+                             worker_rss_growth_bytes=1_000_000),
+            bench.RunFigures(1200.0, 40.0, 80.0, count=2000, worker_cpu_s=1.2, broker_cpu_s=0.7,
+                             worker_rss_growth_bytes=1_400_000)]
     line = bench._report("(a) spread", "cmd/s", 3, runs)
     assert "3 brokers" in line and "1,100 cmd/s" in line
     assert "p50     45.0 ms" in line and "p99     85.0 ms" in line
-    assert "CPU per cmd: workers 550 us, brokers 300 us" in line
+    assert "per cmd: worker CPU 550 us, broker CPU 300 us, worker memory 600 B" in line
     assert line.endswith("runs: 1,000, 1,200")
