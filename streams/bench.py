@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import random
 import shutil
@@ -12,9 +13,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -25,10 +27,16 @@ from streams.money import currency_table, to_major
 from streams.topics import create_topics, delete_topics_with_prefix
 from streams.worker_process import WorkerProcess
 
+T = TypeVar("T")
 RESULT_WAIT_S = 600.0
 PROGRESS_EVERY_S = 2.0
 PRODUCE_CHUNK = 2000
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+CLOSED_LOOP_CLIENTS_DEFAULT = (1, 16)
+CLOSED_LOOP_DURATION_S_DEFAULT = 10.0
+OPEN_LOOP_RATE_DEFAULT = 1000
+OPEN_LOOP_DURATION_S_DEFAULT = 10.0
+OPEN_LOOP_TICK_S = 0.005  # the open-loop producer sends what is due every 5 ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,102 @@ def _commands(scenario: Scenario, seed: int) -> list[dict[str, object]]:
                     "entry_type": kind, "amount": to_major(1 if kind == "debit" else 5, decimals),
                     "allow_overdraft": True})
     return out
+
+
+def percentile(sorted_ms: Sequence[float], fraction: float) -> float:
+    """The value at `fraction` (0..1) of an ascending list (nearest rank); 0.0 when empty."""
+    if not sorted_ms:
+        return 0.0
+    return sorted_ms[min(len(sorted_ms) - 1, int(len(sorted_ms) * fraction))]
+
+
+async def closed_loop(settings: Settings, clients: int, accounts: int,
+                      duration_s: float) -> RunFigures:
+    """`clients` tasks, each posting one command with LedgerClient.create_entry and awaiting its
+    result before the next, as API handlers call a ledger; for `duration_s`."""
+    from streams.client import LedgerClient
+
+    latencies_ms: list[float] = []
+    stop_at = time.monotonic() + duration_s
+
+    async def client(index: int, ledger: LedgerClient) -> None:
+        rng = random.Random(index)
+        sequence = 0
+        while time.monotonic() < stop_at:
+            account = f"loop_{rng.randrange(accounts):05d}"
+            started = time.monotonic()
+            await ledger.create_entry(account_id=account, amount="0.10", entry_type="credit",
+                                      currency="USDC", command_id=f"loop-{index}-{sequence}")
+            latencies_ms.append((time.monotonic() - started) * 1000)
+            sequence += 1
+
+    async with LedgerClient(settings) as ledger:
+        # One command first: the client's consumer and producer are connected and warm.
+        await ledger.create_entry(account_id="loop_warm", amount="0.10", entry_type="credit",
+                                  currency="USDC", command_id=f"loop-warm-{time.time_ns()}")
+        began = time.monotonic()
+        await asyncio.gather(*(client(i, ledger) for i in range(clients)))
+        elapsed_s = time.monotonic() - began
+    latencies_ms.sort()
+    return RunFigures(len(latencies_ms) / elapsed_s, percentile(latencies_ms, 0.50),
+                      percentile(latencies_ms, 0.99), count=len(latencies_ms))
+
+
+async def open_loop(settings: Settings, rate_per_s: int, accounts: int,
+                    duration_s: float) -> RunFigures:
+    """Commands produced at a fixed rate whatever the ledger does (a schedule, not a reaction),
+    each timed from its send to its result being consumed."""
+    count = int(rate_per_s * duration_s)
+    encoded = _encoded(settings, Scenario("open", count, accounts), seed=int(time.time()))
+    results_topic = settings.topic("ledger.results")
+    producer, consumer = _clients(settings)
+    await producer.start()
+    await consumer.start()
+    sent_at: dict[str, float] = {}
+    latencies_ms: list[float] = []
+    try:
+        tps = [TopicPartition(results_topic, p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        reader = asyncio.create_task(_read_latencies(consumer, sent_at, latencies_ms, count))
+        began = time.monotonic()
+        sent = 0
+        while sent < count:
+            due = min(count, int((time.monotonic() - began) * rate_per_s) + 1)
+            for result_key, topic, key, value in encoded[sent:due]:
+                sent_at[result_key] = time.monotonic()
+                await producer.send(topic, value, key=key.encode(),
+                                    partition=core.partition_for(key, settings.partitions))
+            sent = due
+            await asyncio.sleep(OPEN_LOOP_TICK_S)
+        await producer.flush()
+        finished = await reader
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    latencies_ms.sort()
+    return RunFigures(count / (finished - began), percentile(latencies_ms, 0.50),
+                      percentile(latencies_ms, 0.99), count=count)
+
+
+async def _read_latencies(consumer: AIOKafkaConsumer, sent_at: dict[str, float],
+                          latencies_ms: list[float], count: int) -> float:
+    """Read results until `count` of the sent keys answered; returns when the last one came."""
+    deadline = time.monotonic() + RESULT_WAIT_S
+    while len(latencies_ms) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count - len(latencies_ms)} results missing after "
+                               f"{RESULT_WAIT_S}s")
+        batches = await consumer.getmany(timeout_ms=100, max_records=10_000)
+        now = time.monotonic()
+        for messages in batches.values():
+            for message in messages:
+                started = sent_at.pop(message.key.decode(), None)
+                if started is not None:
+                    latencies_ms.append((now - started) * 1000)
+    return time.monotonic()
 
 
 def _clients(settings: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
@@ -159,7 +263,6 @@ def _warm_up(settings: Settings) -> list[tuple[str, str, str, bytes]]:
 
 
 async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
-    await _produce_and_wait(settings, _warm_up(settings), "warm-up")
     return await _produce_and_wait(settings, _encoded(settings, scenario, seed), scenario.name)
 
 
@@ -266,9 +369,10 @@ def _baseline(clusters: dict[int, Settings], runs: int, count: int) -> dict[int,
     return rates
 
 
-def _scenario_run(base: Settings, key: str, scenario: Scenario, run: int,
-                  workers: int, broker_pids: list[int]) -> RunFigures:
-    """One run: fresh topics and fresh workers, so no state is carried between runs."""
+def _fresh_run(base: Settings, key: str, run: int, workers: int, broker_pids: list[int],
+               measure: Callable[[Settings], Coroutine[Any, Any, RunFigures]]) -> RunFigures:
+    """One run on fresh topics with fresh worker processes (no state carried between runs), with
+    the CPU the workers and brokers used and how much the workers' memory grew while measured."""
     settings = dataclasses.replace(
         base, topic_prefix=f"{base.topic_prefix}bench-{key}-{int(time.time())}-{run}.")
     asyncio.run(create_topics(settings))
@@ -277,10 +381,11 @@ def _scenario_run(base: Settings, key: str, scenario: Scenario, run: int,
             processes = [stack.enter_context(_worker(settings, i)) for i in range(workers)]
             for process in processes:
                 process.wait_ready()
+            asyncio.run(_produce_and_wait(settings, _warm_up(settings), "warm-up"))
             worker_pids = [p.proc.pid for p in processes if p.proc is not None]
             workers_before, brokers_before = _cpu_s(worker_pids), _cpu_s(broker_pids)
             rss_before = _rss_bytes(worker_pids)
-            figures = asyncio.run(_run(settings, scenario, seed=run))
+            figures = asyncio.run(measure(settings))
             return dataclasses.replace(figures, worker_cpu_s=_cpu_s(worker_pids) - workers_before,
                                        broker_cpu_s=_cpu_s(broker_pids) - brokers_before,
                                        worker_rss_growth_bytes=_rss_bytes(worker_pids) - rss_before)
@@ -333,26 +438,29 @@ def _report(name: str, unit: str, size: int, found: list[RunFigures]) -> str:
     broker_us = statistics.median(f.broker_cpu_s / f.count * 1e6 for f in found)
     rss_per = statistics.median(f.worker_rss_growth_bytes / f.count for f in found)
     return (f"  {name:28s} {_label(size):9s} "
-            f"{statistics.median(f.rate_per_s for f in found):>9,.0f} {unit}"
+            f"{_rate(statistics.median(f.rate_per_s for f in found)):>9s} {unit}"
             f"   p50 {statistics.median(f.p50_ms for f in found):8.1f} ms"
             f"   p99 {statistics.median(f.p99_ms for f in found):8.1f} ms"
             f"   per {unit.split('/')[0]}: worker CPU {worker_us:,.0f} us, broker CPU {broker_us:,.0f} us, "
             f"worker memory {rss_per:,.0f} B"
-            f"   runs: {', '.join(f'{f.rate_per_s:,.0f}' for f in found)}")
+            f"   runs: {', '.join(_rate(f.rate_per_s) for f in found)}")
+
+
+def _rate(per_s: float) -> str:
+    """Rates below 100/s (closed loops of one client) keep a decimal."""
+    return f"{per_s:,.1f}" if per_s < 100 else f"{per_s:,.0f}"
 
 
 def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
               scenarios: Sequence[str], batches: int = 10_000, workers: int = 1,
-              brokers: Sequence[int] = (1,)) -> int:
+              brokers: Sequence[int] = (1,),
+              clients: Sequence[int] = CLOSED_LOOP_CLIENTS_DEFAULT,
+              rate_per_s: int = OPEN_LOOP_RATE_DEFAULT,
+              duration_s: float = CLOSED_LOOP_DURATION_S_DEFAULT) -> int:
     from infra import harness
 
     harness.up()
     clusters = _clusters(Settings.from_env(), brokers)
-    plan = {
-        "spread": Scenario(f"(a) {commands} cmds / {accounts} accts", commands, accounts),
-        "hot": Scenario(f"(b) {hot_commands} cmds / 1 account", hot_commands, 1),
-        "batches": Scenario(f"(c) {batches} 2-leg batches", batches, accounts, batches=True),
-    }
     print(f"sardis-ledger bench: {runs} run(s) per scenario, median reported; {workers} worker "
           f"process(es) on {' and '.join(_label(s) for s in clusters)} (alternating within each "
           "run), brokers on the same machine", flush=True)
@@ -360,14 +468,44 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
         print(f"  baseline Kafka+Avro produce->consume, no ledger, {_label(size)}: "
               f"{statistics.median(rates):,.0f} records/s (runs: "
               f"{', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
+    plan = _plan(commands=commands, accounts=accounts, hot_commands=hot_commands,
+                 batches=batches, clients=clients, rate_per_s=rate_per_s, duration_s=duration_s)
     for key in scenarios:
-        scenario = plan[key]
-        figures: dict[int, list[RunFigures]] = {size: [] for size in clusters}
-        for run in range(runs):
-            for size, base in clusters.items():
-                figures[size].append(_scenario_run(base, key, scenario, run, workers,
-                                                   _broker_pids(size)))
-        unit = "batch/s" if scenario.batches else "cmd/s"
-        for size, found in figures.items():
-            print(_report(scenario.name, unit, size, found), flush=True)
+        for name, unit, measure in plan[key]:
+            figures: dict[int, list[RunFigures]] = {size: [] for size in clusters}
+            for run in range(runs):
+                for size, base in clusters.items():
+                    figures[size].append(_fresh_run(base, key, run, workers, _broker_pids(size),
+                                                    functools.partial(measure, seed=run)))
+            for size, found in figures.items():
+                print(_report(name, unit, size, found), flush=True)
     return 0
+
+
+Measure = Callable[..., Coroutine[Any, Any, RunFigures]]
+
+
+def _plan(*, commands: int, accounts: int, hot_commands: int, batches: int,
+          clients: Sequence[int], rate_per_s: int,
+          duration_s: float) -> dict[str, list[tuple[str, str, Measure]]]:
+    """Per scenario key: (report name, unit, measure(settings, seed=run)) for each variant."""
+    def _burst(scenario: Scenario) -> tuple[str, str, Measure]:
+        return (scenario.name, "batch/s" if scenario.batches else "cmd/s",
+                lambda settings, seed: _run(settings, scenario, seed=seed))
+
+    def closed(count: int) -> Measure:
+        return lambda settings, seed: closed_loop(settings, count, accounts, duration_s)
+
+    def open_(settings: Settings, seed: int) -> Coroutine[Any, Any, RunFigures]:
+        return open_loop(settings, rate_per_s, accounts, duration_s)
+
+    return {
+        "spread": [_burst(Scenario(f"(a) {commands} cmds / {accounts} accts", commands,
+                                   accounts))],
+        "hot": [_burst(Scenario(f"(b) {hot_commands} cmds / 1 account", hot_commands, 1))],
+        "batches": [_burst(Scenario(f"(c) {batches} 2-leg batches", batches, accounts,
+                                    batches=True))],
+        "closed": [(f"closed loop, {count} client(s) / {accounts} accts", "cmd/s", closed(count))
+                   for count in clients],
+        "open": [(f"open loop, {rate_per_s}/s offered / {accounts} accts", "cmd/s", open_)],
+    }

@@ -141,8 +141,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     return run_bench(runs=args.runs, commands=args.commands, accounts=args.accounts,
                      hot_commands=args.hot_commands, batches=args.batches, workers=args.workers,
-                     scenarios=args.scenario or ["spread", "hot", "batches"],
-                     brokers=sorted(set(args.brokers or [1])))
+                     scenarios=args.scenario or ["spread", "hot", "batches", "closed", "open"],
+                     brokers=sorted(set(args.brokers or [1])),
+                     clients=args.clients or [1, 16], rate_per_s=args.rate,
+                     duration_s=args.duration_s)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -279,8 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="commands in scenario (b), all on one account")
     bench.add_argument("--batches", type=int, default=10_000,
                        help="two-leg batches in scenario (c)")
-    bench.add_argument("--scenario", action="append", choices=["spread", "hot", "batches"],
-                       help="run only this scenario (repeatable)")
+    bench.add_argument("--scenario", action="append",
+                       choices=["spread", "hot", "batches", "closed", "open"],
+                       help="run only this scenario (repeatable). spread, hot and batches are "
+                       "bursts (everything produced at once); closed: --clients tasks each post "
+                       "one command with LedgerClient.create_entry and await it, for "
+                       "--duration-s; open: commands offered at --rate per second for "
+                       "--duration-s, latency from send to result")
+    bench.add_argument("--clients", type=int, action="append", metavar="C",
+                       help="closed-loop clients (repeatable; default: 1 and 16)")
+    bench.add_argument("--rate", type=int, default=1000, metavar="N",
+                       help="open loop: commands offered per second (default 1000)")
+    bench.add_argument("--duration-s", type=float, default=10.0, metavar="S",
+                       help="closed and open loop: seconds per run (default 10)")
     bench.add_argument("--workers", type=int, default=1,
                        help="worker processes sharing the partitions (one consumer group)")
     bench.add_argument("--brokers", type=int, action="append", choices=[1, 3],

@@ -211,8 +211,8 @@ def test_an_entry_from_the_wire_is_checked_before_use() -> None:
     assert records.parse_entry(wire, CURRENCIES) == entry
     for name, value in [("entry_hash", "zz"), ("currency", "XXX"), ("amount", Decimal("0")),
                         ("amount", Decimal("0.001")), ("sequence", 0), ("leaf_index", -1),
-                        ("entry_id", "e1"), ("batch_size", None), ("metadata", {"k" * 99: ""}),
-                        ("reverses_entry_id", "nope"), ("committed_at", "yesterday")]:
+                        ("entry_id", ""), ("batch_size", None), ("metadata", {"k" * 99: ""}),
+                        ("reverses_entry_id", "\n"), ("committed_at", "yesterday")]:
         assert isinstance(records.parse_entry({**wire, name: value}, CURRENCIES), str), name
 
 

@@ -75,7 +75,7 @@ def _hostile_entries() -> list[bytes]:
         CODEC.encode("Entry", {**good, "currency": "XXX"}),
         CODEC.encode("Entry", {**good, "amount": Decimal("0")}),
         CODEC.encode("Entry", {**good, "amount": Decimal("0.0000001")}),
-        CODEC.encode("Entry", {**good, "entry_id": "not-an-id"}),
+        CODEC.encode("Entry", {**good, "entry_id": "a\x00b"}),
         CODEC.encode("Entry", {**good, "sequence": 0}),
         CODEC.encode("Entry", good)[:-3],
     ]
