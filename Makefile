@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up down status topics demo test test-unit test-integration fuzz bench bench-old-engine lint clean
+.PHONY: help install up up-cluster down status topics demo test test-unit test-integration test-cluster fuzz bench bench-cluster bench-old-engine lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ install: $(STAMP) ## create .venv and install the project with its dev tools
 
 up: install ## provision (once) and start Kafka, PostgreSQL, immudb, anvil and the schema registry on 127.0.0.1
 	$(BIN)/sardis-ledger dev up
+
+up-cluster: install ## like up, with a 3-node Kafka cluster (127.0.0.1:19192,19194,19196) instead of the single node
+	$(BIN)/sardis-ledger dev up --brokers 3
 
 down: install ## stop the dev servers the harness started
 	$(BIN)/sardis-ledger dev down
@@ -39,6 +42,9 @@ test-unit: install ## unit tests only (no servers)
 test-integration: install ## integration tests only (starts the servers it needs)
 	$(BIN)/python -m pytest tests/integration
 
+test-cluster: install ## every 3-broker failure test (a broker, the commands leader, the controller, workers killed; CI runs the first)
+	SARDIS_TEST_CLUSTER_SCENARIOS=all $(BIN)/python -m pytest tests/integration/test_cluster.py
+
 fuzz: install ## the trust boundary at full size: 100,000 mutated records on the real worker, 100,000 pure-path examples
 	SARDIS_TEST_FUZZ_RECORDS=100000 SARDIS_FUZZ_EXAMPLES=100000 $(BIN)/python -m pytest \
 		tests/unit/test_input_fuzz.py tests/integration/test_trust_boundary.py -k "bug_path or mint"
@@ -49,6 +55,9 @@ bench: install ## end-to-end benchmarks (see README: Benchmarks)
 
 bench-old-engine: install ## closed loop vs the old engine (sardis-ledger 1.1.0, scratch venv); options: ARGS=--help
 	$(BIN)/python -m infra.old_engine.compare $(ARGS)
+
+bench-cluster: install ## the worker benchmark on the single broker and the 3-broker cluster, alternating in each run
+	$(BIN)/sardis-ledger bench --brokers 1 --brokers 3 --runs 3 --commands 20000 --hot-commands 10000 --batches 1000 --accounts 1000
 
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .

@@ -24,7 +24,14 @@ from streams.money import Currency, currency_table
 from streams.outbox import OUTBOX_RECORDS_HARD_MAX, Outbox, Value
 from streams.quarantine import Position, QuarantineReader
 from streams.reconciler import RECONCILE_TICK_INTERVAL_S, Reconciler
-from streams.topics import APP_NAME, TABLES, LedgerTopic, changelog_topic_name, misplaced_reason
+from streams.topics import (
+    APP_NAME,
+    TABLES,
+    LedgerTopic,
+    app_topic_settings,
+    changelog_topic_name,
+    misplaced_reason,
+)
 from streams.transactions import (
     CONTROL_OFFSETS,
     ledger_transport,
@@ -104,7 +111,7 @@ class LedgerWorker:
             store="memory://",
             processing_guarantee="exactly_once",
             topic_partitions=settings.partitions,
-            topic_replication_factor=1,
+            **app_topic_settings(settings),
             topic_allow_declare=True,
             broker_commit_interval=COMMIT_INTERVAL_S,
             producer_linger_ms=PRODUCER_LINGER_MS,

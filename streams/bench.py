@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import os
 import random
 import shutil
 import statistics
@@ -14,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -29,6 +31,7 @@ T = TypeVar("T")
 RESULT_WAIT_S = 600.0
 PROGRESS_EVERY_S = 2.0
 PRODUCE_CHUNK = 2000
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 CLOSED_LOOP_CLIENTS_DEFAULT = (1, 16)
 CLOSED_LOOP_DURATION_S_DEFAULT = 10.0
 OPEN_LOOP_RATE_DEFAULT = 1000
@@ -49,6 +52,10 @@ class RunFigures:
     rate_per_s: float
     p50_ms: float
     p99_ms: float
+    count: int = 0  # commands or batches timed
+    worker_cpu_s: float = 0.0  # CPU the worker processes used in the run (warm-up included)
+    broker_cpu_s: float = 0.0  # CPU every broker used in the run (0: external brokers)
+    worker_rss_growth_bytes: int = 0  # how much the workers' resident memory grew in the run
 
 
 def _commands(scenario: Scenario, seed: int) -> list[dict[str, object]]:
@@ -65,16 +72,6 @@ def _commands(scenario: Scenario, seed: int) -> list[dict[str, object]]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class LoopFigures:
-    """A closed- or open-loop run: commands completed, their rate, latency percentiles."""
-
-    commands: int
-    rate_per_s: float
-    p50_ms: float
-    p99_ms: float
-
-
 def percentile(sorted_ms: Sequence[float], fraction: float) -> float:
     """The value at `fraction` (0..1) of an ascending list (nearest rank); 0.0 when empty."""
     if not sorted_ms:
@@ -83,7 +80,7 @@ def percentile(sorted_ms: Sequence[float], fraction: float) -> float:
 
 
 async def closed_loop(settings: Settings, clients: int, accounts: int,
-                      duration_s: float) -> LoopFigures:
+                      duration_s: float) -> RunFigures:
     """`clients` tasks, each posting one command with LedgerClient.create_entry and awaiting its
     result before the next, as API handlers call a ledger; for `duration_s`."""
     from streams.client import LedgerClient
@@ -110,12 +107,12 @@ async def closed_loop(settings: Settings, clients: int, accounts: int,
         await asyncio.gather(*(client(i, ledger) for i in range(clients)))
         elapsed_s = time.monotonic() - began
     latencies_ms.sort()
-    return LoopFigures(len(latencies_ms), len(latencies_ms) / elapsed_s,
-                       percentile(latencies_ms, 0.50), percentile(latencies_ms, 0.99))
+    return RunFigures(len(latencies_ms) / elapsed_s, percentile(latencies_ms, 0.50),
+                      percentile(latencies_ms, 0.99), count=len(latencies_ms))
 
 
 async def open_loop(settings: Settings, rate_per_s: int, accounts: int,
-                    duration_s: float) -> LoopFigures:
+                    duration_s: float) -> RunFigures:
     """Commands produced at a fixed rate whatever the ledger does (a schedule, not a reaction),
     each timed from its send to its result being consumed."""
     count = int(rate_per_s * duration_s)
@@ -149,8 +146,8 @@ async def open_loop(settings: Settings, rate_per_s: int, accounts: int,
         await producer.stop()
         await consumer.stop()
     latencies_ms.sort()
-    return LoopFigures(count, count / (finished - began), percentile(latencies_ms, 0.50),
-                       percentile(latencies_ms, 0.99))
+    return RunFigures(count / (finished - began), percentile(latencies_ms, 0.50),
+                      percentile(latencies_ms, 0.99), count=count)
 
 
 async def _read_latencies(consumer: AIOKafkaConsumer, sent_at: dict[str, float],
@@ -320,7 +317,7 @@ async def _produce_and_wait(settings: Settings, encoded: list[tuple[str, str, st
         await producer.stop()
         await consumer.stop()
     latencies_ms.sort()
-    return RunFigures(rate_per_s=len(encoded) / (finished - started),
+    return RunFigures(rate_per_s=len(encoded) / (finished - started), count=len(encoded),
                       p50_ms=latencies_ms[len(latencies_ms) // 2],
                       p99_ms=latencies_ms[min(len(latencies_ms) - 1, len(latencies_ms) * 99 // 100)])
 
@@ -339,57 +336,43 @@ def _worker(settings: Settings, index: int) -> Iterator[WorkerProcess]:
         shutil.rmtree(datadir, ignore_errors=True)
 
 
-def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
-              scenarios: Sequence[str], batches: int = 10_000, workers: int = 1,
-              clients: Sequence[int] = CLOSED_LOOP_CLIENTS_DEFAULT,
-              rate_per_s: int = OPEN_LOOP_RATE_DEFAULT,
-              duration_s: float = CLOSED_LOOP_DURATION_S_DEFAULT) -> int:
-    from infra import harness
+def _clusters(base: Settings, brokers: Sequence[int]) -> dict[int, Settings]:
+    """Settings per cluster size: 1 is the single dev node (or SARDIS_KAFKA_BOOTSTRAP), 3 the
+    dev cluster (`dev up --brokers 3`), started here if it is not running."""
+    from infra import kafka_cluster
 
-    harness.up()
-    base = Settings.from_env()
-    plan = {
-        "spread": Scenario(f"(a) {commands} cmds / {accounts} accts", commands, accounts),
-        "hot": Scenario(f"(b) {hot_commands} cmds / 1 account", hot_commands, 1),
-        "batches": Scenario(f"(c) {batches} 2-leg batches", batches, accounts, batches=True),
-    }
-    print(f"sardis-ledger bench: {runs} run(s) per scenario, median reported; {workers} worker "
-          f"process(es), broker on the same machine", flush=True)
-    if any(key in plan for key in scenarios):
-        _print_baseline(base, runs, commands)
-    for key in scenarios:
-        if key == "closed":
-            for count in clients:
-                closed = functools.partial(closed_loop, clients=count, accounts=accounts,
-                                           duration_s=duration_s)
-                _report_loop(f"closed loop, {count} client(s) / {accounts} accts",
-                             [_fresh_run(base, key, run, workers, closed) for run in range(runs)])
-        elif key == "open":
-            _report_loop(f"open loop, {rate_per_s}/s offered / {accounts} accts",
-                         [_fresh_run(base, key, run, workers, lambda s: open_loop(
-                             s, rate_per_s, accounts, duration_s)) for run in range(runs)])
+    out: dict[int, Settings] = {}
+    for size in brokers:
+        if size == 1:
+            out[size] = base
         else:
-            _report_burst(plan[key], [_fresh_run(base, key, run, workers, functools.partial(
-                _run, scenario=plan[key], seed=run)) for run in range(runs)])
-    return 0
+            kafka_cluster.up(size)
+            out[size] = dataclasses.replace(base, kafka_bootstrap=kafka_cluster.bootstrap(size))
+    return out
 
 
-def _print_baseline(base: Settings, runs: int, commands: int) -> None:
-    baseline = []
+def _label(size: int) -> str:
+    return f"{size} broker{'s' if size > 1 else ''}"
+
+
+def _baseline(clusters: dict[int, Settings], runs: int, count: int) -> dict[int, list[float]]:
+    """The Kafka+Avro baseline on every cluster, the sizes alternating within each run."""
+    rates: dict[int, list[float]] = {size: [] for size in clusters}
     for run in range(runs):
-        prefix = f"{base.topic_prefix}bench-{int(time.time())}-{run}."
-        settings = dataclasses.replace(base, topic_prefix=prefix)
-        try:
-            baseline.append(asyncio.run(_kafka_baseline(settings, min(commands, 50_000))))
-        finally:
-            asyncio.run(delete_topics_with_prefix(settings))
-    print(f"  baseline Kafka+Avro produce->consume, no ledger: "
-          f"{statistics.median(baseline):,.0f} records/s (median of {runs})", flush=True)
+        for size, base in clusters.items():
+            settings = dataclasses.replace(
+                base, topic_prefix=f"{base.topic_prefix}bench-{int(time.time())}-{run}.")
+            try:
+                rates[size].append(asyncio.run(_kafka_baseline(settings, count)))
+            finally:
+                asyncio.run(delete_topics_with_prefix(settings))
+    return rates
 
 
-def _fresh_run(base: Settings, key: str, run: int, workers: int,
-               measure: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
-    """One run on fresh topics with fresh worker processes: no state carried between runs."""
+def _fresh_run(base: Settings, key: str, run: int, workers: int, broker_pids: list[int],
+               measure: Callable[[Settings], Coroutine[Any, Any, RunFigures]]) -> RunFigures:
+    """One run on fresh topics with fresh worker processes (no state carried between runs), with
+    the CPU the workers and brokers used and how much the workers' memory grew while measured."""
     settings = dataclasses.replace(
         base, topic_prefix=f"{base.topic_prefix}bench-{key}-{int(time.time())}-{run}.")
     asyncio.run(create_topics(settings))
@@ -399,22 +382,130 @@ def _fresh_run(base: Settings, key: str, run: int, workers: int,
             for process in processes:
                 process.wait_ready()
             asyncio.run(_produce_and_wait(settings, _warm_up(settings), "warm-up"))
-            return asyncio.run(measure(settings))
+            worker_pids = [p.proc.pid for p in processes if p.proc is not None]
+            workers_before, brokers_before = _cpu_s(worker_pids), _cpu_s(broker_pids)
+            rss_before = _rss_bytes(worker_pids)
+            figures = asyncio.run(measure(settings))
+            return dataclasses.replace(figures, worker_cpu_s=_cpu_s(worker_pids) - workers_before,
+                                       broker_cpu_s=_cpu_s(broker_pids) - brokers_before,
+                                       worker_rss_growth_bytes=_rss_bytes(worker_pids) - rss_before)
     finally:
         # Also after a failed or interrupted run: every partition left slows Kafka's start.
         asyncio.run(delete_topics_with_prefix(settings))
 
 
-def _report_burst(scenario: Scenario, figures: list[RunFigures]) -> None:
-    unit = "batch/s" if scenario.batches else "cmd/s"
-    print(f"  {scenario.name:28s} {statistics.median(f.rate_per_s for f in figures):>9,.0f} {unit}"
-          f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"
-          f"   p99 {statistics.median(f.p99_ms for f in figures):8.1f} ms"
-          f"   runs: {', '.join(f'{f.rate_per_s:,.0f}' for f in figures)}", flush=True)
+def _cpu_s(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes used so far (Linux /proc; 0 if unreadable)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            # Fields 14 and 15 (utime, stime), counted after the ")" that ends the command name.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    return total
 
 
-def _report_loop(label: str, figures: list[LoopFigures]) -> None:
-    print(f"  {label:42s} {statistics.median(f.rate_per_s for f in figures):>9,.1f} cmd/s"
-          f"   p50 {statistics.median(f.p50_ms for f in figures):8.1f} ms"
-          f"   p99 {statistics.median(f.p99_ms for f in figures):8.1f} ms"
-          f"   runs: {', '.join(f'{f.rate_per_s:,.1f}' for f in figures)}", flush=True)
+def _rss_bytes(pids: Sequence[int]) -> int:
+    """Resident memory of the processes now (Linux /proc; 0 if unreadable)."""
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024  # kB
+    return total
+
+
+def _broker_pids(size: int) -> list[int]:
+    """The dev harness's broker processes for a cluster size ([] for external brokers)."""
+    from infra import harness, kafka_cluster
+
+    if size == 1:
+        servers = [s for s in harness.servers(Settings()) if s.name == "kafka"]
+        servers = [s for s in servers if not harness.external(s)]
+    else:
+        servers = kafka_cluster.nodes_of(size)
+    return [pid for pid in (s.pid() for s in servers) if pid is not None]
+
+
+def _report(name: str, unit: str, size: int, found: list[RunFigures]) -> str:
+    worker_us = statistics.median(f.worker_cpu_s / f.count * 1e6 for f in found)
+    broker_us = statistics.median(f.broker_cpu_s / f.count * 1e6 for f in found)
+    rss_per = statistics.median(f.worker_rss_growth_bytes / f.count for f in found)
+    return (f"  {name:28s} {_label(size):9s} "
+            f"{_rate(statistics.median(f.rate_per_s for f in found)):>9s} {unit}"
+            f"   p50 {statistics.median(f.p50_ms for f in found):8.1f} ms"
+            f"   p99 {statistics.median(f.p99_ms for f in found):8.1f} ms"
+            f"   per {unit.split('/')[0]}: worker CPU {worker_us:,.0f} us, broker CPU {broker_us:,.0f} us, "
+            f"worker memory {rss_per:,.0f} B"
+            f"   runs: {', '.join(_rate(f.rate_per_s) for f in found)}")
+
+
+def _rate(per_s: float) -> str:
+    """Rates below 100/s (closed loops of one client) keep a decimal."""
+    return f"{per_s:,.1f}" if per_s < 100 else f"{per_s:,.0f}"
+
+
+def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
+              scenarios: Sequence[str], batches: int = 10_000, workers: int = 1,
+              brokers: Sequence[int] = (1,),
+              clients: Sequence[int] = CLOSED_LOOP_CLIENTS_DEFAULT,
+              rate_per_s: int = OPEN_LOOP_RATE_DEFAULT,
+              duration_s: float = CLOSED_LOOP_DURATION_S_DEFAULT) -> int:
+    from infra import harness
+
+    harness.up()
+    clusters = _clusters(Settings.from_env(), brokers)
+    print(f"sardis-ledger bench: {runs} run(s) per scenario, median reported; {workers} worker "
+          f"process(es) on {' and '.join(_label(s) for s in clusters)} (alternating within each "
+          "run), brokers on the same machine", flush=True)
+    for size, rates in _baseline(clusters, runs, min(commands, 50_000)).items():
+        print(f"  baseline Kafka+Avro produce->consume, no ledger, {_label(size)}: "
+              f"{statistics.median(rates):,.0f} records/s (runs: "
+              f"{', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
+    plan = _plan(commands=commands, accounts=accounts, hot_commands=hot_commands,
+                 batches=batches, clients=clients, rate_per_s=rate_per_s, duration_s=duration_s)
+    for key in scenarios:
+        for name, unit, measure in plan[key]:
+            figures: dict[int, list[RunFigures]] = {size: [] for size in clusters}
+            for run in range(runs):
+                for size, base in clusters.items():
+                    figures[size].append(_fresh_run(base, key, run, workers, _broker_pids(size),
+                                                    functools.partial(measure, seed=run)))
+            for size, found in figures.items():
+                print(_report(name, unit, size, found), flush=True)
+    return 0
+
+
+Measure = Callable[..., Coroutine[Any, Any, RunFigures]]
+
+
+def _plan(*, commands: int, accounts: int, hot_commands: int, batches: int,
+          clients: Sequence[int], rate_per_s: int,
+          duration_s: float) -> dict[str, list[tuple[str, str, Measure]]]:
+    """Per scenario key: (report name, unit, measure(settings, seed=run)) for each variant."""
+    def _burst(scenario: Scenario) -> tuple[str, str, Measure]:
+        return (scenario.name, "batch/s" if scenario.batches else "cmd/s",
+                lambda settings, seed: _run(settings, scenario, seed=seed))
+
+    def closed(count: int) -> Measure:
+        return lambda settings, seed: closed_loop(settings, count, accounts, duration_s)
+
+    def open_(settings: Settings, seed: int) -> Coroutine[Any, Any, RunFigures]:
+        return open_loop(settings, rate_per_s, accounts, duration_s)
+
+    return {
+        "spread": [_burst(Scenario(f"(a) {commands} cmds / {accounts} accts", commands,
+                                   accounts))],
+        "hot": [_burst(Scenario(f"(b) {hot_commands} cmds / 1 account", hot_commands, 1))],
+        "batches": [_burst(Scenario(f"(c) {batches} 2-leg batches", batches, accounts,
+                                    batches=True))],
+        "closed": [(f"closed loop, {count} client(s) / {accounts} accts", "cmd/s", closed(count))
+                   for count in clients],
+        "open": [(f"open loop, {rate_per_s}/s offered / {accounts} accts", "cmd/s", open_)],
+    }

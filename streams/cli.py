@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,23 +17,43 @@ EXIT_USAGE = 2
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from infra import harness
+    from infra import harness, kafka_cluster
 
     if args.action == "up":
-        started = harness.up()
+        started = []
+        if args.brokers > 1:
+            if "SARDIS_KAFKA_BOOTSTRAP" in os.environ:
+                raise LedgerError("SARDIS_KAFKA_BOOTSTRAP is set: Kafka is external, so there is no "
+                                  "dev cluster to start; unset it to use --brokers")
+            started = kafka_cluster.up(args.brokers)
+            # The rest of the stack treats the cluster as its (external) Kafka.
+            os.environ["SARDIS_KAFKA_BOOTSTRAP"] = kafka_cluster.bootstrap(args.brokers)
+        started += harness.up()
         print(harness.connection_settings())
         print(f"# started now: {', '.join(started) or 'nothing (all were running)'}",
               file=sys.stderr)
     elif args.action == "down":
-        stopped = harness.down()
+        stopped = kafka_cluster.down() + harness.down()
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     else:
         states = harness.status()
-        for name, state in states.items():
+        cluster = kafka_cluster.status() if kafka_cluster.running() else {}
+        for name, state in {**states, **cluster}.items():
             print(f"{name:16s} {state}")
-        return EXIT_OK if all("healthy" in s and "unhealthy" not in s for s in states.values()) \
-            else EXIT_ERROR
+        return EXIT_OK if _stack_healthy(states, cluster) else EXIT_ERROR
     return EXIT_OK
+
+
+def _stack_healthy(states: dict[str, str], cluster: dict[str, str]) -> bool:
+    """Every server healthy, Kafka being the single node or a cluster with all nodes in."""
+    def healthy(state: str) -> bool:
+        return "healthy" in state and "unhealthy" not in state
+
+    cluster_ok = bool(cluster) and all("registered" in state and "not registered" not in state
+                                       for name, state in cluster.items() if name != "quorum") \
+        and cluster["quorum"].startswith("active controller")
+    kafka_ok = healthy(states.get("kafka", "")) or cluster_ok
+    return kafka_ok and all(healthy(state) for name, state in states.items() if name != "kafka")
 
 
 def _settings() -> Settings:
@@ -40,12 +61,28 @@ def _settings() -> Settings:
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from streams.topics import create_topics
+    from streams.topic_policy import Severity
+    from streams.topics import ensure_topics
 
     settings = _settings()
-    created = asyncio.run(create_topics(settings))
-    print(f"created: {', '.join(created) or 'nothing (all topics exist)'}")
-    return EXIT_OK
+    report = asyncio.run(ensure_topics(settings, create=args.action == "create", check_entries=True))
+    plan = report.plan
+    print(f"cluster: {plan.brokers} broker(s); ledger topics need replication factor "
+          f"{plan.replication_factor}, min.insync.replicas {plan.min_insync_replicas}, "
+          "unclean.leader.election.enable=false")
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.action == "create":
+        print(f"created: {', '.join(report.created) or 'nothing (all topics exist)'}")
+    for difference in report.differences:
+        print(difference)
+    serious = [d for d in report.differences
+               if d.severity in (Severity.OWNERSHIP, Severity.LOSES_DATA)]
+    if args.action == "check":
+        print(f"{len(report.differences)} difference(s), {len(serious)} that can lose data or "
+              "move accounts" if report.differences else "every topic as expected")
+        return EXIT_ERROR if report.differences else EXIT_OK
+    return EXIT_ERROR if serious else EXIT_OK
 
 
 def _cmd_quarantine(args: argparse.Namespace) -> int:
@@ -57,10 +94,17 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import run_worker
-    from streams.topics import create_topics
+    from streams.topics import ensure_topics, worker_settings
 
     settings = _settings()
-    asyncio.run(create_topics(settings))
+    report = asyncio.run(ensure_topics(settings, check_entries=True))
+    for warning in report.plan.warnings:
+        print(f"sardis-ledger worker: warning: {warning}", file=sys.stderr)
+    settings = worker_settings(settings, report, allow_unsafe=args.allow_unsafe_topics)
+    if args.allow_unsafe_topics:
+        for reason in report.unsafe():
+            print(f"sardis-ledger worker: starting anyway (--allow-unsafe-topics): {reason}",
+                  file=sys.stderr)
     # Faust's worker parses sys.argv itself; give it none of ours.
     sys.argv = [sys.argv[0]]
     run_worker(settings, loglevel=args.loglevel)
@@ -98,6 +142,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(runs=args.runs, commands=args.commands, accounts=args.accounts,
                      hot_commands=args.hot_commands, batches=args.batches, workers=args.workers,
                      scenarios=args.scenario or ["spread", "hot", "batches", "closed", "open"],
+                     brokers=sorted(set(args.brokers or [1])),
                      clients=args.clients or [1, 16], rate_per_s=args.rate,
                      duration_s=args.duration_s)
 
@@ -118,19 +163,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     dev = sub.add_parser(
-        "dev", help="local dev servers: Kafka, PostgreSQL, immudb, anvil, schema registry",
+        "dev", help="local dev servers: Kafka (one node or a 3-node cluster), PostgreSQL, immudb, "
+        "anvil, schema registry",
         description="Provision (once, cached in ~/.cache/sardis-ledger or $SARDIS_CACHE_DIR), "
         "start on 127.0.0.1 and health-check the five dev servers. A server whose SARDIS_* "
-        "variable is set is treated as external and only health-checked.")
+        "variable is set is treated as external and only health-checked. `up --brokers 3` "
+        "starts a 3-node KRaft cluster instead of the single Kafka node (every node a broker "
+        "and a controller, a quorum of 3, ports 19192-19197, data in the run directory's "
+        "kafka-cluster/) and prints its bootstrap list.")
     dev.add_argument("action", choices=["up", "down", "status"],
                      help="up: start what is not running and wait for health; down: stop what the "
-                     "harness started; status: show each server and its health")
+                     "harness started (the cluster's nodes too); status: show each server and "
+                     "its health, and each cluster node and the controller quorum")
+    dev.add_argument("--brokers", type=int, choices=[1, 3], default=1,
+                     help="up only: 1 (default) for the single node on 9092, 3 for the cluster")
     dev.set_defaults(func=_cmd_dev)
 
-    topics = sub.add_parser("topics", help="create the ledger topics",
-                            description="Create every ledger topic with SARDIS_PARTITIONS "
-                            "partitions (idempotent; existing topics are checked).")
-    topics.add_argument("action", choices=["create"])
+    topics = sub.add_parser(
+        "topics", help="create the ledger topics, or check existing ones",
+        description="create: make every missing ledger topic with SARDIS_PARTITIONS partitions "
+        "and the cluster's replication (SARDIS_REPLICATION_FACTOR, default 3 with 3 or more "
+        "brokers, else the broker count; min.insync.replicas RF-1; unclean leader election off), "
+        "then check the rest. check: compare the existing topics with those settings without "
+        "creating anything. Both name each difference (partitions, replication factor, "
+        "min.insync.replicas, compaction, retention) and say whether it can lose data; both "
+        "read the newest entry of each partition to catch partitions added under the ledger. "
+        "Exit 1: check found any difference; create left one that can lose data or move "
+        "accounts between partitions.")
+    topics.add_argument("action", choices=["create", "check"])
     topics.set_defaults(func=_cmd_topics)
 
     worker = sub.add_parser("worker", help="run the ledger worker (Faust, exactly-once)",
@@ -138,12 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "entry commands, coordinates batches and reconciles chain transfers "
                             "against entries (grace windows: SARDIS_RECONCILE_GRACE_S and "
                             "SARDIS_RECONCILE_GRACE_BLOCKS). Start more processes to share "
-                            "partitions. Creates missing topics first. Bad input never stops it: "
+                            "partitions. Creates missing topics first and refuses to start on "
+                            "topics that can lose data (see `topics check`). Bad input never stops it: "
                             "it goes to ledger.dlq with a reason. A decision that raises is a bug "
                             "or corrupt state: the worker exits 70 (its open transaction aborts) "
                             "and logs 'STOPPED on TOPIC:PARTITION:OFFSET'; after investigating, "
                             "`sardis-ledger quarantine TOPIC:PARTITION:OFFSET` sets that record "
                             "aside and a restarted worker goes on.")
+    worker.add_argument("--allow-unsafe-topics", action="store_true",
+                        help="start even on topics whose settings can lose data (replication "
+                        "factor 1 on a multi-broker cluster, too few in-sync replicas, unclean "
+                        "leader election, short retention). Never overrides a partition count "
+                        "that moves accounts between partitions")
     worker.add_argument("--loglevel", default="warn",
                         choices=["crit", "error", "warn", "info", "debug"])
     worker.set_defaults(func=_cmd_worker)
@@ -231,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="closed and open loop: seconds per run (default 10)")
     bench.add_argument("--workers", type=int, default=1,
                        help="worker processes sharing the partitions (one consumer group)")
+    bench.add_argument("--brokers", type=int, action="append", choices=[1, 3],
+                       help="run on the single node (1) and/or the 3-node dev cluster (3, "
+                       "started if not running); repeat for both: each run then measures both, "
+                       "one after the other (default: 1)")
     bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="bring the stack up and show it working",

@@ -37,6 +37,10 @@ SCHEMA_REGISTRY_PORT_DEFAULT = 8081
 SCHEMA_REGISTRY_URL_DEFAULT = f"http://127.0.0.1:{SCHEMA_REGISTRY_PORT_DEFAULT}/apis/ccompat/v7"
 # A secret read from a *_FILE variable (a mounted secret) is at most this long.
 SECRET_FILE_BYTES_MAX = 4096
+# SARDIS_REPLICATION_FACTOR: "auto" (the default) picks it from the cluster's broker count at start
+# (streams/topic_policy.py); a number is checked against that count.
+REPLICATION_AUTO = "auto"
+REPLICATION_FACTOR_MAX = 7
 
 ENV_NAMES = (
     "SARDIS_KAFKA_BOOTSTRAP",
@@ -54,6 +58,7 @@ ENV_NAMES = (
     "SARDIS_SCHEMA_REGISTRY_URL",
     "SARDIS_SCHEMA_REGISTRY_USER",
     "SARDIS_SCHEMA_REGISTRY_PASSWORD",
+    "SARDIS_REPLICATION_FACTOR",
 )
 
 
@@ -76,6 +81,7 @@ class Settings:
     schema_registry_url: str = SCHEMA_REGISTRY_URL_DEFAULT
     schema_registry_user: str = ""
     schema_registry_password: str = field(default="", repr=False)
+    replication_factor: int | None = None  # None: chosen from the broker count at start
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -118,6 +124,7 @@ class Settings:
             schema_registry_url=registry_url,
             schema_registry_user=registry_user,
             schema_registry_password=registry_password,
+            replication_factor=_replication_factor(env),
         )
 
     def topic(self, name: str) -> str:
@@ -142,6 +149,8 @@ class Settings:
             "SARDIS_SCHEMA_REGISTRY_URL": self.schema_registry_url,
             "SARDIS_SCHEMA_REGISTRY_USER": self.schema_registry_user,
             "SARDIS_SCHEMA_REGISTRY_PASSWORD": self.schema_registry_password,
+            "SARDIS_REPLICATION_FACTOR": (REPLICATION_AUTO if self.replication_factor is None
+                                          else str(self.replication_factor)),
         }
 
 
@@ -216,6 +225,13 @@ def _secret(env: Mapping[str, str], name: str) -> str:
         return data.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{name}_FILE={path}: not UTF-8 text") from exc
+
+
+def _replication_factor(env: Mapping[str, str]) -> int | None:
+    raw = env.get("SARDIS_REPLICATION_FACTOR", REPLICATION_AUTO).strip()
+    if raw in ("", REPLICATION_AUTO):
+        return None
+    return _whole(env, "SARDIS_REPLICATION_FACTOR", 0, 1, REPLICATION_FACTOR_MAX)
 
 
 def host_port(address: str) -> tuple[str, int]:

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from streams.config import Settings
 from streams.core import Reason
 from streams.errors import LedgerError
+from streams.topic_policy import (
+    CLEANUP_POLICY_KEY,
+    Difference,
+    ReplicationPlan,
+    Severity,
+    TopicShape,
+    differences,
+    plan_replication,
+    refusals,
+)
 
 CREATE_TIMEOUT_MS = 30_000
 RETAIN_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 MESSAGE_BYTES_MAX = 1_048_576
+# Offsets read back from the end of each ledger.entries partition to find its newest entry (the
+# tail may hold transaction markers and aborted records).
+OWNERSHIP_TAIL_OFFSETS = 64
+CHECK_FETCH_TIMEOUT_MS = 2_000
 
 
 class LedgerTopic(StrEnum):
@@ -156,54 +172,201 @@ class TopicError(LedgerError):
     """A topic could not be created or has the wrong shape."""
 
 
+@dataclass(frozen=True, slots=True)
+class TopicReport:
+    """What `topics create`/`topics check` found: the cluster's plan, topics made, differences."""
+
+    plan: ReplicationPlan
+    created: tuple[str, ...]
+    differences: tuple[Difference, ...]
+
+    def unsafe(self, *, allow_unsafe: bool = False) -> list[str]:
+        return refusals(list(self.differences), self.plan, allow_unsafe=allow_unsafe)
+
+
+def expected_topics(settings: Settings, plan: ReplicationPlan) -> list[TopicShape]:
+    """Every ledger topic as it must be: partitions, replication, retention or compaction."""
+    common = {"max.message.bytes": str(MESSAGE_BYTES_MAX), **plan.topic_config()}
+    shapes = [TopicShape(settings.topic(spec.name), settings.partitions, plan.replication_factor,
+                         {CLEANUP_POLICY_KEY: "delete", **spec.config, **common})
+              for spec in TOPICS]
+    shapes += [TopicShape(name, settings.partitions, plan.replication_factor,
+                          {CLEANUP_POLICY_KEY: "compact", **common})
+               for name in changelog_topics(settings)]
+    return shapes
+
+
 async def create_topics(settings: Settings) -> list[str]:
-    """Create every ledger topic with SARDIS_PARTITIONS partitions; existing ones are checked."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+    """Create every missing ledger topic (SARDIS_PARTITIONS partitions, replication from the
+    cluster); raises TopicError when existing topics would move accounts between partitions."""
+    report = await ensure_topics(settings, check_entries=True)
+    ownership = [str(d) for d in report.differences if d.severity is Severity.OWNERSHIP]
+    if ownership:
+        raise TopicError("; ".join(ownership))
+    return list(report.created)
+
+
+async def ensure_topics(settings: Settings, *, create: bool = True,
+                        check_entries: bool = False) -> TopicReport:
+    """Create what is missing (unless `create` is false), then compare every topic with what it
+    must be. `check_entries` also reads the newest entry of each partition: an entry whose
+    account another partition owns means partitions were added under the ledger."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
                                 request_timeout_ms=CREATE_TIMEOUT_MS)
-    created: list[str] = []
     try:
         await admin.start()
+        plan = plan_replication(settings.replication_factor, await broker_count(admin))
+        expected = expected_topics(settings, plan)
         existing = set(await admin.list_topics())
-        specs = {settings.topic(t.name): t.config for t in TOPICS}
-        specs.update({name: {"cleanup.policy": "compact"} for name in changelog_topics(settings)})
-        wanted = [name for name in specs if name not in existing]
-        if wanted:
-            response = await admin.create_topics(
-                [NewTopic(name, settings.partitions, 1,
-                          topic_configs={**specs[name], "max.message.bytes": str(MESSAGE_BYTES_MAX)})
-                 for name in wanted],
-                timeout_ms=CREATE_TIMEOUT_MS)
-            for name, code, *_ in response.topic_errors:
-                if code not in (0, TopicAlreadyExistsError.errno):
-                    raise TopicError(f"creating {name}: Kafka error code {code}")
-            created = wanted
-        described = await _describe_when_ready(admin, list(specs))
-        for topic in described:
-            count = len(topic["partitions"])  # type: ignore[arg-type]
-            if count != settings.partitions:
-                raise TopicError(f"{topic['topic']} has {count} partitions, SARDIS_PARTITIONS is "
-                                 f"{settings.partitions}: every ledger topic needs the same count")
+        missing = [shape for shape in expected if shape.name not in existing]
+        if create and missing:
+            await _create(admin, missing)
+        # Only topics that exist: describing a missing one would create it on a broker with
+        # auto.create.topics.enable, with the broker's defaults.
+        present = [s.name for s in expected if s.name in existing or create]
+        observed = await _observe(admin, present, wait_leaders=create and bool(missing))
+        found = [d for shape in expected for d in differences(shape, observed.get(shape.name))]
+        entries_existed = settings.topic(LedgerTopic.ENTRIES) in existing
+        if check_entries and entries_existed and not any(d.severity is Severity.OWNERSHIP
+                                                         for d in found):
+            found += await misplaced_entries(settings)
     except KafkaError as exc:
-        raise TopicError(f"creating topics on {settings.kafka_bootstrap}: {exc!r}",
+        raise TopicError(f"topics on {settings.kafka_bootstrap}: {exc!r}",
                          retriable=exc.retriable) from exc
     finally:
         await admin.close()
-    return created
+    return TopicReport(plan, tuple(s.name for s in missing) if create else (), tuple(found))
 
 
-async def _describe_when_ready(admin: object, names: list[str]) -> list[dict[str, object]]:
+def worker_settings(settings: Settings, report: TopicReport, *, allow_unsafe: bool) -> Settings:
+    """The settings a worker runs with (its replication resolved from the cluster), or TopicError
+    naming every topic setting that forbids starting it."""
+    reasons = report.unsafe(allow_unsafe=allow_unsafe)
+    if reasons:
+        hint = ("" if all("breaks account ownership" in r for r in reasons) else
+                "\n  (to start anyway, knowing a broker loss can lose entries: --allow-unsafe-topics)")
+        raise TopicError("refusing to start the worker on these topics:\n  "
+                         + "\n  ".join(reasons) + hint)
+    return dataclasses.replace(settings, replication_factor=report.plan.replication_factor)
+
+
+def app_topic_settings(settings: Settings) -> dict[str, Any]:
+    """Faust's settings for the topics it declares itself (its assignor's leader topic; the
+    changelogs are created here first), from the replication `worker_settings` resolved."""
+    if settings.replication_factor is None:
+        raise TopicError("the worker's replication factor is unresolved: start workers with "
+                         "`sardis-ledger worker`, which resolves it from the cluster")
+    return {"topic_replication_factor": settings.replication_factor}
+
+
+async def broker_count(admin: Any) -> int:
+    """Brokers registered with the cluster now (a stopped broker is not counted)."""
+    return len((await admin.describe_cluster())["brokers"])
+
+
+async def _create(admin: Any, shapes: list[TopicShape]) -> None:
+    from aiokafka.admin import NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    response = await admin.create_topics(
+        [NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=dict(s.config))
+         for s in shapes], timeout_ms=CREATE_TIMEOUT_MS)
+    for name, code, *_ in response.topic_errors:
+        if code not in (0, TopicAlreadyExistsError.errno):
+            raise TopicError(f"creating {name}: Kafka error code {code}")
+
+
+async def _observe(admin: Any, names: list[str], *, wait_leaders: bool) -> dict[str, TopicShape]:
+    """Topics that exist (`names`), with their replication and configs."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    described = (await _describe_when_ready(admin, names) if wait_leaders
+                 else await admin.describe_topics(names))
+    present = {t["topic"]: t for t in described
+               if t.get("error_code", 0) == 0 and t["partitions"]}
+    if not present:
+        return {}
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name) for name in present])
+    configs: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            configs[resource["resource_name"]] = {
+                entry["config_names"]: entry["config_value"]
+                for entry in resource["config_entries"] if entry["config_value"] is not None}
+    return {name: TopicShape(name, len(topic["partitions"]),
+                             min(len(p["replicas"]) for p in topic["partitions"]),
+                             configs.get(name, {}))
+            for name, topic in present.items()}
+
+
+async def misplaced_entries(settings: Settings) -> list[Difference]:
+    """The newest entry of each partition of ledger.entries must belong to an account that
+    partition owns under SARDIS_PARTITIONS; if not, partitions were added under the ledger."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from schemas.codec import AvroCodec
+    from streams.core import partition_for
+
+    topic = settings.topic(LedgerTopic.ENTRIES)
+    codec = AvroCodec()
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                isolation_level="read_committed", enable_auto_commit=False)
+    await consumer.start()
+    found: list[Difference] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            account = await _newest_account(consumer, codec, tp, ends[tp])
+            if account is not None and partition_for(account, settings.partitions) != tp.partition:
+                owner = partition_for(account, settings.partitions)
+                found.append(Difference(
+                    topic, f"partition {tp.partition}", "entries of accounts it owns",
+                    f"an entry of {account!r}, which partition {owner} owns with "
+                    f"{settings.partitions} partitions", Severity.OWNERSHIP,
+                    "partitions were added under the ledger; see README: Growing partitions"))
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def _newest_account(consumer: Any, codec: Any, tp: Any, end: int) -> str | None:
+    """The account of the last decodable Entry before `end` (None: no entry in the tail)."""
+    from streams.errors import CodecError
+
+    if end == 0:
+        return None
+    consumer.seek(tp, max(0, end - OWNERSHIP_TAIL_OFFSETS))
+    account: str | None = None
+    while (await consumer.position(tp)) < end:
+        batch = await consumer.getmany(tp, timeout_ms=CHECK_FETCH_TIMEOUT_MS)
+        if not batch:
+            break  # only transaction markers or aborted records left before the end
+        for message in batch.get(tp, []):
+            try:
+                name, record = codec.decode(message.value)
+            except CodecError:
+                continue
+            if name == "Entry" and message.offset < end:
+                account = record["account_id"]
+    return account
+
+
+async def _describe_when_ready(admin: Any, names: list[str]) -> list[dict[str, Any]]:
     """Describe topics once every partition has a leader (fresh topics need a moment)."""
     import asyncio
     import time
 
     deadline = time.monotonic() + CREATE_TIMEOUT_MS / 1000
     while True:
-        described: list[dict[str, object]] = await admin.describe_topics(names)  # type: ignore[attr-defined]
+        described: list[dict[str, Any]] = await admin.describe_topics(names)
         ready = all(t.get("error_code", 0) == 0 and t["partitions"]
-                    and all(p["leader"] >= 0 for p in t["partitions"])  # type: ignore[attr-defined]
+                    and all(p["leader"] >= 0 for p in t["partitions"])
                     for t in described)
         if ready or time.monotonic() > deadline:
             return described

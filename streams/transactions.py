@@ -207,6 +207,29 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock,
                     outbox.commit_ended()
             return True
 
+        async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any) -> None:
+            """Commit what the partitions this worker keeps have decided, before anything else
+            of the rebalance.
+
+            The worker writes its tables at once and their changelog records at commit. Faust
+            does not always commit before a rebalance (not when the revocation finds the
+            assignment already empty, nor when a timer commit is in flight), and it keeps the
+            transactions of partitions that stay. Its recovery then replays a kept partition's
+            changelog over tables that hold uncommitted decisions: keys in the changelog go back
+            to their committed values, keys only those decisions wrote (a new hold) stay, and
+            the partition is delivered again from its committed offset. Seen with three workers
+            on the cluster, one killed: a reserve found its own hold, was taken for a repeat and
+            added nothing to the pending debit, and the post of that hold then stopped every
+            worker ("pending debit below zero"). Committed first, the replay ends at the tables'
+            own values and nothing is delivered again. The new assignment is set by now, so
+            only offsets of partitions that stay are committed; the transactions of revoked ones
+            are stopped by Faust just after, as before. force_commit waits for a commit in
+            flight (the commit lock) instead of returning at once as commit() does.
+            """
+            consumer: Any = self.consumer
+            await consumer.force_commit(start_new_transaction=False)
+            await super().on_rebalance(assigned, revoked, newly_assigned)
+
         async def _commit_one(self, transactional_id: str, offsets: Any, group_id: str,
                               start_new_transaction: bool) -> None:
             producer: Any = self.producer

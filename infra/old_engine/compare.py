@@ -34,9 +34,11 @@ INSTALL_TIMEOUT_S = 900.0
 # checks); past this margin something hangs and the comparison stops with what the child said.
 RUN_TIMEOUT_MARGIN_S = 180.0
 LOG_TAIL_LINES = 30
-# streams.bench prints "closed loop, C client(s) / A accts  R cmd/s   p50 X ms   p99 Y ms".
+# streams.bench prints
+# "closed loop, C client(s) / A accts  N broker(s)  R cmd/s   p50 X ms   p99 Y ms ...".
 CLOSED_LOOP_LINE = re.compile(
     r"closed loop, (?P<clients>\d+) client\(s\) / (?P<accounts>\d+) accts\s+"
+    r"(?:\d+ brokers?\s+)?"
     r"(?P<rate>[\d,]+(?:\.\d+)?) cmd/s\s+p50\s+(?P<p50>[\d.]+) ms\s+p99\s+(?P<p99>[\d.]+) ms")
 
 

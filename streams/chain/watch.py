@@ -42,6 +42,8 @@ from streams.chain.errors import (
     WatchStateError,
 )
 from streams.config import Settings
+from streams.topic_policy import plan_replication
+from streams.topics import broker_count
 
 log = logging.getLogger("sardis.chain.watch")
 
@@ -428,9 +430,10 @@ async def ensure_state_topic(settings: Settings) -> None:
         await admin.start()
         name = state_topic(settings)
         if name not in set(await admin.list_topics()):
+            plan = plan_replication(settings.replication_factor, await broker_count(admin))
             response = await admin.create_topics(
-                [NewTopic(name, STATE_TOPIC_PARTITIONS, 1,
-                          topic_configs={"cleanup.policy": "compact"})],
+                [NewTopic(name, STATE_TOPIC_PARTITIONS, plan.replication_factor,
+                          topic_configs={"cleanup.policy": "compact", **plan.topic_config()})],
                 timeout_ms=KAFKA_TIMEOUT_MS)
             for topic, code, *_ in response.topic_errors:
                 if code not in (0, TopicAlreadyExistsError.errno):

@@ -1,9 +1,12 @@
-"""The benchmark's pure arithmetic: percentiles of latency lists."""
+"""Pure parts of `sardis-ledger bench`: percentiles, CPU accounting and the report line."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from streams import bench
 from streams.bench import percentile
 
 
@@ -19,3 +22,26 @@ from streams.bench import percentile
 def test_percentile_is_the_nearest_rank_of_a_sorted_list(values: list[float], fraction: float,
                                                           expected: float) -> None:
     assert percentile(values, fraction) == expected
+
+def test_cpu_and_memory_of_live_and_missing_processes() -> None:
+    sum(i * i for i in range(200_000))  # burn a little CPU in this process
+    assert bench._cpu_s([os.getpid()]) > 0
+    assert bench._rss_bytes([os.getpid()]) > 1_000_000
+    missing = 2**22 + 7  # above pid_max: no such process
+    assert bench._cpu_s([missing]) == 0.0 and bench._rss_bytes([missing]) == 0
+
+def test_report_line_names_size_rate_latency_and_cpu_per_command() -> None:
+    runs = [bench.RunFigures(1000.0, 50.0, 90.0, count=2000, worker_cpu_s=1.0, broker_cpu_s=0.5,
+                             worker_rss_growth_bytes=1_000_000),
+            bench.RunFigures(1200.0, 40.0, 80.0, count=2000, worker_cpu_s=1.2, broker_cpu_s=0.7,
+                             worker_rss_growth_bytes=1_400_000)]
+    line = bench._report("(a) spread", "cmd/s", 3, runs)
+    assert "3 brokers" in line and "1,100 cmd/s" in line
+    assert "p50     45.0 ms" in line and "p99     85.0 ms" in line
+    assert "per cmd: worker CPU 550 us, broker CPU 300 us, worker memory 600 B" in line
+    assert line.endswith("runs: 1,000, 1,200")
+
+def test_report_line_keeps_a_decimal_for_slow_rates() -> None:
+    runs = [bench.RunFigures(9.44, 100.0, 150.0, count=94)]
+    line = bench._report("closed loop, 1 client(s) / 1 accts", "cmd/s", 1, runs)
+    assert "9.4 cmd/s" in line and "1 broker " in line and line.endswith("runs: 9.4")

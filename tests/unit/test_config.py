@@ -57,6 +57,8 @@ def test_topic_prefix_is_prepended() -> None:
           "SARDIS_SCHEMA_REGISTRY_PASSWORD_FILE": "/x"}, "not both"),
         ({"SARDIS_SCHEMA_REGISTRY_USER": "a",
           "SARDIS_SCHEMA_REGISTRY_PASSWORD_FILE": "/nonexistent/secret"}, "cannot read it"),
+        ({"SARDIS_REPLICATION_FACTOR": "three"}, "SARDIS_REPLICATION_FACTOR.*not a whole number"),
+        ({"SARDIS_REPLICATION_FACTOR": "0"}, "SARDIS_REPLICATION_FACTOR=0 must be 1.."),
     ],
 )
 def test_bad_settings_raise_config_error_naming_the_variable(
@@ -103,6 +105,15 @@ def test_as_env_round_trips() -> None:
                                   "SARDIS_SCHEMA_REGISTRY_USER": "u",
                                   "SARDIS_SCHEMA_REGISTRY_PASSWORD": "p"})
     assert (settings.reconcile_grace_s, settings.reconcile_grace_blocks) == (5, 0)
+    assert Settings.from_env(settings.as_env()) == settings
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, None), ("auto", None), ("", None),
+                                               ("1", 1), ("3", 3), ("5", 5)])
+def test_replication_factor_is_auto_unless_a_number_is_given(raw: str | None,
+                                                             expected: int | None) -> None:
+    settings = Settings.from_env({} if raw is None else {"SARDIS_REPLICATION_FACTOR": raw})
+    assert settings.replication_factor == expected
     assert Settings.from_env(settings.as_env()) == settings
 
 

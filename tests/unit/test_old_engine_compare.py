@@ -23,11 +23,12 @@ def test_parse_config_refuses_anything_else(text: str) -> None:
 
 def test_parse_new_bench_reads_what_streams_bench_prints(capsys: pytest.CaptureFixture[str]) -> None:
     # The line comes from the real reporter, so a change of its format fails here, not mid-run.
-    bench._report_loop("closed loop, 16 client(s) / 1000 accts",
-                       [bench.LoopFigures(20_000, 2_345.6, 6.4, 11.5)])
-    bench._report_loop("closed loop, 1 client(s) / 1 accts", [bench.LoopFigures(45, 9.1, 107.0, 213.6)])
+    print(bench._report("closed loop, 16 client(s) / 1000 accts", "cmd/s", 1,
+                        [bench.RunFigures(2_345.6, 6.4, 11.5, count=20_000)]))
+    print(bench._report("closed loop, 1 client(s) / 1 accts", "cmd/s", 1,
+                        [bench.RunFigures(9.1, 107.0, 213.6, count=45)]))
     output = "[dev] kafka: healthy\n" + capsys.readouterr().out
-    assert compare.parse_new_bench(output, 16, 1000) == compare.Figures(2_345.6, 6.4, 11.5)
+    assert compare.parse_new_bench(output, 16, 1000) == compare.Figures(2_346, 6.4, 11.5)
     assert compare.parse_new_bench(output, 1, 1) == compare.Figures(9.1, 107.0, 213.6)
     with pytest.raises(compare.CompareError, match="16 client"):
         compare.parse_new_bench(output, 16, 1)
