@@ -42,6 +42,8 @@ from streams.wire import Wire
 
 log = logging.getLogger("sardis.worker")
 
+# Faust's own commit timer, now only a backstop: the worker commits as soon as it has decided
+# something (_commit_soon), and the next events are decided while that commit is in flight.
 COMMIT_INTERVAL_S = 0.1  # offsets + transactions; results become visible to readers at commit
 PRODUCER_LINGER_MS = 5
 # Record batches the outbox builds hold up to this many bytes (Kafka's defaults accept 1 MiB).
@@ -195,6 +197,9 @@ class LedgerWorker:
         self._last_tick_ms: dict[int, int] = {}
         self._resend_at_ms: dict[str, int] = {}  # batch_id -> when to send its messages again
         self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
+        # Set when an event was decided; the committer commits then (streams/transactions).
+        self._decided = asyncio.Event()
+        self.app.task(self._commit_soon)
         worker = self
 
         class OwnClients(faust.Service):
@@ -302,6 +307,27 @@ class LedgerWorker:
             self._scope = None
         for transactional_id, held in scope.apply().items():
             await self._flush_if_full(transactional_id, held)
+        self._decided.set()
+
+    async def _commit_soon(self) -> None:
+        """Commit as soon as something is decided, instead of on Faust's 100 ms timer: a
+        decided command's result becomes visible one commit's round trips later. Events keep
+        being decided while a commit is in flight, and the next commit takes all of them, so
+        under load commits follow each other back to back, each carrying many events."""
+        consumer: Any = self.app.consumer
+        while True:
+            await self._decided.wait()
+            self._decided.clear()
+            # The agent that set it acks its event when it asks the stream for the next one:
+            # let it, so this commit carries that offset.
+            await asyncio.sleep(0)
+            try:
+                await consumer.commit()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Faust's timer commits too; a failed early commit is retried
+                log.exception("early commit failed; the commit timer retries")
+                await asyncio.sleep(COMMIT_INTERVAL_S)
 
     async def _quarantine_positions(self, refresh: bool = False) -> set[Position]:
         if self._quarantined is None or refresh:

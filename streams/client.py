@@ -28,6 +28,12 @@ BATCH_RESULT_MARGIN_S = 10.0  # a batch's result may come this long after its ow
 BALANCE_SCAN_TIMEOUT_S = 30.0
 FETCH_BATCH_MAX = 5000
 REQUEST_TIMEOUT_MS = 30_000
+# A result fetch that finds nothing is answered after this long at most (aiokafka's default,
+# 500 ms, is how late a result could be seen when the broker does not wake the fetch early).
+RESULT_FETCH_MAX_WAIT_MS = 20
+# Commands wait this long for others to share their produce request (0: each goes at once; a
+# client awaiting each command has nothing to wait for).
+COMMAND_LINGER_MS = 0
 
 
 class LedgerClientError(LedgerError):
@@ -153,11 +159,12 @@ class LedgerClient:
         await self.wire.start((LedgerTopic.COMMANDS, LedgerTopic.BATCHES))
         bootstrap = self.settings.kafka_bootstrap
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
-                                          acks="all", linger_ms=2,
+                                          acks="all", linger_ms=COMMAND_LINGER_MS,
                                           request_timeout_ms=REQUEST_TIMEOUT_MS)
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap,
                                           isolation_level="read_committed",
                                           enable_auto_commit=False,
+                                          fetch_max_wait_ms=RESULT_FETCH_MAX_WAIT_MS,
                                           request_timeout_ms=REQUEST_TIMEOUT_MS)
         try:
             await self._producer.start()
