@@ -26,7 +26,7 @@ from sinks.process import SinkProcess
 from sinks.schema import connect, quoted
 from sinks.workload import LedgerWorkload, Produced, WorkloadProducer
 from streams.config import Settings
-from streams.outbox import send_batches
+from streams.produce import send_batches
 from streams.topics import LedgerTopic, create_topics, delete_topics_with_prefix
 
 PRODUCE_CHUNK = 5000

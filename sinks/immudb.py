@@ -35,7 +35,7 @@ from streams import canonical, records
 from streams.config import Settings, host_port
 from streams.core import EPOCH, ONE_MS, murmur2
 from streams.money import Currency, currency_table
-from streams.outbox import send_batches
+from streams.produce import send_batches
 from streams.topics import LedgerTopic
 from streams.wire import Wire
 

@@ -40,6 +40,17 @@ async def balance_at(dsn: str, schema: str, account_id: str, currency: str, at: 
                      last["committed_at"] if last else None)
 
 
+class PostgresHistory:
+    """Point-in-time balances from the projection, for LedgerClient(history=...)."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self.dsn = dsn
+        self.schema = schema
+
+    async def balance_at(self, account_id: str, currency: str, at: datetime) -> BalanceAt:
+        return await balance_at(self.dsn, self.schema, account_id, currency, at)
+
+
 async def history(dsn: str, schema: str, account_id: str, *, currency: str | None = None,
                   from_time: datetime | None = None, to_time: datetime | None = None,
                   limit: int = HISTORY_LIMIT_DEFAULT) -> list[dict[str, Any]]:

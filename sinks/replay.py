@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -15,32 +13,9 @@ from sinks.errors import SinkError
 from sinks.postgres import SINK_LOCK_TEMPLATE, PostgresSink
 from sinks.schema import connect, quoted, schema_exists
 from streams.config import Settings
+from streams.progress import ProgressBar
 
-PROGRESS_EVERY_S = 0.5
-PROGRESS_BAR_WIDTH = 30
 SWAP_LOCK_TIMEOUT_S = 5.0
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr, redrawn at most every PROGRESS_EVERY_S."""
-
-    def __init__(self, label: str, out: IO[str] | None = None) -> None:
-        self.label = label
-        self.out = out or sys.stderr
-        self.started = time.monotonic()
-        self.drawn_at = 0.0
-
-    def __call__(self, done: int, total: int, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self.drawn_at < PROGRESS_EVERY_S:
-            return
-        self.drawn_at = now
-        share = done / total if total else 1.0
-        filled = int(share * PROGRESS_BAR_WIDTH)
-        rate = done / max(now - self.started, 1e-9)
-        bar = "#" * filled + "-" * (PROGRESS_BAR_WIDTH - filled)
-        print(f"\r{self.label} [{bar}] {share:6.1%} {done}/{total} records {rate:,.0f}/s",
-              end="\n" if final else "", file=self.out, flush=True)
 
 
 def _suffix() -> str:

@@ -93,8 +93,8 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from streams.app import run_worker
     from streams.topics import ensure_topics, worker_settings
+    from streams.worker import run_worker
 
     settings = _settings()
     report = asyncio.run(ensure_topics(settings, check_entries=True))
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_chain_commands(sub)
 
-    from streams.reconcile_report import add_reconcile_commands
+    from sinks.reconcile_report import add_reconcile_commands
 
     add_reconcile_commands(sub)
     return parser

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -57,6 +57,23 @@ class BatchRejected(LedgerRejected):
                  failed_leg_index: int | None) -> None:
         super().__init__(key, reason, detail)
         self.failed_leg_index = failed_leg_index
+
+
+class PastBalance(Protocol):
+    """A posted balance at a past time, and the account's entry it is after."""
+
+    @property
+    def balance(self) -> Decimal: ...
+    @property
+    def sequence(self) -> int: ...
+    @property
+    def committed_at(self) -> datetime | None: ...
+
+
+class BalanceHistory(Protocol):
+    """Where get_balance(at=...) reads past balances (sinks.queries.PostgresHistory)."""
+
+    async def balance_at(self, account_id: str, currency: str, at: datetime) -> PastBalance: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +152,11 @@ class LedgerClient:
 
     def __init__(self, settings: Settings | None = None,
                  currencies: Mapping[str, Currency] | None = None,
-                 result_timeout_s: float = RESULT_TIMEOUT_S) -> None:
+                 result_timeout_s: float = RESULT_TIMEOUT_S,
+                 history: BalanceHistory | None = None) -> None:
         self.settings = settings or Settings.from_env()
+        # Past balances come from a projection (the PostgreSQL sink's), not from Kafka.
+        self.history = history
         self.currencies = dict(currencies) if currencies is not None else currency_table()
         self.result_timeout_s = result_timeout_s
         # Reads both framings, writes SARDIS_WIRE_FORMAT (streams/wire.py).
@@ -371,8 +391,9 @@ class LedgerClient:
         """Latest balance from the compacted ledger.balances topic (the account's partition).
 
         With `at` (a timezone-aware time): the posted balance right after the account's last
-        entry committed at or before it, from the PostgreSQL projection (`ledger.balance_at`,
-        schema from SARDIS_PG_SCHEMA); `available` equals `balance` there.
+        entry committed at or before it, from the client's `history` (the PostgreSQL
+        projection's `balance_at`: sinks.queries.PostgresHistory); `available` equals
+        `balance` there.
         """
         decimals = self._decimals(currency)
         if at is not None:
@@ -412,12 +433,13 @@ class LedgerClient:
 
     async def _balance_at(self, account_id: str, currency: str, at: datetime,
                           decimals: int) -> Balance:
-        from sinks.queries import balance_at
-        from sinks.schema import pg_schema
-
+        if self.history is None:
+            raise LedgerClientError(
+                "get_balance(at=...) reads a projection of past balances: create the client "
+                "with LedgerClient(history=sinks.queries.PostgresHistory(dsn, schema))")
         if at.tzinfo is None:
             raise LedgerClientError("at must be timezone-aware (e.g. datetime.now(UTC))")
-        found = await balance_at(self.settings.pg_dsn, pg_schema(), account_id, currency, at)
+        found = await self.history.balance_at(account_id, currency, at)
         minor = to_minor(found.balance, decimals)
         if minor is None:
             raise LedgerClientError(f"{found.balance} has more decimals than {currency} allows")

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
+# The root and the codec's error live with the codec, the lowest layer (schemas imports nothing
+# of streams); they are the same classes here.
+from schemas.errors import CodecError, LedgerError
 
-class LedgerError(Exception):
-    """Root of all sardis-ledger errors. `retriable` says whether retrying the same call can help."""
-
-    retriable: bool = False
-
-    def __init__(self, message: str, *, retriable: bool | None = None) -> None:
-        super().__init__(message)
-        if retriable is not None:
-            self.retriable = retriable
+__all__ = ["CodecError", "ConfigError", "InfraError", "InvariantViolation", "LedgerError",
+           "MerkleError", "RegistryError"]
 
 
 class InvariantViolation(LedgerError):
@@ -20,14 +16,6 @@ class InvariantViolation(LedgerError):
 
 class ConfigError(LedgerError):
     """Configuration from the environment is missing or malformed."""
-
-
-class CodecError(LedgerError):
-    """Bytes that cannot be decoded or a record that cannot be encoded; `reason` is a stable code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class MerkleError(LedgerError):

@@ -87,8 +87,8 @@ def _cmd_anchor(args: argparse.Namespace) -> int:
 
 
 def _cmd_backfill_claims(args: argparse.Namespace) -> int:
-    from sinks.replay import ProgressBar
-    from streams.reconciler import backfill_claims
+    from streams.progress import ProgressBar
+    from streams.worker.reconciler import backfill_claims
 
     _logging(args.loglevel)
     read, produced = asyncio.run(backfill_claims(_settings(), ProgressBar("backfill claims")))

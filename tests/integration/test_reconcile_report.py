@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from sinks.postgres import PostgresSink
+from sinks.reconcile_report import EXIT_DISCREPANCIES, ReconciliationEngine
 from streams import core
 from streams.chain.transfers import address_to_topic
 from streams.chain.watch import run_watch
 from streams.config import Settings
-from streams.reconcile_report import EXIT_DISCREPANCIES, ReconciliationEngine
 from tests.integration import chain_support as cs
 from tests.integration.support import RawProducer
 from tests.integration.test_chain import Actors, actors, watch_config

@@ -19,8 +19,8 @@ from aiokafka import AIOKafkaProducer
 from streams import core
 from streams.chain.watch import run_watch
 from streams.config import Settings
-from streams.reconciler import backfill_claims
 from streams.topics import create_topics
+from streams.worker.reconciler import backfill_claims
 from streams.worker_process import WorkerProcess
 from tests.integration import chain_support as cs
 from tests.integration.support import CrashLoop, RawProducer, read_topic

@@ -26,11 +26,11 @@ from sinks.immudb import ImmudbSink, ImmudbStore, entry_key
 from sinks.kafka import Shard, record_time
 from sinks.postgres import PostgresSink
 from sinks.process import SinkProcess
-from sinks.queries import balance_at, history
+from sinks.queries import PostgresHistory, balance_at, history
 from sinks.replay import replay_postgres
 from sinks.verify import receipt, verify
 from sinks.workload import LedgerWorkload, Produced, WorkloadProducer
-from streams.client import LedgerClient
+from streams.client import LedgerClient, LedgerClientError
 from streams.config import Settings
 from streams.money import currency_table
 from streams.topics import create_topics
@@ -322,13 +322,11 @@ async def test_queries_replay_append_only_and_tampering(
     listed = await history(settings.pg_dsn, pg_schema, account,
                            from_time=record_time(entries[0]["committed_at"]), to_time=at)
     assert [e["sequence"] for e in listed] == list(range(1, middle["sequence"] + 1))
-    os.environ["SARDIS_PG_SCHEMA"] = pg_schema
-    try:
-        client = LedgerClient(settings)
-        balance = await client.get_balance(account, "USDC", at=at)
-        assert balance.balance == middle["running_balance"]
-    finally:
-        del os.environ["SARDIS_PG_SCHEMA"]
+    client = LedgerClient(settings, history=PostgresHistory(settings.pg_dsn, pg_schema))
+    balance = await client.get_balance(account, "USDC", at=at)
+    assert balance.balance == middle["running_balance"]
+    with pytest.raises(LedgerClientError, match="history="):
+        await LedgerClient(settings).get_balance(account, "USDC", at=at)
 
     # The hybrid receipt of one entry verifies.
     one = await receipt(settings, pg_schema, middle["entry_id"], state_directory=state_dir)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streams.errors import InvariantViolation
-from streams.event_scope import EventScope
+from streams.worker.event_scope import EventScope
 
 
 def test_rollback_restores_every_key_and_holds_nothing() -> None:

@@ -412,7 +412,7 @@ def test_outputs_encode_with_their_avro_schemas() -> None:
 
 
 def test_build_report_keeps_only_the_range() -> None:
-    from streams.reconcile_report import build_report
+    from sinks.reconcile_report import build_report
 
     def wire(event: rc.TransferEvent) -> dict[str, Any]:
         return {"chain": event.chain, "block_number": event.block_number,
@@ -433,7 +433,7 @@ def test_build_report_keeps_only_the_range() -> None:
                 "committed_at": datetime.fromtimestamp(T0_MS / 1000, UTC), "chain": "anvil",
                 "chain_tx_hash": tx, "chain_log_index": log_index}
 
-    from streams.reconcile_report import join_transfers
+    from sinks.reconcile_report import join_transfers
 
     report = build_report(10, 15, join_transfers(transfers, T0_MS),
                           [row("e1", "1.5", TX, 3), row("e5", "2", TX, 5)], T0_MS)

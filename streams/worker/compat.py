@@ -1,38 +1,43 @@
-"""Faust transport whose exactly-once sends keep their partition and their transaction.
+"""Every workaround for Faust (faust-streaming 0.15.3) and aiokafka, each naming its failure.
 
-Faust's TransactionManager.send (faust-streaming 0.15.3) asks the *consumer's* metadata for the
-destination partition. The consumer knows only the topics it subscribes to, so for a sink topic
-(ledger.entries, ledger.results, ...) it gets None: the explicit partition is dropped (the record
-lands wherever the key hashes) and the record bypasses the transaction. Every ledger output is
-co-partitioned with ledger.commands, so here a send to partition p of any topic goes through the
-transactional producer of ledger.commands partition p: outputs, table changelogs and the source
-offset commit or abort together.
-
-Faust also commits on a timer, whatever the agent is doing: a transaction could end between two
-sends of one command (the crash test found an entry committed without its partition's Merkle log
-head, so a later entry reused its leaf index). Commits here wait for `event_lock`, which the
-worker holds while it decides an event, so every transaction holds whole events.
-
-Table writes do not go through Faust's buffered `table[k] = v` (see LedgerWorker._put): its
-changelog records could miss the transaction that committed their event's offset, and flushing
-that buffer at commit time blocked commits while the stream was busy.
-
-Table recovery: in exactly-once mode Faust takes each changelog partition's end from aiokafka's
-`last_stable_offset()`, which is known only after the consumer has fetched that partition and is
-None before: Faust then counts the changelog as empty and recovers nothing (seen in CI: a worker
-restarted after kill -9 logged highwater -1 for every changelog, started with empty tables while
-its input offsets were committed, and decided commands again: two entries at one leaf index,
-matches emitted twice). Here the end comes from a ListOffsets request, which honours the
-consumer's read_committed isolation and so returns the last stable offset every time. Faust
-starts the transactional producers (aborting or finishing a killed worker's open transactions)
-before it recovers tables, so that offset is final when it is read.
+1. Sends keep their partition and transaction (ledger_transport's send). Faust's
+   TransactionManager.send asks the *consumer's* metadata for the destination partition; the
+   consumer knows only the topics it subscribes to, so for an output topic (ledger.entries,
+   ledger.results, ...) it gets None: the explicit partition is dropped and the record bypasses
+   the transaction. Every output is co-partitioned with ledger.commands, so a send to partition p
+   of any topic goes through the transactional producer of ledger.commands partition p.
+2. Commits are the ledger's (ledger_transport's commit -> streams/worker/commit.py). Faust
+   commits on a timer whatever the agent is doing: a transaction could end between two sends of
+   one command (the crash test found an entry committed without its partition's Merkle log head,
+   so a later entry reused its leaf index); it commits per-partition transactions one after
+   another, four round trips each; and it never flushes the records the worker holds.
+3. A rebalance commits first (on_rebalance): Faust does not always commit before a rebalance
+   and replays a kept partition's changelog over tables holding uncommitted decisions.
+4. Table writes bypass Faust's buffered `table[k] = v` (memory_store): its changelog records
+   could miss the transaction that committed their event's offset, and flushing that buffer at
+   commit time blocked commits while the stream was busy.
+5. Table reads bypass Table.get (table_value, table_items): ~2.5 us a read through a chain of
+   mapping methods, several reads per command.
+6. Changelog ends from ListOffsets (LedgerConsumerThread._highwaters). In exactly-once mode Faust
+   takes each changelog partition's end from aiokafka's `last_stable_offset()`, which is None
+   until the consumer has fetched that partition: Faust then counts the changelog as empty and
+   recovers nothing (seen in CI: a worker restarted after kill -9 logged highwater -1 for every
+   changelog, started with empty tables while its input offsets were committed, and decided
+   commands again). ListOffsets honours read_committed and returns the last stable offset; Faust
+   starts the transactional producers (aborting a killed worker's open transactions) before it
+   recovers tables, so that offset is final when it is read.
+7. Transaction markers are noted (record_control_batches): aiokafka skips control batches
+   silently, so an offset gap could not be told from a record the consumer skipped (it has been
+   seen to) without reading every gap back from Kafka.
+8. Faust's transactional producers and their locks are private (transaction_producers,
+   transaction_lock): the outbox must send into exactly those producers.
 """
-
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Final
+from collections.abc import Container, Iterator, Mapping, MutableMapping
+from typing import Any, Final, Protocol
 
 from aiokafka.consumer import fetcher
 from aiokafka.errors import ProducerFenced
@@ -42,7 +47,6 @@ from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
 from streams.errors import InvariantViolation
-from streams.outbox import Outbox
 
 # Marker offsets remembered per partition, at most (oldest forgotten first; a forgotten marker only
 # costs a read of its gap from Kafka).
@@ -147,10 +151,16 @@ def transactional_id_for(app_id: str, topic_group: int, partition: int) -> str:
     return f"{app_id}-{topic_group}-{partition}"
 
 
-def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock,
-                     outbox: Outbox) -> type[AIOKafkaTransport]:
-    """A Transport class whose transactions are anchored on `anchor_topic`'s partitions, take
-    the worker's held records (`outbox`) first, and commit only between events (`event_lock`)."""
+class Committer(Protocol):
+    """The commit protocol (streams/worker/commit.py), as the transport calls it."""
+
+    async def commit(self, transactions: Mapping[str, Mapping[Any, int]], group_id: str,
+                     start_new_transaction: bool) -> None: ...
+
+
+def ledger_transport(anchor_topic: str, committer: Committer) -> type[AIOKafkaTransport]:
+    """A Transport class whose sends keep their partition and transaction, whose commits are
+    the ledger's commit protocol (`committer`), and whose rebalances commit first."""
 
     class LedgerTransactionManager(TransactionManager):
         _commit_lock = asyncio.Lock()
@@ -172,15 +182,9 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock,
                 transactional_id=transactional_id_for(self.app.conf.id, group, target))
 
         async def commit(self, offsets: Any, start_new_transaction: bool = True) -> bool:
-            """Faust's commit: held records first, then every partition's transaction
-            committed concurrently, with events deciding meanwhile.
-
-            Under `event_lock` (between two events) every record the outbox holds joins its open
-            transaction; from then on events only add to the outbox (no send joins a committing
-            transaction), so the round trips (offsets, end of transaction, next begin) run
-            while the stream goes on instead of stalling it. Faust commits per-partition
-            transactions one after another (four round trips each); here they run at once.
-            """
+            """Faust's commit, replaced: offsets grouped by the transaction that owns them, then
+            the ledger's commit protocol. Faust commits per-partition transactions one after
+            another (four round trips each) and never flushes what the worker holds."""
             by_transactional_id: dict[str, dict[Any, int]] = {}
             group_id = self.app.conf.id
             for tp, offset in offsets.items():
@@ -189,22 +193,12 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock,
                     transactional_id_for(group_id, group, tp.partition), {})[tp] = offset
             if not by_transactional_id:
                 return True
-            producer: Any = self.producer
-            producers: Any = producer._transaction_producers
             async with self._commit_lock:
-                async with event_lock:
-                    await outbox.flush(producers.get)
-                    outbox.commit_started()
                 try:
-                    await asyncio.gather(*(
-                        self._commit_one(transactional_id, tp_offsets, group_id,
-                                         start_new_transaction)
-                        for transactional_id, tp_offsets in by_transactional_id.items()))
+                    await committer.commit(by_transactional_id, group_id, start_new_transaction)
                 except ProducerFenced as exc:
                     # As Faust does: another worker owns these partitions now.
                     await self.app.crash(exc)
-                finally:
-                    outbox.commit_ended()
             return True
 
         async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any) -> None:
@@ -230,20 +224,52 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock,
             await consumer.force_commit(start_new_transaction=False)
             await super().on_rebalance(assigned, revoked, newly_assigned)
 
-        async def _commit_one(self, transactional_id: str, offsets: Any, group_id: str,
-                              start_new_transaction: bool) -> None:
-            producer: Any = self.producer
-            async with producer._trn_locks[transactional_id]:
-                transaction_producer = producer._transaction_producers.get(transactional_id)
-                if transaction_producer is None:
-                    raise InvariantViolation(f"commit for unknown transaction {transactional_id}")
-                await transaction_producer.send_offsets_to_transaction(offsets, group_id)
-                await transaction_producer.commit_transaction()
-                if start_new_transaction:
-                    await transaction_producer.begin_transaction()
-
     class LedgerTransport(AIOKafkaTransport):
         TransactionManager = LedgerTransactionManager
         Consumer = LedgerConsumer
 
     return LedgerTransport
+
+
+def transaction_producers(app: Any) -> Mapping[str, Any]:
+    """Faust's transactional aiokafka producers by transactional id (a private dict of its
+    producer: Faust has no public accessor, and the outbox must send into exactly those)."""
+    producers: Mapping[str, Any] = app.producer._transaction_producers
+    return producers
+
+
+def transaction_lock(app: Any, transactional_id: str) -> asyncio.Lock:
+    """The lock Faust's producer takes around a transaction's calls (private, as above)."""
+    lock: asyncio.Lock = app.producer._trn_locks[transactional_id]
+    return lock
+
+
+def memory_store(table: Any) -> tuple[MutableMapping[bytes, Any], MutableMapping[bytes, int]]:
+    """A table's memory-store dict and its key -> partition bookkeeping (used to drop keys of
+    revoked partitions after a rebalance), written as its changelog recovery writes them."""
+    store = table.data
+    return store.data, store._key_partition
+
+
+# The worker writes table keys straight into the memory store (Effects.put in streams/worker/commit.py, so the
+# changelog record joins the deciding event's transaction) and reads them back the same way.
+# Faust's `table.get(key)` walks a chain of mapping methods (~2.5 us a read, several reads per
+# command); the store keeps its dict in `.data` and its key -> partition bookkeeping in
+# `._key_partition` (faust-streaming 0.15.3, faust/stores/memory.py).
+
+def table_value(table: Any, key: bytes) -> bytes | None:
+    """A table key's value, read from the memory store's dict (the store _put writes): Faust's
+    Table.get runs a chain of mapping methods (~2.5 us a read, several reads per command)."""
+    value: bytes | None = table.data.data.get(key)
+    return value
+
+
+def table_items(table: Any, prefix: bytes, partitions: Container[int]
+                ) -> Iterator[tuple[int, bytes, bytes]]:
+    """(partition, key, value) of a table's keys that start with `prefix` and belong to one of
+    `partitions` (the memory store's own key -> partition bookkeeping, which _put keeps)."""
+    data: Any = table.data
+    for key, value in list(data.items()):
+        partition = data._key_partition.get(key)
+        if partition in partitions and key.startswith(prefix):
+            yield partition, key, value

@@ -10,7 +10,7 @@ compacted key (a table changelog record, a balance) within one transaction chang
 table's recovery nor a compacted topic's final value.
 
 Crash safety is unchanged. Records leave the outbox only into the open transaction of the
-partition that decided them, and the commit hook (streams/transactions.py) flushes the outbox
+partition that decided them, and the commit protocol (streams/worker/commit.py) flushes the outbox
 under the event lock before it sends any offset; a kill -9 loses the outbox together with the
 open transaction Kafka then aborts. A transaction whose producer Faust replaced (partitions
 revoked in a rebalance) was aborted with the old producer: its held records are dropped, as
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from streams.errors import InvariantViolation
+from streams.produce import send_batches
 
 log = logging.getLogger(__name__)
 
@@ -138,24 +138,3 @@ async def _send_held(held: _Held) -> int:
                  for key, value in values.items()]
         sent += await send_batches(producer, topic, partition, items)
     return sent
-
-
-async def send_batches(producer: Any, topic: str, partition: int,
-                        items: list[tuple[bytes | None, bytes]]) -> int:
-    """Append `items` to record batches of at most the producer's batch size and queue them.
-
-    Cheaper than send() per record (a future and a partitioner call each). The futures
-    send_batch returns are not awaited: a transaction's commit (or the producer's flush) waits
-    for every batch and fails if one failed.
-    """
-    builder = producer.create_batch()
-    for key, value in items:
-        if builder.append(key=key, value=value, timestamp=None) is None:
-            await producer.send_batch(builder, topic, partition=partition)
-            builder = producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None) is None:
-                # An empty batch accepts any record; refusing one means the builder is broken.
-                raise InvariantViolation(f"a record for {topic}:{partition} fits no batch")
-    if builder.record_count():
-        await producer.send_batch(builder, topic, partition=partition)
-    return len(items)

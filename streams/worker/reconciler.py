@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from streams import core, reconcile, records
 from streams.errors import CodecError
-from streams.faust_tables import table_items, table_value
-
-if TYPE_CHECKING:
-    from streams.app import Command, LedgerWorker
 from streams.topics import LedgerTopic
+from streams.worker.compat import table_items, table_value
+from streams.worker.ports import Command, WorkerPort
 
 log = logging.getLogger("sardis.reconciler")
 
@@ -94,7 +92,7 @@ class Reconciler:
     """Decides the records of chain.transfers and ledger.internal.chain-claims for the worker that owns
     their partition (the same worker, transaction and partition number as ledger.commands)."""
 
-    def __init__(self, worker: LedgerWorker, table: Any) -> None:
+    def __init__(self, worker: WorkerPort, table: Any) -> None:
         from streams.chain.watch import state_topic
 
         self.worker = worker
@@ -122,7 +120,7 @@ class Reconciler:
 
     async def advance_to(self, topic: str, partition: int, next_offset: int) -> None:
         if next_offset > self.next_offset(topic, partition):
-            await self.worker._put(self.table, self._offset_key(topic, partition),
+            self.worker.put(self.table, self._offset_key(topic, partition),
                                    records.offset_to_bytes(next_offset), partition)
 
     @staticmethod
@@ -137,7 +135,7 @@ class Reconciler:
         if not entry.chain_tx_hash:
             return
         tx_hash = entry.chain_tx_hash.lower()
-        await self.worker._produce(self.claims_topic, tx_hash.encode(), value,
+        self.worker.produce(self.claims_topic, tx_hash.encode(), value,
                                    core.partition_for(tx_hash, self.settings.partitions),
                                    transaction_of=partition)
 
@@ -149,7 +147,7 @@ class Reconciler:
         try:
             await self._record(command, name, record)
         except reconcile.ReconcileError as exc:
-            await self.worker._dead_letter(command, core.Reason.INVALID_FIELD, str(exc), None)
+            self.worker.dead_letter(command, core.Reason.INVALID_FIELD, str(exc), None)
 
     async def _record(self, command: Command, name: str, record: dict[str, Any]) -> None:
         partition = command.partition
@@ -162,7 +160,7 @@ class Reconciler:
                 raise reconcile.ReconcileError(f"entry: {problem}")
             event = reconcile.claim_from_entry(record)
             if event is None:
-                await self.worker._dead_letter(
+                self.worker.dead_letter(
                     command, core.Reason.INVALID_FIELD,
                     f"entry {record.get('entry_id')} names no chain transfer", None)
                 return
@@ -171,13 +169,13 @@ class Reconciler:
             await self._tick(partition, now_ms, head)
             return
         else:
-            await self.worker._dead_letter(command, core.Reason.UNKNOWN_COMMAND,
+            self.worker.dead_letter(command, core.Reason.UNKNOWN_COMMAND,
                                            f"{name} is not a record of {command.topic}", None)
             return
         owner = core.partition_for(event.tx_hash, self.settings.partitions)
         if owner != partition:
             # Produced with another key or partitioner: only the tx hash's partition may join it.
-            await self.worker._produce(command.topic, event.tx_hash.encode(), command.value,
+            self.worker.produce(command.topic, event.tx_hash.encode(), command.value,
                                        owner, transaction_of=partition)
             return
         key = JOIN_PREFIX + reconcile.join_key(event.tx_hash, event.log_index).encode()
@@ -191,7 +189,7 @@ class Reconciler:
     async def _store(self, key: bytes, before: reconcile.KeyJoin | None, after: reconcile.KeyJoin,
                      outputs: list[reconcile.Output], partition: int) -> None:
         if after != before:
-            await self.worker._put(self.table, key, reconcile.join_to_bytes(after), partition)
+            self.worker.put(self.table, key, reconcile.join_to_bytes(after), partition)
         for output in outputs:
             await self._emit(output, partition)
         self._rebuild_waiting()
@@ -210,7 +208,7 @@ class Reconciler:
         else:
             topic, record_name = LedgerTopic.RECONCILIATIONS, "Reconciliation"
             key = reconcile.join_key(output.tx_hash, output.log_index)
-        await self.worker._send(topic, key.encode(), record_name, output.to_wire(),
+        self.worker.send(topic, key.encode(), record_name, output.to_wire(),
                                 core.partition_for(key, self.settings.partitions),
                                 transaction_of=partition)
 
@@ -265,7 +263,7 @@ class Reconciler:
             for partition in due:
                 if now_ms - self._last_tick_ms.get(partition, 0) < RECONCILE_TICK_INTERVAL_S * 1000:
                     continue
-                await self.worker._send_tick(self.claims_topic, partition, "ReconcileTick", {
+                await self.worker.send_tick(self.claims_topic, partition, "ReconcileTick", {
                     "partition": partition, "now": now_ms, "chain_head_block": head})
                 self._last_tick_ms[partition] = now_ms
         except Exception:  # a dead timer would never raise a missing_* again

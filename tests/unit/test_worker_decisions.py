@@ -1,0 +1,250 @@
+"""The worker's decision path in-process: account side and coordinator over in-memory tables.
+
+The edges are fakes (tables as plain dicts in Faust's memory-store shape, a port that records
+what it is asked to produce and a commit protocol whose producers collect record batches); the
+decision code, the codec and the commit protocol's event scope are the real ones. Records the
+account side and the coordinator send each other are fed back in, as Kafka would deliver them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from schemas.codec import AvroCodec
+from streams import batches, core
+from streams.config import Settings
+from streams.money import Currency, currency_table
+from streams.topics import LedgerTopic
+from streams.worker.accounts import AccountPartition, AccountTables
+from streams.worker.commit import CommitProtocol
+from streams.worker.compat import transactional_id_for
+from streams.worker.coordinator import Coordinator
+from streams.worker.ports import Command
+
+PARTITIONS = 4
+NOW_MS = 1_767_225_600_000
+SETTINGS = Settings(partitions=PARTITIONS, topic_prefix="t.")
+CODEC = AvroCodec()
+
+
+def _on(partition: int, prefix: str, owner: Any = core.partition_for) -> str:
+    return next(f"{prefix}{i}" for i in range(10_000)
+                if owner(f"{prefix}{i}", PARTITIONS) == partition)
+
+
+ALICE, BOB = _on(0, "alice_"), _on(0, "bob_")
+MALLORY = _on(1, "mallory_")
+BATCH = _on(0, "bat_", batches.coordinator_partition)
+
+
+class FakeTable:
+    """A Faust table as the worker touches it: memory store dict, key partitions, changelog."""
+
+    def __init__(self, name: str) -> None:
+        self.data = type("Store", (), {})()
+        self.data.data = {}
+        self.data._key_partition = {}
+        self.changelog_topic = type("Topic", (), {"get_topic_name": lambda _self: name})()
+
+
+class FakeBuilder:
+    def __init__(self) -> None:
+        self.items: list[tuple[bytes | None, bytes]] = []
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: None) -> object:
+        self.items.append((key, value))
+        return object()
+
+    def record_count(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class FakeProducer:
+    sent: list[tuple[str, int, bytes | None, bytes]] = field(default_factory=list)
+
+    def create_batch(self) -> FakeBuilder:
+        return FakeBuilder()
+
+    async def send_batch(self, builder: FakeBuilder, topic: str, *, partition: int) -> None:
+        self.sent.extend((topic, partition, key, value) for key, value in builder.items)
+
+
+class FakeApp:
+    def __init__(self) -> None:
+        self.conf = type("Conf", (), {"id": "app"})()
+        self.assignor = type("Assignor", (), {"group_for_topic": lambda _self, _topic: 0})()
+        self.producer = type("Producer", (), {})()
+        self.producer._transaction_producers = {
+            transactional_id_for("app", 0, p): FakeProducer() for p in range(PARTITIONS)}
+
+
+class Port:
+    """The worker's side of WorkerPort, recording dead letters."""
+
+    def __init__(self, commits: CommitProtocol) -> None:
+        self.settings = SETTINGS
+        self.currencies: Mapping[str, Currency] = currency_table()
+        self.commits = commits
+        self.dead_letters: list[str] = []
+
+    def owned_partitions(self, topic: str) -> frozenset[int]:
+        return frozenset(range(PARTITIONS))
+
+    def put(self, table: Any, key: bytes, value: bytes, partition: int) -> None:
+        self.commits.put(table, key, value, partition)
+
+    def produce(self, topic: str, key: bytes | None, value: bytes, partition: int, *,
+                transaction_of: int | None = None) -> None:
+        self.commits.produce(topic, key, value, partition, transaction_of=transaction_of)
+
+    def encode(self, record_name: str, record: dict[str, Any]) -> bytes:
+        return CODEC.encode(record_name, record)
+
+    def send(self, topic: str, key: bytes, record_name: str, record: dict[str, Any],
+             partition: int, *, transaction_of: int | None = None) -> None:
+        self.produce(SETTINGS.topic(topic), key, CODEC.encode(record_name, record), partition,
+                     transaction_of=transaction_of)
+
+    async def send_tick(self, topic: str, partition: int, record_name: str,
+                        record: dict[str, Any]) -> None:
+        raise AssertionError("no timer runs in these tests")
+
+    def dead_letter(self, command: Command, reason: str, detail: str, command_id: Any) -> None:
+        self.dead_letters.append(str(reason))
+
+
+class Worker:
+    """Account side and coordinator wired as streams.worker.app wires them."""
+
+    def __init__(self) -> None:
+        self.app = FakeApp()
+        self.commits = CommitProtocol(self.app, SETTINGS.topic(LedgerTopic.COMMANDS))
+        self.port = Port(self.commits)
+        self.tables = AccountTables(FakeTable("accounts"), FakeTable("commands"),
+                                    FakeTable("logs"), FakeTable("holds"))
+        self.claims: list[str] = []
+        self.accounts = AccountPartition(self.port, self.commits, self.tables, self._claim)
+        self.coordinator = Coordinator(self.port, FakeTable("batch_state"))
+        self.offset = 0
+
+    async def _claim(self, entry: core.Entry, value: bytes, partition: int) -> None:
+        self.claims.append(entry.entry_id)
+
+    async def deliver(self, topic: LedgerTopic, partition: int, name: str,
+                      record: dict[str, Any]) -> list[tuple[str, int, str, dict[str, Any]]]:
+        """Decide one record as one event, flush, and return what it produced (decoded)."""
+        self.offset += 1
+        command = Command(SETTINGS.topic(topic), partition, self.offset, b"k",
+                          CODEC.encode(name, record), NOW_MS)
+        scope = self.commits.open_event()
+        if topic in (LedgerTopic.COMMANDS, LedgerTopic.INTERNAL_COMMANDS):
+            await self.accounts.record(command, name, record)
+        else:
+            await self.coordinator.record(command, name, record)
+        await self.commits.close_event(scope)
+        return await self.flush()
+
+    async def flush(self) -> list[tuple[str, int, str, dict[str, Any]]]:
+        producers = self.app.producer._transaction_producers
+        await self.commits.outbox.flush(producers.get)
+        out = []
+        for producer in producers.values():
+            for topic, partition, _key, value in producer.sent:
+                if topic.startswith("t.ledger.") and "changelog" not in topic:
+                    name, decoded = CODEC.decode(value)
+                    out.append((topic.removeprefix("t."), partition, name, decoded))
+            producer.sent.clear()
+        return out
+
+    def balance_minor(self, account_id: str, currency: str = "USD") -> int:
+        from streams import records
+
+        key = core.account_key(account_id, currency).encode()
+        state = records.state_from_bytes(self.tables.accounts.data.data.get(key))
+        return state.balance_minor
+
+
+def post(command_id: str, account_id: str, entry_type: str, amount: str) -> dict[str, Any]:
+    return {"command_id": command_id, "account_id": account_id, "currency": "USD",
+            "entry_type": entry_type, "amount": Decimal(amount), "reference": None,
+            "metadata": {}, "expected_sequence": None, "allow_overdraft": False,
+            "occurred_at": NOW_MS, "chain": None, "chain_tx_hash": None, "chain_log_index": None}
+
+
+def named(outputs: list[tuple[str, int, str, dict[str, Any]]], name: str) -> list[dict[str, Any]]:
+    return [record for _topic, _partition, found, record in outputs if found == name]
+
+
+async def test_a_credit_books_an_entry_its_balance_and_a_result_once() -> None:
+    worker = Worker()
+    first = await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10.50"))
+    assert [r["status"] for r in named(first, "Result")] == ["committed"]
+    assert [r["sequence"] for r in named(first, "Entry")] == [1]
+    assert named(first, "Balance")[0]["balance"] == Decimal("10.50")
+    assert worker.balance_minor(ALICE) == 1050
+    again = await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10.50"))
+    # Answered from idempotency: the same entry again (consumers dedupe by id), no new booking.
+    assert named(again, "Entry")[0]["entry_id"] == named(first, "Entry")[0]["entry_id"]
+    assert named(again, "Balance") == [] and worker.balance_minor(ALICE) == 1050
+
+
+async def test_an_overdraft_and_a_changed_replay_are_refused_without_effect() -> None:
+    worker = Worker()
+    refused = await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("d1", ALICE, "debit", "1"))
+    assert [(r["status"], r["reason"]) for r in named(refused, "Result")] == \
+        [("rejected", "insufficient_funds")]
+    assert named(refused, "Entry") == [] and worker.balance_minor(ALICE) == 0
+    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "5"))
+    changed = await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "6"))
+    assert named(changed, "Result")[0]["reason"] == "idempotency_conflict"
+    assert worker.balance_minor(ALICE) == 500
+
+
+@pytest.mark.parametrize(("record", "reason"), [
+    ({"batch_id": BATCH, "leg_index": 0, "account_id": ALICE, "currency": "USD",
+      "action": "post", "coordinator_partition": 0}, "settle_mismatch"),
+    ({"batch_id": BATCH, "leg_index": 0, "account_id": MALLORY, "currency": "USD",
+      "action": "post", "coordinator_partition": 0}, "wrong_partition"),
+])
+async def test_a_forged_settle_mints_nothing(record: dict[str, Any], reason: str) -> None:
+    worker = Worker()
+    outputs = await worker.deliver(LedgerTopic.INTERNAL_COMMANDS, 0, "SettleLeg", record)
+    assert worker.port.dead_letters == [reason]
+    assert named(outputs, "Entry") == [] and worker.balance_minor(ALICE) == 0
+
+
+async def test_a_client_command_on_the_wrong_partition_is_forwarded_to_its_owner() -> None:
+    worker = Worker()
+    outputs = await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("m1", MALLORY, "credit", "1"))
+    forwarded = [(topic, partition, name) for topic, partition, name, _ in outputs]
+    assert forwarded == [("ledger.internal.commands", core.partition_for(MALLORY, PARTITIONS),
+                          "PostEntry")]
+    assert worker.balance_minor(MALLORY) == 0
+
+
+async def test_a_two_leg_batch_reserves_reports_and_posts_both_legs() -> None:
+    worker = Worker()
+    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10"))
+    leg = {"currency": "USD", "amount": Decimal("4"), "reference": None, "metadata": {},
+           "allow_overdraft": False}
+    submit = {"batch_id": BATCH, "require_balanced": True, "timeout_ms": 60_000,
+              "legs": [{**leg, "account_id": ALICE, "entry_type": "debit"},
+                       {**leg, "account_id": BOB, "entry_type": "credit"}]}
+    pending = await worker.deliver(LedgerTopic.BATCHES, 0, "SubmitBatch", submit)
+    results: list[dict[str, Any]] = []
+    for _round in range(6):  # reserve -> report -> settle -> report, fed back as Kafka would
+        following = []
+        for topic, partition, name, record in pending:
+            results += named([(topic, partition, name, record)], "Result")
+            if topic in ("ledger.internal.commands", "ledger.internal.coordinator"):
+                following += await worker.deliver(LedgerTopic(topic), partition, name, record)
+        pending = following
+    assert [(r["status"], r["batch_id"]) for r in results] == [("committed", BATCH)]
+    assert worker.balance_minor(ALICE) == 600 and worker.balance_minor(BOB) == 400
+    assert worker.port.dead_letters == []
