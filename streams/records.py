@@ -45,6 +45,7 @@ from streams.core import (
 )
 from streams.errors import InvariantViolation
 from streams.money import Currency, to_minor, to_wire
+from streams.packing import Packer, Unpacker
 
 TABLE_VALUE_VERSION = 1
 
@@ -316,20 +317,92 @@ def _entry_from_json(data: dict[str, Any]) -> Entry:
     return Entry(**data)
 
 
+# A command record, format 2 (the idempotency table's value: one per command ever decided, so the
+# worker's memory and its recovery time are mostly these). Byte layout, fields as streams/packing:
+#   0x02 | digest: blob | command_id: opt str | status: uint (index in STATUSES) |
+#   reason: opt str | detail: opt str |
+#   has entry: uint (0/1) | entry: entry_id, account_id, currency, entry_type: opt str each;
+#   amount_minor, running_balance_minor: sint; sequence, committed_at_ms, partition, leaf_index:
+#   uint; entry_hash, merkle_root: blob; batch_id: opt str; batch_size, leg_index: opt int;
+#   reverses_entry_id, reference: opt str; metadata: str map; occurred_at_ms: opt int; chain,
+#   chain_tx_hash: opt str; chain_log_index: opt int.
+# The entry's command_id is the record's (the entry is this command's). Format 1 was JSON (a
+# value starting with "{"): still read, so changelogs written before stay recoverable. Format 2
+# holds a USDC credit in 240 bytes instead of 845.
+RECORD_FORMAT = 2
+STATUSES: tuple[Status, ...] = tuple(Status)
+
+
 def record_to_bytes(record: CommandRecord) -> bytes:
     outcome = record.outcome
-    return json.dumps({
-        "v": TABLE_VALUE_VERSION,
-        "digest": record.payload_digest.hex(),
-        "command_id": outcome.command_id,
-        "status": str(outcome.status),
-        "reason": None if outcome.reason is None else str(outcome.reason),
-        "detail": outcome.detail,
-        "entry": None if outcome.entry is None else _entry_to_json(outcome.entry),
-    }, separators=(",", ":")).encode()
+    out = Packer(bytes((RECORD_FORMAT,)))
+    out.blob(record.payload_digest)
+    out.opt_str(outcome.command_id)
+    out.uint(STATUSES.index(outcome.status))
+    out.opt_str(None if outcome.reason is None else str(outcome.reason))
+    out.opt_str(outcome.detail)
+    entry = outcome.entry
+    if entry is None:
+        out.uint(0)
+        return out.done()
+    if entry.command_id != outcome.command_id:
+        raise InvariantViolation(f"entry {entry.entry_id} of another command in a record")
+    out.uint(1)
+    for text in (entry.entry_id, entry.account_id, entry.currency, entry.entry_type):
+        out.opt_str(text)
+    out.sint(entry.amount_minor)
+    out.sint(entry.running_balance_minor)
+    for number in (entry.sequence, entry.committed_at_ms, entry.partition, entry.leaf_index):
+        out.uint(number)
+    out.blob(entry.entry_hash)
+    out.blob(entry.merkle_root)
+    out.opt_str(entry.batch_id)
+    out.opt_int(entry.batch_size)
+    out.opt_int(entry.leg_index)
+    out.opt_str(entry.reverses_entry_id)
+    out.opt_str(entry.reference)
+    out.str_map(entry.metadata)
+    out.opt_int(entry.occurred_at_ms)
+    out.opt_str(entry.chain)
+    out.opt_str(entry.chain_tx_hash)
+    out.opt_int(entry.chain_log_index)
+    return out.done()
 
 
 def record_from_bytes(data: bytes) -> CommandRecord:
+    if data[:1] == b"{":
+        return _record_from_json(data)
+    if data[:1] != bytes((RECORD_FORMAT,)):
+        raise InvariantViolation(f"command record format {data[:1]!r} is unknown")
+    reader = Unpacker(data, 1)
+    digest = reader.blob()
+    command_id = reader.text()
+    status = STATUSES[reader.uint()]
+    reason_text = reader.opt_str()
+    detail = reader.opt_str()
+    entry = _entry_from_packed(reader, command_id) if reader.uint() else None
+    reader.end()
+    return CommandRecord(digest, Outcome(command_id, status,
+                                         None if reason_text is None else Reason(reason_text),
+                                         detail, entry))
+
+
+def _entry_from_packed(reader: Unpacker, command_id: str) -> Entry:
+    entry_id, account_id, currency, entry_type = (reader.text() for _ in range(4))
+    amount_minor, running_balance_minor = reader.sint(), reader.sint()
+    sequence, committed_at_ms, partition, leaf_index = (reader.uint() for _ in range(4))
+    return Entry(entry_id, command_id, account_id, currency, entry_type, amount_minor,
+                 running_balance_minor, sequence, committed_at_ms, partition, leaf_index,
+                 entry_hash=reader.blob(), merkle_root=reader.blob(), batch_id=reader.opt_str(),
+                 batch_size=reader.opt_int(), leg_index=reader.opt_int(),
+                 reverses_entry_id=reader.opt_str(), reference=reader.opt_str(),
+                 metadata=reader.str_map(), occurred_at_ms=reader.opt_int(),
+                 chain=reader.opt_str(), chain_tx_hash=reader.opt_str(),
+                 chain_log_index=reader.opt_int())
+
+
+def _record_from_json(data: bytes) -> CommandRecord:
+    """Format 1 (JSON), as workers before format 2 wrote it."""
     raw = json.loads(data)
     if raw["v"] != TABLE_VALUE_VERSION:
         raise InvariantViolation(f"command record version {raw['v']} is not {TABLE_VALUE_VERSION}")

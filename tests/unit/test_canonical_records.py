@@ -594,10 +594,25 @@ def test_any_committed_record_round_trips(entry: Entry, digest: bytes) -> None:
     assert records.record_from_bytes(records.record_to_bytes(record)) == record
 
 
-def test_record_from_bytes_refuses_another_version() -> None:
-    data = records.record_to_bytes(RECORDS["rejected"]).replace(b'"v":1', b'"v":2')
+# Format 1 as workers before the packed format wrote it (JSON): changelogs written then recover.
+FORMAT_1_REJECTED = (b'{"v":1,"digest":"' + hashlib.sha256(b"c").hexdigest().encode()
+                     + b'","command_id":"cmd-2","status":"rejected","reason":"sequence_conflict",'
+                     b'"detail":"expected sequence 4, account is at 3","entry":null}')
+
+
+def test_format_1_json_records_are_still_read() -> None:
+    assert records.record_from_bytes(FORMAT_1_REJECTED) == RECORDS["rejected"]
     with pytest.raises(InvariantViolation):
-        records.record_from_bytes(data)
+        records.record_from_bytes(FORMAT_1_REJECTED.replace(b'"v":1', b'"v":2'))
+
+
+@pytest.mark.parametrize("name", list(RECORDS))
+def test_packed_records_are_small_and_refuse_damage(name: str) -> None:
+    data = records.record_to_bytes(RECORDS[name])
+    assert data[0] == records.RECORD_FORMAT and len(data) < 400
+    for damaged in (b"\x03" + data[1:], data[:-1], data + b"\x00", data[: len(data) // 2]):
+        with pytest.raises(InvariantViolation):
+            records.record_from_bytes(damaged)
 
 
 @given(
