@@ -31,6 +31,8 @@
    seen to) without reading every gap back from Kafka.
 8. Faust's transactional producers and their locks are private (transaction_producers,
    transaction_lock): the outbox must send into exactly those producers.
+9. A short retry backoff for transactional producers (LedgerProducer): aiokafka sleeps 100 ms
+   whenever the transaction coordinator is still finishing the previous transaction.
 """
 from __future__ import annotations
 
@@ -44,10 +46,16 @@ from aiokafka.errors import ProducerFenced
 from faust.transport.consumer import TransactionManager
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
 from streams.errors import InvariantViolation
 
+# aiokafka waits retry_backoff_ms (default 100) when the coordinator answers a transaction's
+# AddOffsetsToTxn or a second AddPartitionsToTxn with CONCURRENT_TRANSACTIONS, i.e. while it still
+# writes the previous transaction's markers (only the first AddPartitionsToTxn gets 20 ms,
+# KAFKA-5477); with commits back to back that is most commits (workaround 9).
+TRANSACTION_RETRY_BACKOFF_MS: Final[int] = 10
 # Marker offsets remembered per partition, at most (oldest forgotten first; a forgotten marker only
 # costs a read of its gap from Kafka).
 CONTROL_OFFSETS_PER_PARTITION_MAX: Final[int] = 100_000
@@ -158,6 +166,13 @@ class Committer(Protocol):
                      start_new_transaction: bool) -> None: ...
 
 
+class LedgerProducer(AIOKafkaProducer):
+    """Faust's producer, with a short retry backoff for its transactional producers."""
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "retry_backoff_ms": TRANSACTION_RETRY_BACKOFF_MS}
+
+
 def ledger_transport(anchor_topic: str, committer: Committer) -> type[AIOKafkaTransport]:
     """A Transport class whose sends keep their partition and transaction, whose commits are
     the ledger's commit protocol (`committer`), and whose rebalances commit first."""
@@ -227,6 +242,7 @@ def ledger_transport(anchor_topic: str, committer: Committer) -> type[AIOKafkaTr
     class LedgerTransport(AIOKafkaTransport):
         TransactionManager = LedgerTransactionManager
         Consumer = LedgerConsumer
+        Producer = LedgerProducer
 
     return LedgerTransport
 
