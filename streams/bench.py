@@ -451,6 +451,42 @@ def _rate(per_s: float) -> str:
     return f"{per_s:,.1f}" if per_s < 100 else f"{per_s:,.0f}"
 
 
+def recovery_run(base: Settings, accounts: int) -> str:
+    """One worker books one credit on each of `accounts` accounts; then its resident memory is
+    read, it is killed with SIGKILL and a new worker replays the changelogs. Returns the report
+    line: memory, and how long the new worker took until it answered a new command."""
+    settings = dataclasses.replace(
+        base, topic_prefix=f"{base.topic_prefix}bench-recovery-{int(time.time())}.")
+    asyncio.run(create_topics(settings))
+    codec = AvroCodec()
+    decimals = currency_table()["USDC"].decimals
+    encoded = [(f"rec-{i}", settings.topic("ledger.commands"), f"rec_{i:07d}",
+                codec.encode("PostEntry", {
+                    "command_id": f"rec-{i}", "account_id": f"rec_{i:07d}", "currency": "USDC",
+                    "entry_type": "credit", "amount": to_major(10, decimals)}))
+               for i in range(accounts)]
+    try:
+        with _worker(settings, 0) as worker:
+            worker.wait_ready()
+            asyncio.run(_produce_and_wait(settings, _warm_up(settings), "warm-up"))
+            figures = asyncio.run(_produce_and_wait(settings, encoded, f"{accounts} accounts"))
+            pids = [worker.proc.pid] if worker.proc is not None else []
+            rss = _rss_bytes(pids)
+            worker.kill9()
+            started = time.monotonic()
+            worker.start(wait_ready=False)
+            worker.wait_ready()
+            ready_s = time.monotonic() - started
+            asyncio.run(_produce_and_wait(settings, _warm_up(settings), "after recovery"))
+            answered_s = time.monotonic() - started
+            rss_after = _rss_bytes([worker.proc.pid] if worker.proc is not None else [])
+    finally:
+        asyncio.run(delete_topics_with_prefix(settings))
+    return (f"  recovery, {accounts:,} accounts (one credit each, {figures.rate_per_s:,.0f} cmd/s): "
+            f"worker RSS {rss / 2**20:,.0f} MiB before kill -9, {rss_after / 2**20:,.0f} MiB "
+            f"after recovery; ready {ready_s:.1f} s after restart, answering {answered_s:.1f} s")
+
+
 def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
               scenarios: Sequence[str], batches: int = 10_000, workers: int = 1,
               brokers: Sequence[int] = (1,),
@@ -471,6 +507,11 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
     plan = _plan(commands=commands, accounts=accounts, hot_commands=hot_commands,
                  batches=batches, clients=clients, rate_per_s=rate_per_s, duration_s=duration_s)
     for key in scenarios:
+        if key == "recovery":
+            for _run_index in range(runs):
+                for base in clusters.values():
+                    print(recovery_run(base, accounts), flush=True)
+            continue
         for name, unit, measure in plan[key]:
             figures: dict[int, list[RunFigures]] = {size: [] for size in clusters}
             for run in range(runs):

@@ -283,12 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batches", type=int, default=10_000,
                        help="two-leg batches in scenario (c)")
     bench.add_argument("--scenario", action="append",
-                       choices=["spread", "hot", "batches", "closed", "open"],
+                       choices=["spread", "hot", "batches", "closed", "open", "recovery"],
                        help="run only this scenario (repeatable). spread, hot and batches are "
                        "bursts (everything produced at once); closed: --clients tasks each post "
                        "one command with LedgerClient.create_entry and await it, for "
                        "--duration-s; open: commands offered at --rate per second for "
-                       "--duration-s, latency from send to result")
+                       "--duration-s, latency from send to result; recovery: one credit on each of "
+                       "--accounts accounts, then the worker's memory, a kill -9 and how long a "
+                       "new worker takes to replay its tables and answer (not in the default set)")
     bench.add_argument("--clients", type=int, action="append", metavar="C",
                        help="closed-loop clients (repeatable; default: 1 and 16)")
     bench.add_argument("--rate", type=int, default=1000, metavar="N",
