@@ -499,7 +499,7 @@ class ImmudbSink:
     async def run(self, stop: asyncio.Event | None = None) -> int:
         stop = stop or asyncio.Event()
         await self.wire.start((LedgerTopic.RECEIPTS, LedgerTopic.SINK_DLQ))
-        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap,
+        producer = AIOKafkaProducer(**self.settings.kafka_connection(),
                                     transactional_id=self.transactional_id,
                                     enable_idempotence=True, acks="all", linger_ms=5,
                                     request_timeout_ms=REQUEST_TIMEOUT_MS,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sinks.errors import SinkError, SinkUnavailable
+from streams.config import redact_url
 
 PG_SCHEMA_DEFAULT = "ledger"
 PG_SCHEMA_ENV = "SARDIS_PG_SCHEMA"
@@ -78,7 +79,7 @@ async def connect(dsn: str) -> Any:
 
 def _safe_dsn(dsn: str) -> str:
     """The DSN without its password, for messages."""
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", dsn)
+    return redact_url(dsn)
 
 
 async def migrate(conn: Any, schema: str) -> list[int]:

@@ -169,9 +169,9 @@ async def _read_latencies(consumer: AIOKafkaConsumer, sent_at: dict[str, float],
 
 
 def _clients(settings: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+    producer = AIOKafkaProducer(**settings.kafka_connection(), acks="all",
                                 enable_idempotence=True, linger_ms=5)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(**settings.kafka_connection(),
                                 isolation_level="read_committed", enable_auto_commit=False)
     return producer, consumer
 

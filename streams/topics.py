@@ -214,7 +214,7 @@ async def ensure_topics(settings: Settings, *, create: bool = True,
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+    admin = AIOKafkaAdminClient(**settings.kafka_connection(),
                                 request_timeout_ms=CREATE_TIMEOUT_MS)
     try:
         await admin.start()
@@ -313,7 +313,7 @@ async def misplaced_entries(settings: Settings) -> list[Difference]:
 
     topic = settings.topic(LedgerTopic.ENTRIES)
     codec = AvroCodec()
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(**settings.kafka_connection(),
                                 isolation_level="read_committed", enable_auto_commit=False)
     await consumer.start()
     found: list[Difference] = []
@@ -379,7 +379,7 @@ async def delete_topics_with_prefix(settings: Settings) -> list[str]:
 
     if not settings.topic_prefix:
         raise TopicError("refusing to delete topics without a topic prefix")
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+    admin = AIOKafkaAdminClient(**settings.kafka_connection(),
                                 request_timeout_ms=CREATE_TIMEOUT_MS)
     await admin.start()
     try:
