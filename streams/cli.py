@@ -321,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     from streams.reconcile_report import add_reconcile_commands
 
     add_reconcile_commands(sub)
+
+    from streams.acl_cli import add_acl_commands
+
+    add_acl_commands(sub)
     return parser
 
 
