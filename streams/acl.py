@@ -97,9 +97,8 @@ def _grants(prefix: str) -> dict[Role, list[tuple[ResourceType, PatternType, str
         *[g for t in (LedgerTopic.ENTRIES, LedgerTopic.RESULTS, LedgerTopic.BALANCES,
                       LedgerTopic.TREE_HEADS, LedgerTopic.DLQ, LedgerTopic.RECONCILIATIONS,
                       LedgerTopic.DISCREPANCIES) for g in topic(t, write)],
-        # `topics check` at start reads the newest entry of each partition and every config.
+        # `topics check` at start reads the newest entry of each partition.
         *topic(LedgerTopic.ENTRIES, read),
-        *[g for spec in TOPICS for g in topic(spec.name, Operation.DESCRIBE_CONFIGS)],
         # Faust's own topics (table changelogs, the assignor's) start with the app id.
         *[(ResourceType.TOPIC, PatternType.PREFIXED, app_id, op)
           for op in (read, write, Operation.CREATE)],
@@ -127,8 +126,15 @@ def _grants(prefix: str) -> dict[Role, list[tuple[ResourceType, PatternType, str
         (ResourceType.TRANSACTIONAL_ID, PatternType.LITERAL,
          f"{prefix}{QUARANTINE_TRANSACTIONAL_ID}", write),
     ]
-    return {Role.CLIENT: client, Role.WORKER: worker, Role.SINK: sink, Role.WATCHER: watcher,
-            Role.OPERATOR: operator}
+    # Services check every ledger topic at start (streams/topics.ensure_topics): they must see
+    # each one (DESCRIBE_CONFIGS does not imply DESCRIBE, and a topic a process cannot describe
+    # looks missing, so it would try to create it) and read its config. Metadata only, no records.
+    described = [*(g for spec in TOPICS
+                   for g in topic(spec.name, Operation.DESCRIBE, Operation.DESCRIBE_CONFIGS)),
+                 *((ResourceType.TOPIC, PatternType.PREFIXED, app_id, op)  # the changelogs
+                   for op in (Operation.DESCRIBE, Operation.DESCRIBE_CONFIGS))]
+    return {Role.CLIENT: client, Role.WORKER: worker + described, Role.SINK: sink + described,
+            Role.WATCHER: watcher + described, Role.OPERATOR: operator + described}
 
 
 def plan(prefix: str, principals: Mapping[Role, str] | None = None,

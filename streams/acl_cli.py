@@ -25,7 +25,7 @@ def _cmd_acl(args: argparse.Namespace) -> int:
     from streams.kafka_acls import apply
 
     settings = Settings.from_env()
-    report = asyncio.run(apply(settings, bindings))
+    report = asyncio.run(apply(settings, bindings, prefix))
     for binding in report.created:
         print(f"created  {binding.row()}")
     for binding in report.unplanned:

@@ -63,6 +63,7 @@ ENV_NAMES = (
     "SARDIS_IMMUDB_USER",
     "SARDIS_IMMUDB_PASSWORD",
     "SARDIS_IMMUDB_DATABASE",
+    "SARDIS_IMMUDB_CA_FILE",
     "SARDIS_CHAIN_RPC",
     "SARDIS_PARTITIONS",
     "SARDIS_RECONCILE_GRACE_S",
@@ -89,6 +90,7 @@ class Settings:
     immudb_user: str = IMMUDB_DEV_USER
     immudb_password: str = field(default=IMMUDB_DEV_PASSWORD, repr=False)
     immudb_database: str = IMMUDB_DATABASE_DEFAULT
+    immudb_ca_file: str = ""  # set: TLS to immudb, trusting this CA bundle only
     chain_rpc: str = CHAIN_RPC_DEFAULT
     partitions: int = PARTITIONS_DEFAULT
     reconcile_grace_s: int = RECONCILE_GRACE_S_DEFAULT
@@ -131,6 +133,7 @@ class Settings:
             immudb_user=immudb_user or IMMUDB_DEV_USER,
             immudb_password=immudb_password or IMMUDB_DEV_PASSWORD,
             immudb_database=env.get("SARDIS_IMMUDB_DATABASE", IMMUDB_DATABASE_DEFAULT),
+            immudb_ca_file=env.get("SARDIS_IMMUDB_CA_FILE", ""),
             chain_rpc=env.get("SARDIS_CHAIN_RPC", CHAIN_RPC_DEFAULT),
             partitions=partitions,
             reconcile_grace_s=_whole(env, "SARDIS_RECONCILE_GRACE_S", RECONCILE_GRACE_S_DEFAULT,
@@ -165,6 +168,7 @@ class Settings:
             "SARDIS_IMMUDB_USER": self.immudb_user,
             "SARDIS_IMMUDB_PASSWORD": self.immudb_password,
             "SARDIS_IMMUDB_DATABASE": self.immudb_database,
+            "SARDIS_IMMUDB_CA_FILE": self.immudb_ca_file,
             "SARDIS_CHAIN_RPC": self.chain_rpc,
             "SARDIS_PARTITIONS": str(self.partitions),
             "SARDIS_RECONCILE_GRACE_S": str(self.reconcile_grace_s),

@@ -62,7 +62,12 @@ async def create(admin: Any, binding: AclBinding) -> None:
             raise AclError(f"creating {binding.row().strip()}: {for_code(code).__name__}: {message}")
 
 
-async def apply(settings: Settings, bindings: tuple[AclBinding, ...]) -> AclReport:
+def _prefixed_elsewhere(binding: AclBinding, bindings: tuple[AclBinding, ...]) -> bool:
+    """For the unprefixed plan: is `binding` a planned rule's name with a prefix in front?"""
+    return any(binding.name.endswith(b.name) and binding.name != b.name for b in bindings)
+
+
+async def apply(settings: Settings, bindings: tuple[AclBinding, ...], prefix: str = "") -> AclReport:
     """Create the rules of `bindings` the broker lacks; idempotent. Runs as the principal in
     SARDIS_KAFKA_* (it needs ALTER on the cluster: an admin or super user)."""
     from aiokafka.admin import AIOKafkaAdminClient
@@ -82,5 +87,7 @@ async def apply(settings: Settings, bindings: tuple[AclBinding, ...]) -> AclRepo
         await admin.close()
     principals = {b.principal for b in bindings}
     planned = set(bindings)
-    unplanned = sorted(b for b in before if b.principal in principals and b not in planned)
+    # Rules under other prefixes belong to other deployments sharing the cluster.
+    unplanned = sorted(b for b in before if b.principal in principals and b not in planned
+                       and prefix in b.name and (prefix or not _prefixed_elsewhere(b, bindings)))
     return AclReport(tuple(missing), tuple(b for b in bindings if b in before), tuple(unplanned))
