@@ -756,7 +756,7 @@ def connection_settings(settings: Settings | None = None) -> str:
     for name in SECRET_ENV_NAMES:
         env.pop(name, None)
         env.pop(f"{name}_FILE", None)
-    env["SARDIS_PG_DSN"] = redact_url(settings.pg_dsn)
+    env["SARDIS_PG_DSN"] = redact_url(settings.pg_dsn).replace(":***@", "@", 1)
     lines = [f"export {name}={value}" for name, value in env.items()]
     lines.append(f"# logs and data: {run_dir()}   immudb password: SARDIS_IMMUDB_PASSWORD")
     return "\n".join(lines)

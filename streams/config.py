@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -217,6 +218,14 @@ def redact_url(url: str) -> str:
         return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
     path = "/***" if parts.path.strip("/") else ""
     return urllib.parse.urlunsplit((parts.scheme, netloc, path, "***" if parts.query else "", ""))
+
+
+_URL_IN_TEXT = re.compile(r"""\b(?:https?|wss?|postgres(?:ql)?)://[^\s'"<>)]+""")
+
+
+def redact_urls_in(text: str) -> str:
+    """`text` with every URL in it redacted (web3 and aiohttp errors quote the URL they called)."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
 
 
 def _whole(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
