@@ -36,7 +36,9 @@ CA_DAYS = 3650
 NODE_CN = "sardis-kafka-node"
 ADMIN_CN = "sardis-admin"  # Kafka super user over mTLS: creates topics and ACLs
 CLIENT_CN = DEFAULT_PRINCIPALS[Role.CLIENT].removeprefix("User:")  # mTLS maps CN -> principal
-KAFKA_USERS = tuple(p.removeprefix("User:") for p in DEFAULT_PRINCIPALS.values())
+# The admin has a SCRAM password too, for tools that speak SASL_SSL only (e.g. `bench` against
+# this stack); it is a super user, so it never runs the ledger's processes.
+KAFKA_USERS = (*(p.removeprefix("User:") for p in DEFAULT_PRINCIPALS.values()), ADMIN_CN)
 PG_SUPERUSER = "sardis_admin"
 PG_OWNER, PG_SINK, PG_READER = "ledger_owner", "ledger_sink", "ledger_reader"
 PG_DATABASE = "sardis"
