@@ -559,7 +559,9 @@ async def run_watch(settings: Settings, config: WatchConfig, *, until_block: int
     everything up to `until_block` is published."""
     from streams.topics import create_topics
 
-    await create_topics(settings)
+    # The watcher's principal may not read ledger.entries (README: Deploying securely); the
+    # worker checks the entries' ownership at its own start.
+    await create_topics(settings, check_entries=False)
     await ensure_state_topic(settings)
     reader = Web3Reader(settings.chain_rpc)
     chain = config.chain or chain_name_for(await reader.chain_id())

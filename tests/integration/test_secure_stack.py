@@ -300,3 +300,35 @@ def test_the_stack_keeps_its_keys_and_passwords_private(secured: float) -> None:
     for key in [*secure_stack.pki_dir().glob("*.key"), *secure_stack.pki_dir().glob("*.pem"),
                 *(secure_stack.secure_dir() / "secrets").glob("*.pw")]:
         assert key.stat().st_mode & 0o777 == 0o600, key
+
+
+async def test_the_chain_watcher_starts_and_publishes_as_its_own_principal(prefix: str) -> None:
+    """Against the plain dev anvil (read only: eth_blockNumber, eth_getLogs), once ledger.entries
+    holds records the watcher may not read: its start-up topic check must not read them."""
+    import os
+    import subprocess
+    import sys
+
+    admin = as_role("admin", prefix)
+    assert await _produce(admin, admin.topic("ledger.entries")) >= 0
+    watcher = as_role("watcher", prefix)
+    env = {**os.environ, **secure_stack.role_env("watcher"), "SARDIS_TOPIC_PREFIX": prefix,
+           "SARDIS_PARTITIONS": str(PARTITIONS)}
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "streams.cli", "chain", "watch", "--token",
+                         f"0x{'11' * 20}=USDC:6", "--wallet", f"0x{'22' * 20}=acct-w",
+                         "--confirmations", "0", "--once"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from aiokafka import TopicPartition
+
+    reader = AIOKafkaConsumer(**admin.kafka_connection(), enable_auto_commit=False)
+    await reader.start()
+    try:
+        state = TopicPartition(admin.topic("chain.watch-state"), 0)
+        ends = await reader.end_offsets([state])
+    finally:
+        await reader.stop()
+    assert ends[state] >= 2  # the watcher's progress record and its transaction's commit marker
+    with pytest.raises(TopicAuthorizationFailedError):
+        await _produce(watcher, watcher.topic("ledger.entries"))
