@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import ssl
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +25,6 @@ from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 
 from infra import secure_stack
 from sinks.process import SinkProcess
-from sinks.schema import grant, migrate
 from sinks.verify import verify
 from streams import acl
 from streams.client import LedgerClient
@@ -174,9 +176,14 @@ async def owner_schema(secured: float) -> AsyncIterator[str]:
     name = f"s_{uuid.uuid4().hex[:12]}"
     owner = await asyncpg.connect(as_role("admin", "").pg_dsn)
     try:
-        await migrate(owner, name)
-        await grant(owner, name, sink_role=secure_stack.PG_SINK,
-                    reader_role=secure_stack.PG_READER)
+        # What an operator runs: `sardis-ledger migrate` as the owner, granting the two roles.
+        done = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "streams.cli", "migrate", "--schema", name, "--grant-sink",
+            secure_stack.PG_SINK, "--grant-reader", secure_stack.PG_READER],
+            env={**os.environ, **secure_stack.role_env("admin")}, capture_output=True, text=True,
+            timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "applied [1, 2]" in done.stdout
         yield name
     finally:
         await owner.execute(f'DROP SCHEMA "{name}" CASCADE')
@@ -305,10 +312,6 @@ def test_the_stack_keeps_its_keys_and_passwords_private(secured: float) -> None:
 async def test_the_chain_watcher_starts_and_publishes_as_its_own_principal(prefix: str) -> None:
     """Against the plain dev anvil (read only: eth_blockNumber, eth_getLogs), once ledger.entries
     holds records the watcher may not read: its start-up topic check must not read them."""
-    import os
-    import subprocess
-    import sys
-
     admin = as_role("admin", prefix)
     assert await _produce(admin, admin.topic("ledger.entries")) >= 0
     watcher = as_role("watcher", prefix)
