@@ -121,3 +121,14 @@ def test_principals_and_roles_can_be_chosen() -> None:
 def test_bad_principals_are_refused(raw: str) -> None:
     with pytest.raises(ConfigError):
         acl.parse_principal(raw)
+
+
+def test_acl_plan_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from streams.cli import main
+
+    assert main(["acl", "plan", "--prefix", "p.", "--role", "client",
+                 "--principal", "client=User:payments"]) == 0
+    out = capsys.readouterr().out
+    assert "User:payments            WRITE            TOPIC            LITERAL  p.ledger.commands" in out
+    assert "# 4 ALLOW rules for topic prefix 'p.'" in out
+    assert main(["acl", "plan", "--principal", "root=User:x"]) == 1  # a clear error, not a trace
