@@ -264,8 +264,16 @@ async def test_the_ledger_runs_end_to_end_on_the_secured_listeners_and_logs_no_s
             results = [await ledger.create_entry(account_id=f"acct-{i % 4}", amount=Decimal("1.25"),
                                                  entry_type="credit", currency="USD")
                        for i in range(ENTRIES)]
-        assert len(results) == ENTRIES
-        await _wait_sunk(owner_schema, ENTRIES, sinks)
+            # A batch across partitions: the coordinator's reserves and settles travel on the
+            # internal topics, which only the worker's principal may write.
+            batch = await ledger.create_batch([
+                {"account_id": "acct-0", "amount": "2", "entry_type": "debit", "currency": "USD"},
+                {"account_id": "acct-1", "amount": "2", "entry_type": "credit", "currency": "USD"},
+            ])
+            balance = await ledger.get_balance("acct-1", "USD")
+        assert len(results) == ENTRIES and len(batch.entries) == 2
+        assert balance.balance == Decimal("1.25") * (ENTRIES // 4) + 2, balance
+        await _wait_sunk(owner_schema, ENTRIES + 2, sinks)
         report = await verify(as_role("operator", prefix), owner_schema, state_directory=state,
                               check_anchors=False)
         assert report.ok, report
