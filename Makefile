@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up up-cluster down status topics demo test test-unit test-integration test-cluster fuzz bench bench-cluster bench-old-engine lint clean
+.PHONY: help install up up-cluster up-secure down status topics demo test test-unit test-integration test-secure test-cluster fuzz bench bench-cluster bench-old-engine lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ up: install ## provision (once) and start Kafka, PostgreSQL, immudb, anvil and t
 up-cluster: install ## like up, with a 3-node Kafka cluster (127.0.0.1:19192,19194,19196) instead of the single node
 	$(BIN)/sardis-ledger dev up --brokers 3
 
+up-secure: install ## the secured stack beside the plain one: TLS, SCRAM, ACLs, DB roles (README: Deploying securely)
+	$(BIN)/sardis-ledger dev up --secure
+
 down: install ## stop the dev servers the harness started
 	$(BIN)/sardis-ledger dev down
 
@@ -41,6 +44,9 @@ test-unit: install ## unit tests only (no servers)
 
 test-integration: install ## integration tests only (starts the servers it needs)
 	$(BIN)/python -m pytest tests/integration
+
+test-secure: install ## only the secured-stack tests (part of make test too; starts the secured stack)
+	$(BIN)/python -m pytest tests/integration/test_secure_stack.py
 
 test-cluster: install ## every 3-broker failure test (a broker, the commands leader, the controller, workers killed; CI runs the first)
 	SARDIS_TEST_CLUSTER_SCENARIOS=all $(BIN)/python -m pytest tests/integration/test_cluster.py

@@ -28,10 +28,13 @@ from streams.config import (
     PG_PORT_DEFAULT,
     SCHEMA_REGISTRY_PORT_DEFAULT,
     SCHEMA_REGISTRY_URL_DEFAULT,
+    SECRET_ENV_NAMES,
     Settings,
     host_port,
+    redact_url,
 )
 from streams.errors import InfraError
+from streams.kafka_security import KafkaSecurity
 
 INFRA_DIR = Path(__file__).resolve().parent
 KAFKA_VERSION = "4.1.1"
@@ -279,13 +282,15 @@ def _kafka_command() -> list[str]:
             "-cp", f"{_kafka_home() / 'libs'}/*", "kafka.Kafka", str(_kafka_properties())]
 
 
-def health_kafka(bootstrap: str = KAFKA_BOOTSTRAP_DEFAULT) -> None:
+def health_kafka(bootstrap: str = KAFKA_BOOTSTRAP_DEFAULT,
+                 security: KafkaSecurity | None = None) -> None:
     """A transactional produce and a read_committed consume: proves transactions work."""
     import asyncio
 
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from aiokafka.errors import KafkaError
 
+    identity = security or KafkaSecurity()
     host, port = host_port(bootstrap)
     if not _port_open(host, port):
         # Not listening yet: say so without letting aiokafka log a connection error per retry.
@@ -294,7 +299,7 @@ def health_kafka(bootstrap: str = KAFKA_BOOTSTRAP_DEFAULT) -> None:
     async def check() -> None:
         topic = "__sardis_health"
         marker = uuid.uuid4().hex.encode()
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap,
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **identity.aiokafka_kwargs(),
                                     transactional_id=f"sardis-health-{uuid.uuid4().hex[:8]}",
                                     request_timeout_ms=10_000)
         try:
@@ -303,7 +308,8 @@ def health_kafka(bootstrap: str = KAFKA_BOOTSTRAP_DEFAULT) -> None:
                 meta = await producer.send_and_wait(topic, marker, partition=0)
         finally:
             await producer.stop()
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **identity.aiokafka_kwargs(),
+                                    isolation_level="read_committed",
                                     enable_auto_commit=False, request_timeout_ms=10_000)
         try:
             await consumer.start()
@@ -632,7 +638,8 @@ SERVER_ENV = {
 def servers(settings: Settings) -> list[Server]:
     stack = [
         Server("kafka", (KAFKA_PORT, KAFKA_CONTROLLER_PORT),
-               lambda: health_kafka(settings.kafka_bootstrap), provision_kafka, _kafka_command,
+               lambda: health_kafka(settings.kafka_bootstrap, settings.kafka_security),
+               provision_kafka, _kafka_command,
                prepare=_kafka_prepare, health_timeout_s=KAFKA_HEALTH_TIMEOUT_S,
                stop_timeout_s=KAFKA_STOP_TIMEOUT_S),
         # SIGINT is PostgreSQL's "fast" shutdown: it disconnects clients and checkpoints. SIGTERM
@@ -745,8 +752,11 @@ def status() -> dict[str, str]:
 def connection_settings(settings: Settings | None = None) -> str:
     settings = settings or Settings.from_env()
     env = settings.as_env()
-    env.pop("SARDIS_IMMUDB_PASSWORD")
-    env.pop("SARDIS_SCHEMA_REGISTRY_PASSWORD")
+    # Secrets are never printed: the password variables are left out, the DSN loses its password.
+    for name in SECRET_ENV_NAMES:
+        env.pop(name, None)
+        env.pop(f"{name}_FILE", None)
+    env["SARDIS_PG_DSN"] = redact_url(settings.pg_dsn).replace(":***@", "@", 1)
     lines = [f"export {name}={value}" for name, value in env.items()]
     lines.append(f"# logs and data: {run_dir()}   immudb password: SARDIS_IMMUDB_PASSWORD")
     return "\n".join(lines)

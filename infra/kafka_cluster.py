@@ -14,6 +14,7 @@ from typing import Any
 
 from infra import harness
 from streams.errors import InfraError
+from streams.kafka_security import KafkaSecurity
 from streams.topic_policy import REPLICATION_FACTOR_SAFE, min_insync_for
 
 CLUSTER_NODES = 3
@@ -225,7 +226,9 @@ async def describe_quorum(bootstrap_servers: str) -> Quorum:
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
+    # The dev cluster's PLAINTEXT listeners: these helpers manage the harness's own brokers.
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers,
+                                **KafkaSecurity().aiokafka_kwargs(),
                                 request_timeout_ms=REQUEST_TIMEOUT_MS)
     try:
         await admin.start()
@@ -248,7 +251,9 @@ async def registered_brokers(bootstrap_servers: str) -> list[int]:
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
+    # The dev cluster's PLAINTEXT listeners: these helpers manage the harness's own brokers.
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers,
+                                **KafkaSecurity().aiokafka_kwargs(),
                                 request_timeout_ms=REQUEST_TIMEOUT_MS)
     try:
         await admin.start()

@@ -124,7 +124,7 @@ async def _throughput_run(settings: Settings, entries: int, seed: int, shards: i
     entries_topic = own.topic(LedgerTopic.ENTRIES)
     async with _sink_env(own) as (schema, env):
         conn = await connect(own.pg_dsn)
-        admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(**own.kafka_connection())
         await admin.start()
 
         async def pg_written() -> int:
@@ -207,8 +207,8 @@ async def _lag_measure(own: Settings, schema: str, env: dict[str, str], seed: in
     samples: dict[str, list[list[tuple[float, int]]]] = {
         kind: [[] for _ in range(own.partitions)] for kind in kinds}
     conn = await connect(own.pg_dsn)
-    admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
-    producer = AIOKafkaProducer(bootstrap_servers=own.kafka_bootstrap, acks="all",
+    admin = AIOKafkaAdminClient(**own.kafka_connection())
+    producer = AIOKafkaProducer(**own.kafka_connection(), acks="all",
                                 enable_idempotence=True, linger_ms=0)
     sending = True
 

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from sinks.errors import SinkError
 from streams.config import Settings
 
 EXIT_OK = 0
@@ -28,6 +29,29 @@ def _schema(args: argparse.Namespace) -> str:
 
 def _state_dir(args: argparse.Namespace) -> Path | None:
     return Path(args.state_dir) if getattr(args, "state_dir", None) else None
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from sinks.schema import connect, grant, migrate
+
+    async def run() -> list[int]:
+        conn = await connect(Settings.from_env().pg_dsn)
+        try:
+            applied = await migrate(conn, _schema(args))
+            if args.grant_sink:
+                await grant(conn, _schema(args), sink_role=args.grant_sink,
+                            reader_role=args.grant_reader)
+            return applied
+        finally:
+            await conn.close()
+
+    if bool(args.grant_sink) != bool(args.grant_reader):
+        raise SinkError("give --grant-sink and --grant-reader together (or neither)")
+    applied = asyncio.run(run())
+    print(f"schema {_schema(args)}: applied {applied or 'nothing (up to date)'}"
+          + (f"; granted to sink {args.grant_sink}, reader {args.grant_reader}"
+             if args.grant_sink else ""))
+    return EXIT_OK
 
 
 def _cmd_sink(args: argparse.Namespace) -> int:
@@ -148,6 +172,19 @@ def add_sink_commands(sub: argparse._SubParsersAction) -> None:
     sink.add_argument("--state-dir", help=STATE_DIR_HELP)
     sink.add_argument("--loglevel", default="info", choices=list(LOG_LEVELS))
     sink.set_defaults(func=_cmd_sink)
+
+    migrate = sub.add_parser(
+        "migrate", help="create or update the PostgreSQL schema, as its owner, and grant it",
+        description="Apply the pending migrations (sinks/migrations) to the schema, connecting "
+        "with SARDIS_PG_DSN as the role that owns it. With --grant-sink and --grant-reader, "
+        "give the sink's role SELECT and INSERT (UPDATE on sink_offsets only) and the reader's "
+        "SELECT: neither owns a table, so neither can alter one or disable its append-only "
+        "triggers (README: Deploying securely). A sink starting on an up-to-date schema needs "
+        "no more than that.")
+    migrate.add_argument("--schema", help=SCHEMA_HELP)
+    migrate.add_argument("--grant-sink", metavar="ROLE", help="the sink's role")
+    migrate.add_argument("--grant-reader", metavar="ROLE", help="the read-only role")
+    migrate.set_defaults(func=_cmd_migrate)
 
     history = sub.add_parser(
         "history", help="entries of an account from PostgreSQL, as JSON lines",

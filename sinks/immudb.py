@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from schemas.codec import AvroCodec
 from sinks import kafka
 from sinks.errors import SinkError, SinkUnavailable, VerificationError
+from sinks.immudb_compat import use_tls
 from sinks.intake import SinkReject, intake
 from sinks.kafka import ALL_PARTITIONS, Shard
 from streams import canonical, records
@@ -60,6 +61,8 @@ REQUEST_TIMEOUT_MS = 30_000
 TRANSACTION_TIMEOUT_MS = 60_000
 
 log = logging.getLogger("sardis.sinks.immudb")
+STATE_DIR_MODE = 0o700
+STATE_FILE_MODE = 0o600
 
 
 def state_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -111,15 +114,21 @@ class StateFile:
         return TrustedState(raw["db"], int(raw["tx_id"]), bytes.fromhex(raw["tx_hash"]))
 
     def save(self, state: TrustedState) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with (self.path.with_suffix(".lock")).open("a") as lock:
+        # Owner-only: whoever can rewrite the trusted state can make a rolled-back immudb pass.
+        self.path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+        lock_fd = os.open(self.path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                          STATE_FILE_MODE)
+        with os.fdopen(lock_fd, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             current = self.load()
             if current is not None and current.tx_id >= state.tx_id:
                 return
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"version": STATE_FILE_VERSION, "db": state.db,
-                                       "tx_id": state.tx_id, "tx_hash": state.tx_hash.hex()}))
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, STATE_FILE_MODE)
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps({"version": STATE_FILE_VERSION, "db": state.db,
+                                      "tx_id": state.tx_id, "tx_hash": state.tx_hash.hex()}))
             os.replace(tmp, self.path)
 
 
@@ -212,6 +221,8 @@ class ImmudbStore:
             with contextlib.redirect_stdout(io.StringIO()):
                 client = ImmudbClient(self.address, rs=_root_service(self.state_file),
                                       timeout=GRPC_TIMEOUT_S)
+                if self.settings.immudb_ca_file:
+                    use_tls(client, self.address, self.settings.immudb_ca_file)
                 client.login(self.settings.immudb_user, self.settings.immudb_password,
                              database=self.settings.immudb_database.encode())
         except Exception as exc:
@@ -499,7 +510,7 @@ class ImmudbSink:
     async def run(self, stop: asyncio.Event | None = None) -> int:
         stop = stop or asyncio.Event()
         await self.wire.start((LedgerTopic.RECEIPTS, LedgerTopic.SINK_DLQ))
-        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap,
+        producer = AIOKafkaProducer(**self.settings.kafka_connection(),
                                     transactional_id=self.transactional_id,
                                     enable_idempotence=True, acks="all", linger_ms=5,
                                     request_timeout_ms=REQUEST_TIMEOUT_MS,

@@ -69,7 +69,7 @@ ALL_PARTITIONS = Shard()
 def consumer(settings: Settings, *, group_id: str | None = None) -> AIOKafkaConsumer:
     """A read_committed consumer for manual assignment (positions come from the sink's store)."""
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=group_id,
+        **settings.kafka_connection(), group_id=group_id,
         isolation_level="read_committed", enable_auto_commit=False, auto_offset_reset="earliest",
         request_timeout_ms=REQUEST_TIMEOUT_MS, fetch_max_bytes=FETCH_MAX_BYTES,
         max_partition_fetch_bytes=PARTITION_FETCH_MAX_BYTES)

@@ -463,7 +463,7 @@ class PostgresSink:
 
         try:
             if self._dlq_producer is None:
-                producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap,
+                producer = AIOKafkaProducer(**self.settings.kafka_connection(),
                                             enable_idempotence=True, acks="all")
                 await producer.start()
                 self._dlq_producer = producer

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sinks.errors import SinkError, SinkUnavailable
+from streams.config import redact_url
 
 PG_SCHEMA_DEFAULT = "ledger"
 PG_SCHEMA_ENV = "SARDIS_PG_SCHEMA"
@@ -78,7 +79,7 @@ async def connect(dsn: str) -> Any:
 
 def _safe_dsn(dsn: str) -> str:
     """The DSN without its password, for messages."""
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", dsn)
+    return redact_url(dsn)
 
 
 async def migrate(conn: Any, schema: str) -> list[int]:
@@ -89,6 +90,10 @@ async def migrate(conn: Any, schema: str) -> list[int]:
     """
     q = quoted(schema)
     applied_now: list[int] = []
+    if await _up_to_date(conn, schema):
+        # Nothing to do, and nothing tried: a sink role without CREATE (README: Deploying
+        # securely) starts on a schema its owner migrated.
+        return applied_now
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                            f"sardis-ledger:migrate:{schema}")
@@ -106,6 +111,29 @@ async def migrate(conn: Any, schema: str) -> list[int]:
                                migration.version, migration.name)
             applied_now.append(migration.version)
     return applied_now
+
+
+async def _up_to_date(conn: Any, schema: str) -> bool:
+    table = await conn.fetchval("SELECT to_regclass($1)", f"{quoted(schema)}.schema_migrations")
+    if table is None:
+        return False
+    done = {row["version"] for row in await conn.fetch(
+        f"SELECT version FROM {quoted(schema)}.schema_migrations")}
+    return {m.version for m in migrations()} <= done
+
+
+async def grant(conn: Any, schema: str, *, sink_role: str, reader_role: str) -> None:
+    """Run by the schema's owner after `migrate`: the sink may read and insert (and move its
+    offsets), the reader may only read. Neither owns a table, so neither can alter one, drop or
+    disable its append-only triggers, or set session_replication_role."""
+    q = quoted(schema)
+    sink, reader = quoted(sink_role), quoted(reader_role)
+    async with conn.transaction():
+        await conn.execute(f"REVOKE ALL ON SCHEMA {q} FROM PUBLIC")
+        await conn.execute(f"GRANT USAGE ON SCHEMA {q} TO {sink}, {reader}")
+        await conn.execute(f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA {q} TO {sink}")
+        await conn.execute(f"GRANT UPDATE ON {q}.sink_offsets TO {sink}")
+        await conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {q} TO {reader}")
 
 
 async def schema_exists(conn: Any, schema: str) -> bool:

@@ -14,7 +14,7 @@ from sinks import rows
 from sinks.errors import SinkError, VerificationError
 from sinks.schema import connect, quoted
 from streams import canonical, core, merkle
-from streams.config import Settings
+from streams.config import Settings, redact_url, redact_urls_in
 from streams.errors import LedgerError
 from streams.money import Currency, currency_table
 
@@ -286,7 +286,8 @@ async def _anchors(settings: Settings, anchor_rows: Sequence[Any], report: Repor
     try:
         roots = await anchored_roots(settings, keys)
     except LedgerError as exc:
-        report.add(Problem(f"anchored roots cannot be read from {settings.chain_rpc}: {exc} "
+        report.add(Problem(f"anchored roots cannot be read from {redact_url(settings.chain_rpc)}: "
+                           f"{redact_urls_in(str(exc))} "
                            "(--no-anchors skips the anchor check)"))
         return []
     return [AnchorRow(r["partition"], r["tree_size"], r["root_hash"], r["tx_hash"],

@@ -103,7 +103,7 @@ class WorkloadProducer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.codec = AvroCodec()
-        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+        self.producer = AIOKafkaProducer(**settings.kafka_connection(), acks="all",
                                          enable_idempotence=True, linger_ms=PRODUCE_LINGER_MS)
 
     async def __aenter__(self) -> WorkloadProducer:

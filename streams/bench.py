@@ -169,9 +169,9 @@ async def _read_latencies(consumer: AIOKafkaConsumer, sent_at: dict[str, float],
 
 
 def _clients(settings: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+    producer = AIOKafkaProducer(**settings.kafka_connection(), acks="all",
                                 enable_idempotence=True, linger_ms=5)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(**settings.kafka_connection(),
                                 isolation_level="read_committed", enable_auto_commit=False)
     return producer, consumer
 
@@ -185,11 +185,31 @@ def _progress(label: str, done: int, total: int, started: float) -> None:
     sys.stderr.flush()
 
 
+async def _create_baseline_topic(settings: Settings, topic: str) -> None:
+    """One partition, the ledger topics' replication. Created here, not by a first produce:
+    a secured broker has auto.create.topics.enable=false."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    from streams.topic_policy import plan_replication
+    from streams.topics import broker_count
+
+    admin = AIOKafkaAdminClient(**settings.kafka_connection())
+    await admin.start()
+    try:
+        plan = plan_replication(settings.replication_factor, await broker_count(admin))
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([NewTopic(topic, 1, plan.replication_factor)])
+    finally:
+        await admin.close()
+
+
 async def _kafka_baseline(settings: Settings, count: int) -> float:
     """Produce and read back `count` encoded commands on one topic: Kafka + Avro, no ledger."""
     codec = AvroCodec()
     topic = settings.topic("bench.baseline")
     values = [codec.encode("PostEntry", c) for c in _commands(Scenario("b", count, 1000), 99)]
+    await _create_baseline_topic(settings, topic)
     producer, consumer = _clients(settings)
     await producer.start()
     await consumer.start()

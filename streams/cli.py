@@ -16,9 +16,33 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
+def _cmd_dev_secure(action: str) -> int:
+    import time
+
+    from infra import secure_stack
+
+    if action == "up":
+        started_at = time.monotonic()
+        started = secure_stack.up()
+        print(secure_stack.exports())
+        print(f"# started now: {', '.join(started) or 'nothing (all were running)'}; ready in "
+              f"{time.monotonic() - started_at:.1f}s", file=sys.stderr)
+    elif action == "down":
+        print(f"stopped: {', '.join(secure_stack.down()) or 'nothing was running'}")
+    else:
+        states = secure_stack.status()
+        for name, state in states.items():
+            print(f"secure {name:9s} {state}")
+        return EXIT_OK if all("healthy" in s and "unhealthy" not in s for s in states.values()) \
+            else EXIT_ERROR
+    return EXIT_OK
+
+
 def _cmd_dev(args: argparse.Namespace) -> int:
     from infra import harness, kafka_cluster
 
+    if args.secure:
+        return _cmd_dev_secure(args.action)
     if args.action == "up":
         started = []
         if args.brokers > 1:
@@ -177,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "its health, and each cluster node and the controller quorum")
     dev.add_argument("--brokers", type=int, choices=[1, 3], default=1,
                      help="up only: 1 (default) for the single node on 9092, 3 for the cluster")
+    dev.add_argument("--secure", action="store_true",
+                     help="the secured stack instead, beside the plain one (own ports 29092-29094, "
+                     "25432, 23322 and run directory): a throwaway CA, Kafka SASL_SSL/SCRAM and "
+                     "mTLS with ACLs, PostgreSQL SCRAM over TLS only with owner/sink/reader "
+                     "roles, immudb over TLS with a changed admin password and a sink user; "
+                     "`up` prints each role's settings (README: Deploying securely)")
     dev.set_defaults(func=_cmd_dev)
 
     topics = sub.add_parser(
@@ -323,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sinks.reconcile_report import add_reconcile_commands
 
     add_reconcile_commands(sub)
+
+    from streams.acl_cli import add_acl_commands
+
+    add_acl_commands(sub)
     return parser
 
 

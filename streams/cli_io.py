@@ -176,7 +176,7 @@ async def consume(settings: Settings, topic_name: str, stdout: IO[str], *,
                   timeout_s: float | None = None) -> int:
     wire = Wire(settings)
     topic = settings.topic(topic_name)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(**settings.kafka_connection(),
                                 isolation_level="read_committed", enable_auto_commit=False)
     count = 0
     try:

@@ -177,11 +177,11 @@ class LedgerClient:
     async def start(self) -> None:
         # Confluent framing: the ids of what this client writes, registered or found.
         await self.wire.start((LedgerTopic.COMMANDS, LedgerTopic.BATCHES))
-        bootstrap = self.settings.kafka_bootstrap
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
+        self._producer = AIOKafkaProducer(**self.settings.kafka_connection(),
+                                          enable_idempotence=True,
                                           acks="all", linger_ms=COMMAND_LINGER_MS,
                                           request_timeout_ms=REQUEST_TIMEOUT_MS)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap,
+        self._consumer = AIOKafkaConsumer(**self.settings.kafka_connection(),
                                           isolation_level="read_committed",
                                           enable_auto_commit=False,
                                           fetch_max_wait_ms=RESULT_FETCH_MAX_WAIT_MS,
@@ -199,7 +199,7 @@ class LedgerClient:
                 await self._consumer.position(tp)
         except KafkaError as exc:
             await self.stop()
-            raise LedgerClientError(f"connecting to Kafka at {bootstrap}: {exc!r}",
+            raise LedgerClientError(f"connecting to Kafka at {self.settings.kafka_bootstrap}: {exc!r}",
                                     retriable=True) from exc
         self._reader = asyncio.create_task(self._read_results())
 
@@ -401,7 +401,7 @@ class LedgerClient:
         topic = self.settings.topic(LedgerTopic.BALANCES)
         tp = TopicPartition(topic, core.partition_for(account_id, self.settings.partitions))
         key = core.account_key(account_id, currency).encode()
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+        consumer = AIOKafkaConsumer(**self.settings.kafka_connection(),
                                     isolation_level="read_committed", enable_auto_commit=False)
         latest: dict[str, Any] | None = None
         try:

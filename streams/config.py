@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from schemas.codec import Framing
+from streams import kafka_security
 from streams.errors import ConfigError
+from streams.kafka_security import KafkaSecurity
 
 # Loopback defaults of the local dev harness (`sardis-ledger dev up`). The dev-only credentials
 # below apply only while the matching address is left at its default; pointing a setting at an
@@ -42,6 +46,16 @@ SECRET_FILE_BYTES_MAX = 4096
 REPLICATION_AUTO = "auto"
 REPLICATION_FACTOR_MAX = 7
 
+# Variables that may instead name a file holding the secret (NAME_FILE, e.g. a container secret).
+SECRET_ENV_NAMES = (
+    "SARDIS_PG_PASSWORD",
+    "SARDIS_IMMUDB_PASSWORD",
+    "SARDIS_SCHEMA_REGISTRY_USER",
+    "SARDIS_SCHEMA_REGISTRY_PASSWORD",
+    "SARDIS_KAFKA_PASSWORD",
+    "SARDIS_KAFKA_KEY_PASSWORD",
+)
+
 ENV_NAMES = (
     "SARDIS_KAFKA_BOOTSTRAP",
     "SARDIS_TOPIC_PREFIX",
@@ -50,6 +64,7 @@ ENV_NAMES = (
     "SARDIS_IMMUDB_USER",
     "SARDIS_IMMUDB_PASSWORD",
     "SARDIS_IMMUDB_DATABASE",
+    "SARDIS_IMMUDB_CA_FILE",
     "SARDIS_CHAIN_RPC",
     "SARDIS_PARTITIONS",
     "SARDIS_RECONCILE_GRACE_S",
@@ -59,6 +74,8 @@ ENV_NAMES = (
     "SARDIS_SCHEMA_REGISTRY_USER",
     "SARDIS_SCHEMA_REGISTRY_PASSWORD",
     "SARDIS_REPLICATION_FACTOR",
+    "SARDIS_PG_PASSWORD",
+    *kafka_security.ENV_NAMES,
 )
 
 
@@ -68,11 +85,13 @@ class Settings:
 
     kafka_bootstrap: str = KAFKA_BOOTSTRAP_DEFAULT
     topic_prefix: str = ""
-    pg_dsn: str = PG_DSN_DEFAULT
+    # May carry the password (SARDIS_PG_PASSWORD(_FILE) is merged in): never printed whole.
+    pg_dsn: str = field(default=PG_DSN_DEFAULT, repr=False)
     immudb_addr: str = IMMUDB_ADDR_DEFAULT
     immudb_user: str = IMMUDB_DEV_USER
-    immudb_password: str = IMMUDB_DEV_PASSWORD
+    immudb_password: str = field(default=IMMUDB_DEV_PASSWORD, repr=False)
     immudb_database: str = IMMUDB_DATABASE_DEFAULT
+    immudb_ca_file: str = ""  # set: TLS to immudb, trusting this CA bundle only
     chain_rpc: str = CHAIN_RPC_DEFAULT
     partitions: int = PARTITIONS_DEFAULT
     reconcile_grace_s: int = RECONCILE_GRACE_S_DEFAULT
@@ -82,13 +101,14 @@ class Settings:
     schema_registry_user: str = ""
     schema_registry_password: str = field(default="", repr=False)
     replication_factor: int | None = None  # None: chosen from the broker count at start
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         immudb_addr = env.get("SARDIS_IMMUDB_ADDR", IMMUDB_ADDR_DEFAULT)
         immudb_user = env.get("SARDIS_IMMUDB_USER")
-        immudb_password = env.get("SARDIS_IMMUDB_PASSWORD")
+        immudb_password = _secret(env, "SARDIS_IMMUDB_PASSWORD") or None
         if immudb_addr != IMMUDB_ADDR_DEFAULT and (not immudb_user or not immudb_password):
             # No default credentials for a real server: say what is missing instead of guessing.
             raise ConfigError(
@@ -108,11 +128,13 @@ class Settings:
         return cls(
             kafka_bootstrap=env.get("SARDIS_KAFKA_BOOTSTRAP", KAFKA_BOOTSTRAP_DEFAULT),
             topic_prefix=prefix,
-            pg_dsn=env.get("SARDIS_PG_DSN", PG_DSN_DEFAULT),
+            pg_dsn=pg_dsn_with_password(env.get("SARDIS_PG_DSN", PG_DSN_DEFAULT),
+                                        _secret(env, "SARDIS_PG_PASSWORD")),
             immudb_addr=immudb_addr,
             immudb_user=immudb_user or IMMUDB_DEV_USER,
             immudb_password=immudb_password or IMMUDB_DEV_PASSWORD,
             immudb_database=env.get("SARDIS_IMMUDB_DATABASE", IMMUDB_DATABASE_DEFAULT),
+            immudb_ca_file=env.get("SARDIS_IMMUDB_CA_FILE", ""),
             chain_rpc=env.get("SARDIS_CHAIN_RPC", CHAIN_RPC_DEFAULT),
             partitions=partitions,
             reconcile_grace_s=_whole(env, "SARDIS_RECONCILE_GRACE_S", RECONCILE_GRACE_S_DEFAULT,
@@ -125,7 +147,13 @@ class Settings:
             schema_registry_user=registry_user,
             schema_registry_password=registry_password,
             replication_factor=_replication_factor(env),
+            kafka_security=kafka_security.from_env(env, _secret),
         )
+
+    def kafka_connection(self) -> dict[str, Any]:
+        """Keyword arguments every aiokafka client of the ledger is built with: the bootstrap
+        servers and this process's security settings (streams/kafka_security.py)."""
+        return {"bootstrap_servers": self.kafka_bootstrap, **self.kafka_security.aiokafka_kwargs()}
 
     def topic(self, name: str) -> str:
         """Full topic name of a ledger topic such as `ledger.commands`, prefix included."""
@@ -141,6 +169,7 @@ class Settings:
             "SARDIS_IMMUDB_USER": self.immudb_user,
             "SARDIS_IMMUDB_PASSWORD": self.immudb_password,
             "SARDIS_IMMUDB_DATABASE": self.immudb_database,
+            "SARDIS_IMMUDB_CA_FILE": self.immudb_ca_file,
             "SARDIS_CHAIN_RPC": self.chain_rpc,
             "SARDIS_PARTITIONS": str(self.partitions),
             "SARDIS_RECONCILE_GRACE_S": str(self.reconcile_grace_s),
@@ -151,7 +180,52 @@ class Settings:
             "SARDIS_SCHEMA_REGISTRY_PASSWORD": self.schema_registry_password,
             "SARDIS_REPLICATION_FACTOR": (REPLICATION_AUTO if self.replication_factor is None
                                           else str(self.replication_factor)),
+            **self.kafka_security.as_env(),
+            # The values above win over any *_FILE the parent had (both set is an error).
+            **{f"{name}_FILE": "" for name in SECRET_ENV_NAMES},
+            "SARDIS_PG_PASSWORD": "",  # already in SARDIS_PG_DSN
         }
+
+
+def pg_dsn_with_password(dsn: str, password: str) -> str:
+    """`dsn` with `password` (from SARDIS_PG_PASSWORD or its _FILE) put in, URL-quoted."""
+    if not password:
+        return dsn
+    parts = urllib.parse.urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql") or not parts.username or not parts.hostname:
+        raise ConfigError("SARDIS_PG_PASSWORD needs SARDIS_PG_DSN as postgresql://user@host/db")
+    if parts.password is not None:
+        raise ConfigError("SARDIS_PG_DSN carries a password and SARDIS_PG_PASSWORD is set: keep "
+                          "one (the variable or its _FILE, which never shows in a process list)")
+    netloc = f"{parts.username}:{urllib.parse.quote(password, safe='')}@{parts.netloc.split('@', 1)[1]}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for a message or a log line: no password, and for anything but a PostgreSQL DSN
+    no path or query either (RPC providers put API keys there: .../v3/<key>, ?apikey=...)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    user = f"{parts.username}:***@" if parts.password is not None else (
+        f"{parts.username}@" if parts.username else "")
+    netloc = f"{user}[{host}]{port}" if ":" in host else f"{user}{host}{port}"
+    if parts.scheme in ("postgres", "postgresql"):
+        query = "&".join(p for p in parts.query.split("&") if not p.startswith("password="))
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    path = "/***" if parts.path.strip("/") else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, "***" if parts.query else "", ""))
+
+
+_URL_IN_TEXT = re.compile(r"""\b(?:https?|wss?|postgres(?:ql)?)://[^\s'"<>)]+""")
+
+
+def redact_urls_in(text: str) -> str:
+    """`text` with every URL in it redacted (web3 and aiohttp errors quote the URL they called)."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
 
 
 def _whole(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

@@ -74,7 +74,7 @@ class QuarantineReader:
         """
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+        consumer = AIOKafkaConsumer(**self.settings.kafka_connection(),
                                     isolation_level="read_committed", enable_auto_commit=False,
                                     fetch_max_wait_ms=10, request_timeout_ms=REQUEST_TIMEOUT_MS)
         await consumer.start()
@@ -109,7 +109,7 @@ async def _read_record(settings: Settings, position: Position) -> Any:
     """The committed record at `position`, or QuarantineError."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(**settings.kafka_connection(),
                                 isolation_level="read_committed", enable_auto_commit=False,
                                 request_timeout_ms=REQUEST_TIMEOUT_MS)
     await consumer.start()
@@ -170,7 +170,7 @@ async def quarantine(settings: Settings, position: Position, note: str) -> str:
         topic=position.topic, partition=position.partition, offset=position.offset,
         key=message.key, payload=value, command_id=_command_id(codec, value),
         failed_at_ms=time.time_ns() // 1_000_000))
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+    producer = AIOKafkaProducer(**settings.kafka_connection(),
                                 transactional_id=f"{settings.topic_prefix}sardis-quarantine",
                                 request_timeout_ms=REQUEST_TIMEOUT_MS)
     await producer.start()

@@ -196,10 +196,11 @@ def expected_topics(settings: Settings, plan: ReplicationPlan) -> list[TopicShap
     return shapes
 
 
-async def create_topics(settings: Settings) -> list[str]:
+async def create_topics(settings: Settings, *, check_entries: bool = True) -> list[str]:
     """Create every missing ledger topic (SARDIS_PARTITIONS partitions, replication from the
-    cluster); raises TopicError when existing topics would move accounts between partitions."""
-    report = await ensure_topics(settings, check_entries=True)
+    cluster); raises TopicError when existing topics would move accounts between partitions.
+    `check_entries=False` skips reading ledger.entries, for principals that may not read it."""
+    report = await ensure_topics(settings, check_entries=check_entries)
     ownership = [str(d) for d in report.differences if d.severity is Severity.OWNERSHIP]
     if ownership:
         raise TopicError("; ".join(ownership))
@@ -214,7 +215,7 @@ async def ensure_topics(settings: Settings, *, create: bool = True,
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+    admin = AIOKafkaAdminClient(**settings.kafka_connection(),
                                 request_timeout_ms=CREATE_TIMEOUT_MS)
     try:
         await admin.start()
@@ -313,7 +314,7 @@ async def misplaced_entries(settings: Settings) -> list[Difference]:
 
     topic = settings.topic(LedgerTopic.ENTRIES)
     codec = AvroCodec()
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(**settings.kafka_connection(),
                                 isolation_level="read_committed", enable_auto_commit=False)
     await consumer.start()
     found: list[Difference] = []
@@ -379,7 +380,7 @@ async def delete_topics_with_prefix(settings: Settings) -> list[str]:
 
     if not settings.topic_prefix:
         raise TopicError("refusing to delete topics without a topic prefix")
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+    admin = AIOKafkaAdminClient(**settings.kafka_connection(),
                                 request_timeout_ms=CREATE_TIMEOUT_MS)
     await admin.start()
     try:

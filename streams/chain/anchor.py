@@ -110,7 +110,7 @@ async def read_records(settings: Settings, topic_name: str) -> list[tuple[int, d
     wire = Wire(settings)
     codec = wire.codec
     topic = settings.topic(topic_name)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(**settings.kafka_connection(),
                                 isolation_level="read_committed", enable_auto_commit=False,
                                 request_timeout_ms=KAFKA_TIMEOUT_MS)
     out: list[tuple[int, dict[str, Any]]] = []
@@ -166,7 +166,7 @@ async def _produce(settings: Settings, records: list[dict[str, Any]]) -> None:
     wire = Wire(settings)
     await wire.start((LedgerTopic.ANCHORS,))
     codec = wire.codec
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+    producer = AIOKafkaProducer(**settings.kafka_connection(),
                                 enable_idempotence=True, acks="all",
                                 request_timeout_ms=KAFKA_TIMEOUT_MS)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,8 +13,11 @@ from urllib.parse import urlparse
 
 from streams.chain.errors import ChainConfigError, ChainRpcError
 from streams.chain.solc import CompiledContract
+from streams.config import redact_url, redact_urls_in
 
 PRIVATE_KEY_ENV = "SARDIS_CHAIN_PRIVATE_KEY"
+PRIVATE_KEY_FILE_ENV = "SARDIS_CHAIN_PRIVATE_KEY_FILE"
+KEY_FILE_BYTES_MAX = 256
 # anvil's well-known account 0 (from its public test mnemonic): holds only test ether on a local
 # dev node, and is used ONLY when the node is chain 31337 on a loopback address.
 ANVIL_DEV_PRIVATE_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
@@ -43,15 +47,42 @@ def private_key(rpc_url: str, chain_id: int, env: Mapping[str, str] | None = Non
     """The signing key: SARDIS_CHAIN_PRIVATE_KEY, or anvil's dev key on a local dev node only."""
     env = os.environ if env is None else env
     key = env.get(PRIVATE_KEY_ENV, "").strip()
+    path = env.get(PRIVATE_KEY_FILE_ENV, "").strip()
+    if key and path:
+        raise ChainConfigError(f"set {PRIVATE_KEY_ENV} or {PRIVATE_KEY_FILE_ENV}, not both")
+    if path:
+        key = read_key_file(path)
     if key:
         if not _PRIVATE_KEY.match(key):
             raise ChainConfigError(f"{PRIVATE_KEY_ENV} is not 32 bytes of hex")
         return key if key.startswith("0x") else "0x" + key
     if is_dev_node(rpc_url, chain_id):
         return ANVIL_DEV_PRIVATE_KEY
-    raise ChainConfigError(f"{PRIVATE_KEY_ENV} is not set: it is required for chain {chain_id} at "
-                           f"{rpc_url} (the anvil dev key is used only for chain {DEV_CHAIN_ID} "
-                           "on a loopback address)")
+    raise ChainConfigError(f"{PRIVATE_KEY_ENV} (or {PRIVATE_KEY_FILE_ENV}) is not set: it is "
+                           f"required for chain {chain_id} at {redact_url(rpc_url)} (the anvil "
+                           f"dev key is used only for chain {DEV_CHAIN_ID} on a loopback address)")
+
+
+def read_key_file(path: str) -> str:
+    """The key in `path`, which only its owner may read or write (mode 0600 or stricter)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ChainConfigError(f"{PRIVATE_KEY_FILE_ENV}={path}: cannot open it ({exc.strerror})") \
+            from exc
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ChainConfigError(f"{PRIVATE_KEY_FILE_ENV}={path} is not a regular file")
+        if info.st_mode & 0o077 or info.st_uid != os.geteuid():
+            raise ChainConfigError(
+                f"{PRIVATE_KEY_FILE_ENV}={path} has mode {stat.S_IMODE(info.st_mode):04o} and owner "
+                f"uid {info.st_uid}: it must belong to this user (uid {os.geteuid()}) with mode "
+                "0600 or stricter (chmod 600)")
+        data = handle.read(KEY_FILE_BYTES_MAX + 1)
+    if len(data) > KEY_FILE_BYTES_MAX:
+        raise ChainConfigError(f"{PRIVATE_KEY_FILE_ENV}={path} is longer than a key")
+    return data.decode("ascii", errors="replace").strip()
 
 
 def rpc_error(what: str, exc: BaseException) -> ChainRpcError:
@@ -62,7 +93,8 @@ def rpc_error(what: str, exc: BaseException) -> ChainRpcError:
     retriable = isinstance(exc, aiohttp.ClientError | TimeoutError | ConnectionError | OSError
                            | w3e.TooManyRequests | w3e.RequestTimedOut | w3e.TimeExhausted
                            | w3e.ProviderConnectionError)
-    return ChainRpcError(f"{what}: {exc!r}", retriable=retriable)
+    # web3's HTTP errors quote the URL they called, API key and all.
+    return ChainRpcError(redact_urls_in(f"{what}: {exc!r}"), retriable=retriable)
 
 
 @dataclass(slots=True)
@@ -83,7 +115,7 @@ class Sender:
         try:
             chain_id = int(await w3.eth.chain_id)
         except Exception as exc:  # node unreachable or not an Ethereum node
-            raise rpc_error(f"eth_chainId on {rpc_url}", exc) from exc
+            raise rpc_error(f"eth_chainId on {redact_url(rpc_url)}", exc) from exc
         account = Account.from_key(private_key(rpc_url, chain_id, env))
         return cls(w3, account, chain_id, asyncio.Lock())
 

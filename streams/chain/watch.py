@@ -424,7 +424,7 @@ async def ensure_state_topic(settings: Settings) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+    admin = AIOKafkaAdminClient(**settings.kafka_connection(),
                                 request_timeout_ms=KAFKA_TIMEOUT_MS)
     try:
         await admin.start()
@@ -483,7 +483,7 @@ class KafkaSink:
         # Starting a producer with the same transactional id fences a previous (crashed) watcher
         # and aborts its open transaction, so the progress read next is the last committed one.
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap, transactional_id=self.transactional_id,
+            **self.settings.kafka_connection(), transactional_id=self.transactional_id,
             enable_idempotence=True, acks="all", linger_ms=5, request_timeout_ms=KAFKA_TIMEOUT_MS)
         try:
             await self.producer.start()
@@ -500,7 +500,7 @@ class KafkaSink:
         from aiokafka import AIOKafkaConsumer, TopicPartition
         from aiokafka.errors import KafkaError
 
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+        consumer = AIOKafkaConsumer(**self.settings.kafka_connection(),
                                     isolation_level="read_committed", enable_auto_commit=False)
         found: bytes | None = None
         try:
@@ -559,7 +559,9 @@ async def run_watch(settings: Settings, config: WatchConfig, *, until_block: int
     everything up to `until_block` is published."""
     from streams.topics import create_topics
 
-    await create_topics(settings)
+    # The watcher's principal may not read ledger.entries (README: Deploying securely); the
+    # worker checks the entries' ownership at its own start.
+    await create_topics(settings, check_entries=False)
     await ensure_state_topic(settings)
     reader = Web3Reader(settings.chain_rpc)
     chain = config.chain or chain_name_for(await reader.chain_id())

@@ -84,6 +84,7 @@ class LedgerWorker:
             datadir=os.environ.get("SARDIS_WORKER_DATADIR",
                                    str(Path(tempfile.gettempdir()) / "sardis-ledger-worker")),
             broker=f"kafka://{settings.kafka_bootstrap}",
+            broker_credentials=settings.kafka_security.faust_credentials(),
             store="memory://",
             processing_guarantee="exactly_once",
             topic_partitions=settings.partitions,
@@ -317,7 +318,7 @@ class LedgerWorker:
             return
         for partition in owned:
             self._acknowledge(topic, partition, self._next_offset(topic, partition))
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+        consumer = AIOKafkaConsumer(**self.settings.kafka_connection(),
                                     isolation_level="read_committed", enable_auto_commit=False,
                                     request_timeout_ms=CATCH_UP_REQUEST_TIMEOUT_MS)
         await consumer.start()
@@ -518,7 +519,7 @@ class LedgerWorker:
             from aiokafka import AIOKafkaProducer
 
             self._tick_producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.kafka_bootstrap, enable_idempotence=True)
+                **self.settings.kafka_connection(), enable_idempotence=True)
             await self._tick_producer.start()
         await self._tick_producer.send_and_wait(topic, self.codec.encode(record_name, record),
                                                 key=str(partition).encode(), partition=partition)
@@ -531,7 +532,7 @@ class LedgerWorker:
         if self._gap_consumer is None:
             # fetch_max_wait_ms: a fetch left waiting at the end of the previous gap's partition
             # would hold the next gap's fetch back for aiokafka's default 500 ms.
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+            consumer = AIOKafkaConsumer(**self.settings.kafka_connection(),
                                         isolation_level="read_committed", enable_auto_commit=False,
                                         fetch_max_wait_ms=GAP_FETCH_MAX_WAIT_MS)
             await consumer.start()

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from streams import core, reconcile, records
+from streams.config import Settings
 from streams.errors import CodecError
 from streams.topics import LedgerTopic
 from streams.worker.compat import table_items, table_value
@@ -40,8 +41,8 @@ class ChainHead:
     record per watcher on chain.watch-state, read incrementally. Grace windows in blocks count
     against it, so a watcher that is down or behind cannot make a booking look missing."""
 
-    def __init__(self, kafka_bootstrap: str, state_topic: str) -> None:
-        self.kafka_bootstrap = kafka_bootstrap
+    def __init__(self, settings: Settings, state_topic: str) -> None:
+        self.settings = settings
         self.state_topic = state_topic
         self._consumer: Any = None
         self._heads: dict[bytes, int] = {}  # watcher key -> last processed block
@@ -52,7 +53,7 @@ class ChainHead:
         from streams.chain.state import WatchState
 
         if self._consumer is None:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.kafka_bootstrap,
+            consumer = AIOKafkaConsumer(**self.settings.kafka_connection(),
                                         isolation_level="read_committed",
                                         enable_auto_commit=False, fetch_max_wait_ms=5)
             await consumer.start()
@@ -102,7 +103,7 @@ class Reconciler:
         self.claims_topic = self.settings.topic(LedgerTopic.CHAIN_CLAIMS)
         self.grace = reconcile.Grace.of(seconds=self.settings.reconcile_grace_s,
                                         blocks=self.settings.reconcile_grace_blocks)
-        self.chain_head = ChainHead(self.settings.kafka_bootstrap, state_topic(self.settings))
+        self.chain_head = ChainHead(self.settings, state_topic(self.settings))
         # partition -> {join key: when a tick can next change it}, for the joins that a later
         # tick may turn into a missing_* discrepancy
         self._waiting: dict[int, dict[bytes, int]] = {}
@@ -283,9 +284,9 @@ async def backfill_claims(settings: Any, progress: Any = None) -> tuple[int, int
     codec = wire.codec
     entries_topic = settings.topic(LedgerTopic.ENTRIES)
     claims_topic = settings.topic(LedgerTopic.CHAIN_CLAIMS)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(**settings.kafka_connection(),
                                 isolation_level="read_committed", enable_auto_commit=False)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+    producer = AIOKafkaProducer(**settings.kafka_connection(),
                                 enable_idempotence=True, acks="all", linger_ms=5)
     await consumer.start()
     await producer.start()

@@ -73,7 +73,7 @@ def cluster_settings(stack: Settings, cluster: str) -> Iterator[Settings]:
 
 async def describe(settings: Settings, topics: list[str]) -> list[dict[str, object]]:
     """The partitions of topics (full names): leader, replicas, isr."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**settings.kafka_connection())
     await admin.start()
     try:
         return [p for t in await admin.describe_topics(topics) for p in t["partitions"]]
@@ -152,7 +152,7 @@ class ArrivalWatcher:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+        consumer = AIOKafkaConsumer(**self.settings.kafka_connection(),
                                     isolation_level="read_committed", enable_auto_commit=False)
         await consumer.start()
         try:

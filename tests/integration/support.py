@@ -27,7 +27,7 @@ class RawProducer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.codec = AvroCodec()
-        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+        self.producer = AIOKafkaProducer(**settings.kafka_connection(),
                                          enable_idempotence=True, acks="all", linger_ms=5)
 
     async def __aenter__(self) -> RawProducer:
@@ -81,7 +81,7 @@ async def read_topic(settings: Settings, name: str, *, until: Any = None,
     """
     codec = AvroCodec()
     topic = settings.topic(name)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(**settings.kafka_connection(),
                                 isolation_level="read_committed", enable_auto_commit=False)
     await consumer.start()
     out: list[Row] = []

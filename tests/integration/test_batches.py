@@ -127,7 +127,7 @@ async def test_timeout_voids_a_batch_and_releases_its_hold(
     await fund(settings, ["acc_hold"])
     # A read_committed consumer stops at the first offset of an open transaction (the last
     # stable offset): nothing after it on that partition reaches the worker until it ends.
-    blocker = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+    blocker = AIOKafkaProducer(**settings.kafka_connection(),
                                transactional_id=f"{settings.topic_prefix}test-blocker",
                                transaction_timeout_ms=120_000)
     await blocker.start()

@@ -381,7 +381,7 @@ async def copy_entries(settings: Settings, topic: str, change: Any) -> None:
     codec = AvroCodec()
     rows = await read_topic(settings, "ledger.entries", idle_s=2, timeout_s=60)
     await create_extra_topic(settings, topic)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(**settings.kafka_connection(), acks="all")
     await producer.start()
     try:
         for partition, _o, key, record in rows:
@@ -395,7 +395,7 @@ async def copy_entries(settings: Settings, topic: str, change: Any) -> None:
 async def create_extra_topic(settings: Settings, name: str) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**settings.kafka_connection())
     await admin.start()
     try:
         await admin.create_topics([NewTopic(settings.topic(name), settings.partitions, 1)])

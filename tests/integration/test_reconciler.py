@@ -116,7 +116,7 @@ async def test_each_planted_difference_is_emitted_once_and_a_late_entry_resolves
     bookings.append(booking("e_off_chain", "credit", "acc_1", "100", None, None))  # off chain
     entry_ids = await post_and_wait(settings, bookings)
     # Garbage on chain.transfers goes to the dead-letter topic; the reconciler goes on.
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    producer = AIOKafkaProducer(**settings.kafka_connection())
     await producer.start()
     try:
         await producer.send_and_wait(settings.topic("chain.transfers"), b"not avro",

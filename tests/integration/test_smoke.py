@@ -16,7 +16,7 @@ RECEIVE_TIMEOUT_S = 20
 
 
 async def _read_all_committed(settings: Settings, topic: str, end_marker: bytes) -> list[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(**settings.kafka_connection(),
                                 isolation_level="read_committed", enable_auto_commit=False)
     await consumer.start()
     try:
@@ -34,7 +34,7 @@ async def _read_all_committed(settings: Settings, topic: str, end_marker: bytes)
 
 async def test_kafka_transactions_hide_aborted_records(settings: Settings) -> None:
     topic = settings.topic("smoke")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+    producer = AIOKafkaProducer(**settings.kafka_connection(),
                                 transactional_id=f"smoke-{uuid.uuid4().hex}")
     await producer.start()
     try:

@@ -32,7 +32,7 @@ async def alter(settings: Settings, changes: dict[str, dict[str, str]]) -> None:
     """Change topic configs behind the ledger's back, as an operator with kafka-configs.sh would.
     AlterConfigs replaces a topic's whole config: the rest is sent as the ledger set it."""
     shapes = {s.name: s for s in expected_topics(settings, plan_replication(None, 1))}
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**settings.kafka_connection())
     await admin.start()
     try:
         await admin.alter_configs([
@@ -92,7 +92,7 @@ async def test_partitions_added_under_the_ledger_are_refused_even_when_allowed(
     async with WorkloadProducer(before) as producer:
         await producer.send(workload.next(200))
         await producer.flush()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**settings.kafka_connection())
     await admin.start()
     try:
         names = [n for n in await admin.list_topics() if n.startswith(settings.topic_prefix)]

@@ -212,7 +212,7 @@ async def test_a_client_cannot_mint_move_holds_or_stop_the_worker(
     sends += [(2.0, LedgerTopic.INTERNAL_COMMANDS, alice_partition, ALICE.encode(), value)
               for value in _alice_scenario(settings)]
     worker.start()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+    producer = AIOKafkaProducer(**settings.kafka_connection(), acks="all",
                                 enable_idempotence=True, linger_ms=5,
                                 max_request_size=1_100_000)
     await producer.start()
@@ -291,7 +291,7 @@ async def test_a_bug_path_failure_stops_the_worker_naming_the_record_and_quarant
     partition = core.partition_for(victim, settings.partitions)
     others = [f"acc_o{i}" for i in range(200)
               if core.partition_for(f"acc_o{i}", settings.partitions) == partition][:3]
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+    producer = AIOKafkaProducer(**settings.kafka_connection(), acks="all",
                                 enable_idempotence=True)
     await producer.start()
     try:
