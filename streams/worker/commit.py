@@ -14,8 +14,9 @@
 #   4. per transaction, concurrently: send the offsets, commit, begin the next transaction;
 #   5. unmark. A fenced producer (another worker owns the partitions) crashes the app in compat.
 # When: as soon as the stream is idle, or every COMMIT_INTERVAL_S while it is busy (`commit_soon`),
-# on Faust's timer as a backstop, and before a rebalance (compat). A kill -9 anywhere loses only open transactions, which Kafka
-# aborts; their offsets were never committed, so the records are decided again.
+# on Faust's timer as a backstop, and before a rebalance (compat). A kill -9 anywhere loses only
+# open transactions, which Kafka aborts; their offsets were never committed, so the records are
+# decided again.
 
 from __future__ import annotations
 
