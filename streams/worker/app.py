@@ -30,7 +30,7 @@ from streams.topics import (
 )
 from streams.wire import Wire
 from streams.worker.accounts import AccountPartition, AccountTables
-from streams.worker.commit import COMMIT_INTERVAL_S, CommitProtocol
+from streams.worker.commit import FAUST_COMMIT_INTERVAL_S, CommitProtocol
 from streams.worker.compat import (
     CONTROL_OFFSETS,
     ledger_transport,
@@ -90,7 +90,7 @@ class LedgerWorker:
             topic_partitions=settings.partitions,
             **app_topic_settings(settings),
             topic_allow_declare=True,
-            broker_commit_interval=COMMIT_INTERVAL_S,
+            broker_commit_interval=FAUST_COMMIT_INTERVAL_S,
             producer_linger_ms=PRODUCER_LINGER_MS,
             producer_max_batch_size=PRODUCER_BATCH_SIZE_MAX_BYTES,
             stream_buffer_maxsize=STREAM_BUFFER_MAX,
