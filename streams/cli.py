@@ -334,13 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from streams.cli_options import apply_settings, failure_exit, missing_extra
+    from streams.cli_options import apply_settings, check_extras, failure_exit, missing_extra
 
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         apply_settings(args, os.environ)
+        check_extras(args)
         return func(args)
     except LedgerError as exc:
         print(f"sardis-ledger: error: {exc}", file=sys.stderr)

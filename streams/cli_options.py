@@ -33,7 +33,8 @@ EXTRA_OF_MODULE = {"asyncpg": "postgres", "immudb": "immudb", "grpc": "immudb", 
 
 def add_common_options(parser: argparse.ArgumentParser, version: str) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
-    parser.add_argument("--config", metavar="FILE", type=Path,
+    # dest differs from `chain watch --config` (its YAML watch file), which shares the namespace.
+    parser.add_argument("--config", dest="config_file", metavar="FILE", type=Path,
                         help="TOML file of settings: keys are the SARDIS_* names without the "
                         "prefix, lower case (kafka_bootstrap = \"host:9092\", topic_prefix, "
                         "pg_dsn, immudb_addr, ...). The environment overrides the file, flags "
@@ -74,8 +75,8 @@ def config_file_env(path: Path) -> dict[str, str]:
 def apply_settings(args: argparse.Namespace, environ: MutableMapping[str, str]) -> None:
     """Flags over environment over file: the file fills what the environment leaves unset, the
     flags overwrite. Every command then reads its settings from the environment as before."""
-    if args.config is not None:
-        for name, value in config_file_env(args.config).items():
+    if args.config_file is not None:
+        for name, value in config_file_env(args.config_file).items():
             environ.setdefault(name, value)
     if args.bootstrap_server:
         environ["SARDIS_KAFKA_BOOTSTRAP"] = args.bootstrap_server
@@ -87,6 +88,36 @@ def apply_settings(args: argparse.Namespace, environ: MutableMapping[str, str]) 
                              else FAUST_LOG_LEVELS[args.log_level])
         else:
             logging.basicConfig(level=LOG_LEVELS[args.log_level])
+
+
+# The import that proves each extra is installed.
+EXTRA_PROBES = {"postgres": "asyncpg", "immudb": "immudb", "anchoring": "web3"}
+
+
+def required_extras(args: argparse.Namespace) -> list[str]:
+    """The extras a parsed command needs, checked before it connects anywhere."""
+    command = args.command
+    if command in ("chain", "anchor"):
+        return ["anchoring"]
+    if command == "sink":
+        return [args.kind]
+    if command in ("history", "replay", "reconcile") or (command == "balance" and args.at):
+        return ["postgres"]
+    if command == "receipt" or (command == "verify" and not args.no_immudb):
+        return ["postgres", "immudb"]
+    if command == "verify":
+        return ["postgres"]
+    return []
+
+
+def check_extras(args: argparse.Namespace) -> None:
+    """Raise ModuleNotFoundError for the first extra the command needs and lacks."""
+    import importlib.util
+
+    for extra in required_extras(args):
+        module = EXTRA_PROBES[extra]
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 
 def missing_extra(exc: ModuleNotFoundError) -> str | None:

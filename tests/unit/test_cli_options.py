@@ -46,6 +46,16 @@ def test_bad_config_files_are_named(tmp_path: Path, text: str, message: str) -> 
         config_file_env(config)
 
 
+def test_global_config_and_chain_watch_config_are_apart(tmp_path: Path) -> None:
+    config = tmp_path / "ledger.toml"
+    config.write_text('topic_prefix = "p."\n')
+    args = _args("--config", str(config), "chain", "watch", "--config", "watch.yaml")
+    assert (args.config_file, str(args.config)) == (config, "watch.yaml")
+    environ: dict[str, str] = {}
+    apply_settings(args, environ)
+    assert environ == {"SARDIS_TOPIC_PREFIX": "p."}
+
+
 def test_one_log_level_for_every_command() -> None:
     worker = _args("--log-level", "warning", "worker")
     apply_settings(worker, {})
@@ -99,3 +109,18 @@ def test_shipped_contract_matches_its_source() -> None:
     shipped = precompiled("LedgerAnchor")
     assert shipped is not None, "contracts/LedgerAnchor.json is stale or missing"
     assert shipped.bytecode and any(item.get("name") == "anchor" for item in shipped.abi)
+
+
+@pytest.mark.parametrize(("argv", "extras"), [
+    (["produce"], []), (["worker"], []), (["balance", "a"], []),
+    (["balance", "a", "--at", "2026-01-01"], ["postgres"]),
+    (["sink", "immudb"], ["immudb"]), (["sink", "postgres"], ["postgres"]),
+    (["history", "a"], ["postgres"]), (["receipt", "ent_x"], ["postgres", "immudb"]),
+    (["verify"], ["postgres", "immudb"]), (["verify", "--no-immudb"], ["postgres"]),
+    (["reconcile", "--start-block", "1", "--end-block", "2"], ["postgres"]),
+    (["anchor"], ["anchoring"]), (["chain", "watch", "--config", "w.yaml"], ["anchoring"]),
+])
+def test_each_command_declares_its_extras(argv: list[str], extras: list[str]) -> None:
+    from streams.cli_options import required_extras
+
+    assert required_extras(_args(*argv)) == extras
