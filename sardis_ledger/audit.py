@@ -16,6 +16,7 @@ from typing import Any
 from sardis_ledger.engine import canonical_json
 from streams.config import Settings
 from streams.errors import LedgerError
+from streams.extras import require
 
 AUDIT_KEY_TEMPLATE = "{prefix}audit:{entry_id}"  # beside the sink's entry:{entry_id} keys
 IMMUDB_PORT_DEFAULT = 3322
@@ -68,6 +69,7 @@ class AuditTrail:
     different data raises); `verify` reads it back with proofs."""
 
     def __init__(self, config: ImmutableConfig, settings: Settings | None = None) -> None:
+        require("create_audit_trail", "immudb")
         if not 0 < len(config.database) <= DATABASE_NAME_LENGTH_MAX:
             raise LedgerError(f"database name must be 1..{DATABASE_NAME_LENGTH_MAX} characters")
         base = settings or Settings.from_env()

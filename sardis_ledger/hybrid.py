@@ -13,6 +13,7 @@ from typing import Any
 from sardis_ledger.engine import Entry, HybridReceipt, LedgerEngine, LockManager
 from streams.config import Settings
 from streams.errors import LedgerError
+from streams.extras import require
 
 RECEIPT_TIMEOUT_S = 60.0  # both sinks normally write within a second or two (README: Sinks)
 RECEIPT_POLL_S = 0.1
@@ -48,6 +49,7 @@ class HybridLedger(LedgerEngine):
 
     def __init__(self, config: HybridConfig, lock_manager: LockManager | None = None,
                  *, settings: Settings | None = None, **engine_args: Any) -> None:
+        require("create_hybrid_ledger", "postgres", "immudb")
         super().__init__(config.postgres_url, lock_manager,
                          bootstrap_servers=config.bootstrap_servers, settings=settings,
                          **engine_args)

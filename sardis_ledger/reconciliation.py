@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from sardis_ledger.engine import LedgerEngine
+from streams.extras import require
 from streams.reconcile_report import ReconciliationEngine as RangeReport
 from streams.reconcile_report import ReconciliationReport
 
@@ -25,6 +26,7 @@ class ReconciliationEngine:
 
     def __init__(self, ledger: LedgerEngine, chain_provider: ChainProvider, *,
                  pg_schema: str | None = None) -> None:
+        require("ReconciliationEngine", "postgres")
         settings = ledger.settings
         if chain_provider.rpc_url is not None:
             settings = dataclasses.replace(settings, chain_rpc=chain_provider.rpc_url)

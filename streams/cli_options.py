@@ -11,6 +11,7 @@ from pathlib import Path
 
 from streams.config import ENV_NAMES
 from streams.errors import ConfigError
+from streams.extras import EXTRA_OF_MODULE, EXTRA_PROBES, install_line, missing
 
 # `verify`, `receipt`, `reconcile`: 1 = checked and found a problem, 3 = could not check (a server
 # unreachable, a missing extra, bad settings). 2 stays argparse's usage error.
@@ -25,12 +26,6 @@ STANDARD_NAMED_COMMANDS = frozenset({"chain", "anchor"})
 # Faust's own names for the same levels (the worker's and the sinks' --loglevel).
 FAUST_LOG_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "error",
                     "critical": "crit"}
-# The module a missing import names -> the extra that installs it.
-EXTRA_OF_MODULE = {"asyncpg": "postgres", "immudb": "immudb", "grpc": "immudb", "web3": "anchoring",
-                   "eth_account": "anchoring", "eth_abi": "anchoring", "hexbytes": "anchoring",
-                   "yaml": "anchoring"}
-
-
 def add_common_options(parser: argparse.ArgumentParser, version: str) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
     # dest differs from `chain watch --config` (its YAML watch file), which shares the namespace.
@@ -90,10 +85,6 @@ def apply_settings(args: argparse.Namespace, environ: MutableMapping[str, str]) 
             logging.basicConfig(level=LOG_LEVELS[args.log_level])
 
 
-# The import that proves each extra is installed.
-EXTRA_PROBES = {"postgres": "asyncpg", "immudb": "immudb", "anchoring": "web3"}
-
-
 def required_extras(args: argparse.Namespace) -> list[str]:
     """The extras a parsed command needs, checked before it connects anywhere."""
     command = args.command
@@ -112,12 +103,9 @@ def required_extras(args: argparse.Namespace) -> list[str]:
 
 def check_extras(args: argparse.Namespace) -> None:
     """Raise ModuleNotFoundError for the first extra the command needs and lacks."""
-    import importlib.util
-
-    for extra in required_extras(args):
+    for extra in missing(required_extras(args)):
         module = EXTRA_PROBES[extra]
-        if importlib.util.find_spec(module) is None:
-            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 
 def missing_extra(exc: ModuleNotFoundError) -> str | None:
@@ -126,7 +114,7 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
     extra = EXTRA_OF_MODULE.get(top)
     if extra is not None:
         return (f"this command needs the [{extra}] extra ({top} is not installed): "
-                f"pip install 'sardis-ledger[{extra}]'")
+                f"{install_line([extra])}")
     if top == "infra":
         return ("this command runs the dev harness, which is in the source repository only "
                 "(not in the installed package): run it from a checkout")
