@@ -174,6 +174,9 @@ class LedgerClient:
             await self.stop()
             raise LedgerClientError(f"connecting to Kafka at {bootstrap}: {exc!r}",
                                     retriable=True) from exc
+        except LedgerClientError:
+            await self.stop()  # a missing topic: close what started, no "Unclosed" warnings
+            raise
         self._reader = asyncio.create_task(self._read_results())
 
     async def _partitions(self, topic: str) -> list[int]:
