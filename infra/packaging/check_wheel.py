@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -80,7 +81,10 @@ def folder_packages(root: Path) -> list[str]:
     for folder, name in MAPPED_FOLDERS.items():
         for init in sorted((root / folder).rglob("__init__.py")):
             parts = init.parent.relative_to(root / folder).parts
-            if "__pycache__" not in parts:
+            # sardis_ledger/streams etc. are links to the folders (after the codemod).
+            linked = any((root / folder).joinpath(*parts[:i + 1]).is_symlink()
+                         for i in range(len(parts)))
+            if "__pycache__" not in parts and not linked:
                 found.append(".".join((name, *parts)))
     return sorted(found)
 
@@ -131,6 +135,11 @@ def build_wheel(work: Path) -> Path:
             shutil.copy2(REPO / name, target)
     changed = rename(source)
     print(f"codemod: {sum(c.replacements for c in changed)} references in {len(changed)} files")
+    # What builds must be lint-clean too: the codemod's import sorting, then ruff and mypy.
+    from infra.packaging.rename_imports import sort_imports
+
+    print(f"codemod: {sort_imports(source)}")
+    _run([sys.executable, "-m", "ruff", "check", "--quiet", str(source)], BUILD_TIMEOUT_S)
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "dist"),
           str(source)], BUILD_TIMEOUT_S)
     return next((work / "dist").glob("*.whl"))
@@ -199,12 +208,79 @@ def _installed_problems(python: Path, venv: Path) -> list[str]:
     return problems
 
 
+WORKER_READY_MARKER = "Worker]: Ready"  # streams.worker_process.READY_MARKER
+WORKER_READY_TIMEOUT_S = 180.0
+LIVE_COMMAND = ('{"command_id": "wheel-c1", "account_id": "acc_wheel", "entry_type": "credit", '
+                '"amount": "10.50", "currency": "USD"}\n')
+
+
+def live_base_check(work: Path) -> list[str]:
+    """The base install (no extra) on the dev servers: create topics, run the worker, produce a
+    command and wait for its result, consume the entry, read the balance. Topics are deleted."""
+    import asyncio
+    import dataclasses
+    import uuid
+
+    from streams.config import Settings
+    from streams.topics import delete_topics_with_prefix
+
+    venv_bin = work / "venv-none" / "bin"
+    run_dir = work / "live"
+    run_dir.mkdir()
+    settings = dataclasses.replace(Settings.from_env(),
+                                   topic_prefix=f"t-wheel{uuid.uuid4().hex[:8]}.")
+    env = {**os.environ, **settings.as_env(), "SARDIS_WORKER_DATADIR": str(run_dir / "worker")}
+    env.pop("PYTHONPATH", None)
+    cli = str(venv_bin / "sardis-ledger")
+    problems: list[str] = []
+    log_path = run_dir / "worker.log"
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        _run([cli, "topics", "create"], 120, cwd=run_dir, env=env)
+        with log_path.open("wb") as log:
+            # info: Faust logs its ready line at that level.
+            worker = subprocess.Popen([cli, "--log-level", "info", "worker"], cwd=run_dir,
+                                      env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        while WORKER_READY_MARKER not in log_path.read_text(errors="replace"):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                return [f"live: the worker did not get ready: {log_path.read_text()[-1500:]}"]
+            time.sleep(0.5)
+        produced = _run([cli, "produce", "--wait"], 120, cwd=run_dir, env=env, input=LIVE_COMMAND)
+        if '"committed"' not in produced.stdout:
+            problems.append(f"live: produce --wait: {produced.stdout} {produced.stderr[-500:]}")
+        consumed = _run([cli, "consume", "ledger.entries", "--from-beginning", "--max", "1",
+                         "--timeout", "10"], 60, cwd=run_dir, env=env)
+        if "wheel-c1" not in consumed.stdout:
+            problems.append(f"live: consume found no entry: {consumed.stdout[-500:]}")
+        balance = _run([cli, "balance", "acc_wheel", "--currency", "USD"], 60, cwd=run_dir, env=env)
+        if '"10.50"' not in balance.stdout:
+            problems.append(f"live: balance: {balance.stdout}")
+        print(f"  [none] live: topics create, worker, produce --wait, consume, balance: "
+              f"{'ok' if not problems else 'PROBLEM'}")
+    except WheelCheckError as exc:
+        problems.append(f"live: {exc}")
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        asyncio.run(delete_topics_with_prefix(settings))
+    return problems
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.packaging.check_wheel",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--variant", action="append", choices=list(VARIANTS),
                         help="only these installs (repeatable; default: all five)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--no-live", action="store_true",
+                        help="skip running the no-extra install on the dev servers (topics, "
+                        "worker, produce, consume, balance)")
     args = parser.parse_args(argv)
     problems = [f"pyproject packages {pyproject_packages(REPO)} != folders {folder_packages(REPO)}"
                 ] if pyproject_packages(REPO) != folder_packages(REPO) else []
@@ -219,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             size_mb, found = check_variant(wheel, work, variant)
             print(f"installed size [{variant}]: {size_mb:.1f} MB")
             problems += found
+            if variant == "none" and not args.no_live:
+                problems += live_base_check(work)
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -8,7 +8,11 @@ they merge moves every import in one commit instead of conflicting on each.
 Deterministic and idempotent: a second run changes nothing. It rewrites, in .py files,
 `from streams... import` / `import streams...` statements and the quoted module paths used as
 `python -m streams.cli` arguments; in Makefile, README.md and .ci files the `-m streams...`
-command lines. The harness (`infra`) and `tests` stay top-level folders outside the wheel.
+command lines, the README's Python examples and the Makefile's mypy line (`mypy -p ...`). It
+links sardis_ledger/streams -> ../streams (and schemas, sinks), so mypy and editors see the
+installed layout (at run time sardis_ledger/__init__.py finds the folders even without the links),
+then sorts the moved imports with ruff when ruff is installed. The harness (`infra`) and `tests`
+stay top-level folders outside the wheel.
 
     python -m infra.packaging.rename_imports [ROOT] [--check]
 """
@@ -16,7 +20,9 @@ command lines. The harness (`infra`) and `tests` stay top-level folders outside 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +35,10 @@ SKIPPED_DIRS = frozenset({".git", ".venv", "venv", "build", "dist", "node_module
                           ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis"})
 # Text files besides *.py whose command lines name modules (`python -m sinks.bench`).
 COMMAND_FILES = ("Makefile", "README.md", ".ci/run")
+# The lint line of the Makefile before and after: mypy must see the files under their new names.
+MYPY_BEFORE = "mypy sardis_ledger streams schemas sinks infra tests"
+MYPY_AFTER = "mypy -p sardis_ledger -p infra -p tests"
+RUFF_TIMEOUT_S = 300
 FILE_BYTES_MAX = 2_000_000  # a source file larger than this is not ours; refuse to guess
 
 _NAMES = "|".join(MOVED)
@@ -73,7 +83,8 @@ def rewrite_commands(text: str) -> tuple[str, int]:
 
     text = _DASH_M.sub(dash_m, text)
     text, imports = rewrite_python_imports(text)
-    return text, count + imports
+    count += text.count(MYPY_BEFORE)
+    return text.replace(MYPY_BEFORE, MYPY_AFTER), count + imports
 
 
 def rewrite_python_imports(text: str) -> tuple[str, int]:
@@ -110,7 +121,28 @@ def rename(root: Path, *, write: bool = True) -> list[Change]:
     changes: list[Change | None] = [_apply(p, rewrite_python, write) for p in python_files(root)]
     changes += [_apply(root / name, rewrite_commands, write) for name in COMMAND_FILES
                 if (root / name).is_file()]
+    changes += [link_package(root, name, write) for name in MOVED]
     return [c for c in changes if c is not None]
+
+
+def link_package(root: Path, name: str, write: bool) -> Change | None:
+    """sardis_ledger/<name> -> ../<name>, the layout the wheel installs."""
+    link = root / PACKAGE / name
+    if link.is_symlink() or link.exists() or not (root / name).is_dir():
+        return None
+    if write:
+        link.symlink_to(Path("..") / name, target_is_directory=True)
+    return Change(link, 1)
+
+
+def sort_imports(root: Path) -> str:
+    """ruff's import sorting on the tree (a moved import may now sort elsewhere)."""
+    if importlib.util.find_spec("ruff") is None:
+        return "ruff is not installed: run `ruff check --fix --select I .` yourself"
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--fix", "--select", "I",
+                           "--quiet", str(root)], capture_output=True, text=True,
+                          timeout=RUFF_TIMEOUT_S, check=False)
+    return "imports sorted" if done.returncode == 0 else f"ruff: {done.stdout}{done.stderr}"
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -128,6 +160,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     total = sum(c.replacements for c in changes)
     verb = "need rewriting" if args.check else "rewritten"
     print(f"{len(changes)} files, {total} references {verb}", file=sys.stderr)
+    if changes and not args.check:
+        print(sort_imports(args.root.resolve()), file=sys.stderr)
     return 1 if args.check and changes else 0
 
 

@@ -46,14 +46,21 @@ def test_rewrite_commands_in_makefile_and_readme() -> None:
     assert rewrite_commands(new) == (new, 0)
 
 
+def test_makefile_mypy_line_names_packages() -> None:
+    before = "\t$(BIN)/mypy sardis_ledger " + f"{S} {C} {K} infra tests\n"
+    assert rewrite_commands(before) == ("\t$(BIN)/mypy -p sardis_ledger -p infra -p tests\n", 1)
+
+
 def test_rename_tree_is_idempotent_and_skips_venvs(tmp_path: Path) -> None:
+    (tmp_path / "sardis_ledger").mkdir()
     (tmp_path / S).mkdir()
     (tmp_path / S / "a.py").write_text(f"from {S}.b import c\n")
     (tmp_path / ".venv" / "lib").mkdir(parents=True)
     (tmp_path / ".venv" / "lib" / "x.py").write_text(f"from {S}.b import c\n")
     (tmp_path / "Makefile").write_text(f"run:\n\tpython -m {S}.cli demo\n")
     changes = rename(tmp_path)
-    assert sorted(c.path.name for c in changes) == ["Makefile", "a.py"]
+    assert sorted(c.path.name for c in changes) == sorted(["Makefile", S, "a.py"])
+    assert (tmp_path / "sardis_ledger" / S / "a.py").read_text() == f"from sardis_ledger.{S}.b import c\n"
     assert (tmp_path / ".venv" / "lib" / "x.py").read_text() == f"from {S}.b import c\n"
     assert rename(tmp_path) == []
     assert main([str(tmp_path), "--check"]) == 0
