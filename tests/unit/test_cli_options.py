@@ -124,3 +124,15 @@ def test_each_command_declares_its_extras(argv: list[str], extras: list[str]) ->
     from streams.cli_options import required_extras
 
     assert required_extras(_args(*argv)) == extras
+
+
+def test_dev_outside_a_checkout_says_so(monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m == "infra" or m.startswith("infra.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "infra", None)  # as in the wheel: no harness installed
+    assert main(["dev", "status"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "source repository only" in err
