@@ -18,6 +18,7 @@ import pytest
 from sardis_ledger import (
     ChainProvider,
     ConcurrencyError,
+    Entry,
     HybridConfig,
     ImmutableConfig,
     LedgerEngine,
@@ -59,8 +60,19 @@ def old_readme_stack(settings: Settings, pg_schema: str, tmp_path: Path,
 
 
 async def test_old_readme_examples_call_for_call(old_readme_stack: Settings) -> None:
+    """Each README section in its order; later sections use what earlier ones made."""
     database_url = old_readme_stack.pg_dsn
+    engine, entry = await _quick_start_and_operations(database_url)
+    await _batch_processing(engine)
+    locking = await _row_level_locking(engine)
+    await _reconciliation(engine)
+    await _audit_trail(entry)
+    ledger = await _hybrid_ledger(database_url)
+    for each in (engine, locking, ledger):
+        await each.close()
 
+
+async def _quick_start_and_operations(database_url: str) -> tuple[LedgerEngine, Entry]:
     # --- Quick Start
     engine = LedgerEngine(database_url=database_url)
     entry = await engine.create_entry(
@@ -91,7 +103,10 @@ async def test_old_readme_examples_call_for_call(old_readme_stack: Settings) -> 
     assert credit.metadata == {"source": "bank_transfer"}
     assert (debit.sequence, debit.running_balance) == (3, Decimal("500.50"))
     assert balance == Decimal("500.50")
+    return engine, entry
 
+
+async def _batch_processing(engine: LedgerEngine) -> None:
     # --- Batch Processing (the sender is funded first: overdrafts are refused)
     await engine.create_entry(account_id="acc_sender", amount=Decimal("500.00"),
                               entry_type=LedgerEntryType.CREDIT)
@@ -120,6 +135,8 @@ async def test_old_readme_examples_call_for_call(old_readme_stack: Settings) -> 
     assert await engine.get_balance("acc_receiver") == Decimal("0.000000")
     assert await engine.get_balance("acc_sender") == Decimal("500.00")
 
+
+async def _row_level_locking(engine: LedgerEngine) -> LedgerEngine:
     # --- Row-Level Locking, now optimistic
     lock_manager = LockManager()
     locking = LedgerEngine(lock_manager=lock_manager)
@@ -147,7 +164,10 @@ async def test_old_readme_examples_call_for_call(old_readme_stack: Settings) -> 
                                            entry_type=LedgerEntryType.DEBIT)
     assert conflict.value.expected_sequence == 5
     assert await engine.get_balance("acc_123") == Decimal("401.50")  # the debit never posted
+    return locking
 
+
+async def _reconciliation(engine: LedgerEngine) -> None:
     # --- Blockchain Reconciliation (no chain transfers on this test's topics: nothing to match)
     reconciler = ReconciliationEngine(
         ledger=engine,
@@ -159,6 +179,8 @@ async def test_old_readme_examples_call_for_call(old_readme_stack: Settings) -> 
     )
     assert (report.matched_count, len(report.discrepancies)) == (0, 0)
 
+
+async def _audit_trail(entry: Entry) -> None:
     # --- Immutable Audit Trail (with immudb)
     audit = create_audit_trail(
         config=ImmutableConfig(
@@ -182,6 +204,8 @@ async def test_old_readme_examples_call_for_call(old_readme_stack: Settings) -> 
     assert again.tx_id == receipt.tx_id  # write-once: the same data is not stored twice
     await audit.close()
 
+
+async def _hybrid_ledger(database_url: str) -> LedgerEngine:
     # --- Hybrid Ledger (PostgreSQL + immudb): returns once both sinks hold the entry
     ledger = create_hybrid_ledger(
         config=HybridConfig(
@@ -203,6 +227,4 @@ async def test_old_readme_examples_call_for_call(old_readme_stack: Settings) -> 
         assert time.monotonic() < deadline, f"the hybrid receipt never verified: {full}"
         await asyncio.sleep(0.5)
     assert full["immudb"]["receipt"]["immudb_tx"] == entry.receipt.immudb_tx
-
-    for each in (engine, locking, ledger):
-        await each.close()
+    return ledger
