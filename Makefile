@@ -5,15 +5,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up up-cluster up-secure down status topics demo test test-unit test-integration test-secure test-cluster fuzz bench bench-cluster bench-old-engine lint clean
+.PHONY: help install up up-cluster up-secure down status topics demo test test-unit test-integration test-secure test-cluster test-wheel fuzz bench bench-cluster bench-old-engine lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml infra/packaging/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c infra/packaging/dev.lock -e '.[dev]'
 	touch $@
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
@@ -51,6 +51,9 @@ test-secure: install ## only the secured-stack tests (part of make test too; sta
 test-cluster: install ## every 3-broker failure test (a broker, the commands leader, the controller, workers killed; CI runs the first)
 	SARDIS_TEST_CLUSTER_SCENARIOS=all $(BIN)/python -m pytest tests/integration/test_cluster.py
 
+test-wheel: install ## build the wheel (imports moved in a temp copy), install it in fresh venvs per extra, check each command and the sizes
+	$(BIN)/python -m infra.packaging.check_wheel $(ARGS)
+
 fuzz: install ## the trust boundary at full size: 100,000 mutated records on the real worker, 100,000 pure-path examples
 	SARDIS_TEST_FUZZ_RECORDS=100000 SARDIS_FUZZ_EXAMPLES=100000 $(BIN)/python -m pytest \
 		tests/unit/test_input_fuzz.py tests/integration/test_trust_boundary.py -k "bug_path or mint"
@@ -67,7 +70,7 @@ bench-cluster: install ## the worker benchmark on the single broker and the 3-br
 
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .
-	$(BIN)/mypy streams schemas sinks infra tests
+	$(BIN)/mypy sardis_ledger streams schemas sinks infra tests
 
 clean: ## remove the virtual environment and caches (not the provisioned servers)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

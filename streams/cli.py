@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from streams.cli_options import CHECKING_COMMANDS
 from streams.config import Settings
 from streams.errors import LedgerError
 
@@ -181,9 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sardis-ledger",
         description="Stream-processing financial ledger on Apache Kafka. Settings come from "
-        "SARDIS_* environment variables (SARDIS_KAFKA_BOOTSTRAP, SARDIS_TOPIC_PREFIX, "
-        "SARDIS_PG_DSN, SARDIS_IMMUDB_ADDR, SARDIS_CHAIN_RPC, SARDIS_PARTITIONS, ...).",
+        "flags, then SARDIS_* environment variables (SARDIS_KAFKA_BOOTSTRAP, SARDIS_TOPIC_PREFIX, "
+        "SARDIS_PG_DSN, SARDIS_IMMUDB_ADDR, SARDIS_CHAIN_RPC, SARDIS_PARTITIONS, ...), then "
+        "the --config file. Exit codes: 0 ok, 1 failed (verify, receipt, reconcile: found a "
+        "problem), 2 usage, 3 verify/receipt/reconcile could not check, 70 a worker stopped "
+        "on a bug or corrupt state. A command whose optional dependency is missing names the "
+        "extra to install (pip install 'sardis-ledger[postgres]').",
     )
+    from sardis_ledger.version import installed_version
+    from streams.cli_options import add_common_options
+
+    add_common_options(parser, installed_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     dev = sub.add_parser(
@@ -361,16 +370,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from streams.cli_options import apply_settings, check_extras, failure_exit, missing_extra
+
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        apply_settings(args, os.environ)
+        check_extras(args)
         return func(args)
     except LedgerError as exc:
         print(f"sardis-ledger: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return failure_exit(args.command, EXIT_ERROR)
+    except ModuleNotFoundError as exc:
+        # An optional dependency missing at the boundary of the command that needs it.
+        line = missing_extra(exc)
+        if line is None:
+            raise
+        print(f"sardis-ledger {args.command}: {line}", file=sys.stderr)
+        return failure_exit(args.command, EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args.command not in CHECKING_COMMANDS:
+            raise
+        # A check that crashed did not check: say so with its own exit code, not "found a problem".
+        print(f"sardis-ledger {args.command}: could not check: {exc!r}", file=sys.stderr)
+        return failure_exit(args.command, EXIT_ERROR)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,9 @@ class LedgerClient:
             await self.stop()
             raise LedgerClientError(f"connecting to Kafka at {self.settings.kafka_bootstrap}: {exc!r}",
                                     retriable=True) from exc
+        except LedgerClientError:
+            await self.stop()  # a missing topic: close what started, no "Unclosed" warnings
+            raise
         self._reader = asyncio.create_task(self._read_results())
 
     async def _partitions(self, topic: str) -> list[int]:

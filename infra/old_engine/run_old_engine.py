@@ -122,8 +122,10 @@ async def exactness(dsn: str, engine: Any) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ["DATABASE_URL"] = args.dsn  # where sardis_v2_core's Database makes its pool
     os.environ.setdefault("SARDIS_DB_POOL_MAX", str(max(LIBRARY_POOL_MAX_DEFAULT, args.clients)))
-    from sardis_ledger import PostgresLedgerEngine
     from sardis_v2_core.database import Database
+
+    # The old library (1.1.0, in the scratch venv), not this repository's package of that name.
+    from sardis_ledger import PostgresLedgerEngine  # type: ignore[attr-defined]
 
     await reset_tables(args.dsn)
     # The engine ignores its dsn argument: Database.get_pool() reads DATABASE_URL.

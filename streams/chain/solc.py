@@ -107,12 +107,54 @@ def compile_sources(sources: dict[str, str], module: Path | None = None) -> dict
     return contracts
 
 
+def precompiled(name: str) -> CompiledContract | None:
+    """contracts/<name>.json, shipped in the package so deploying needs no Node.js, if it was
+    compiled from the current contracts/<name>.sol (else None: the source changed since)."""
+    path = CONTRACTS_DIR / f"{name}.json"
+    source = CONTRACTS_DIR / f"{name}.sol"
+    if not path.exists() or not source.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("source_sha256") != hashlib.sha256(source.read_bytes()).hexdigest():
+        return None
+    return CompiledContract(name, data["abi"], bytes.fromhex(data["bytecode"]))
+
+
+def write_precompiled(name: str) -> Path:
+    """Compile contracts/<name>.sol with the provisioned solc-js and store contracts/<name>.json
+    (`python -m streams.chain.solc LedgerAnchor` after changing the contract)."""
+    source = CONTRACTS_DIR / f"{name}.sol"
+    compiled = _compile_source(name, source)
+    module = solcjs_module()
+    data = {"contract": name, "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+            "solc_js": json.loads((module / "package.json").read_text())["version"],
+            "evm_version": EVM_VERSION, "optimizer_runs": OPTIMIZER_RUNS,
+            "abi": compiled.abi, "bytecode": compiled.bytecode.hex()}
+    path = CONTRACTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return path
+
+
 def compile_contract(name: str) -> CompiledContract:
-    """One of the package's contracts (contracts/<name>.sol), compiled."""
-    path = CONTRACTS_DIR / f"{name}.sol"
+    """One of the package's contracts: the shipped precompiled one when it matches the source,
+    else contracts/<name>.sol compiled with solc-js (dev tooling: Node.js)."""
+    shipped = precompiled(name)
+    if shipped is not None:
+        return shipped
+    return _compile_source(name, CONTRACTS_DIR / f"{name}.sol")
+
+
+def _compile_source(name: str, path: Path) -> CompiledContract:
     if not path.exists():
         raise ChainConfigError(f"no contract source {path}")
     contracts = compile_sources({path.name: path.read_text()})
     if name not in contracts:
         raise CompileError(f"{path.name} compiled but defines no contract {name}")
     return contracts[name]
+
+
+if __name__ == "__main__":
+    import sys
+
+    for contract in sys.argv[1:] or ["LedgerAnchor"]:
+        print(write_precompiled(contract))
