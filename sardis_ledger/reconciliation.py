@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from sinks.reconcile_report import ReconciliationEngine as RangeReport
+from sinks.reconcile_report import ReconciliationReport
+
 from sardis_ledger.engine import LedgerEngine
 from streams.extras import require
-from streams.reconcile_report import ReconciliationEngine as RangeReport
-from streams.reconcile_report import ReconciliationReport
 
 
 @dataclass(frozen=True, slots=True)

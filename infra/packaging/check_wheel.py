@@ -192,7 +192,7 @@ def _installed_problems(python: Path, venv: Path) -> list[str]:
         "print(' '.join(tops))\n"
         "print(' '.join(n for n in ('streams', 'schemas', 'sinks', 'infra', 'tests')\n"
         "               if u.find_spec(n) is not None))\n"
-        "import sardis_ledger, sardis_ledger.streams.app, sardis_ledger.streams.client\n"
+        "import sardis_ledger, sardis_ledger.streams.worker, sardis_ledger.streams.client\n"
         "from sardis_ledger import LedgerEngine, create_hybrid_ledger, create_audit_trail\n"
         "from sardis_ledger.streams.chain.solc import precompiled\n"
         "print(sardis_ledger.__version__, precompiled('LedgerAnchor') is not None)\n")
