@@ -60,7 +60,7 @@ fuzz: install ## the trust boundary at full size: 100,000 mutated records on the
 
 bench: install ## end-to-end benchmarks (see README: Benchmarks)
 	$(BIN)/sardis-ledger bench
-	$(BIN)/python -m sinks.bench 50000 3 --shards 1 --shards 2 --lag-rate 2000 --lag-rate 10000
+	$(BIN)/python -m sardis_ledger.sinks.bench 50000 3 --shards 1 --shards 2 --lag-rate 2000 --lag-rate 10000
 
 bench-old-engine: install ## closed loop vs the old engine (sardis-ledger 1.1.0, scratch venv); options: ARGS=--help
 	$(BIN)/python -m infra.old_engine.compare $(ARGS)
@@ -70,7 +70,7 @@ bench-cluster: install ## the worker benchmark on the single broker and the 3-br
 
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .
-	$(BIN)/mypy sardis_ledger streams schemas sinks infra tests
+	$(BIN)/mypy -p sardis_ledger -p infra -p tests
 
 clean: ## remove the virtual environment and caches (not the provisioned servers)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streams.config import (
+from sardis_ledger.streams.config import (
     CHAIN_RPC_DEFAULT,
     IMMUDB_ADDR_DEFAULT,
     KAFKA_BOOTSTRAP_DEFAULT,
@@ -33,8 +33,8 @@ from streams.config import (
     host_port,
     redact_url,
 )
-from streams.errors import InfraError
-from streams.kafka_security import KafkaSecurity
+from sardis_ledger.streams.errors import InfraError
+from sardis_ledger.streams.kafka_security import KafkaSecurity
 
 INFRA_DIR = Path(__file__).resolve().parent
 KAFKA_VERSION = "4.1.1"
@@ -610,8 +610,8 @@ def _registry_command() -> list[str]:
 
 def health_registry(settings: Settings | None = None) -> None:
     """GET /subjects on the Confluent-compatible API answers with a list."""
-    from streams.errors import RegistryError
-    from streams.schema_registry import SchemaRegistry
+    from sardis_ledger.streams.errors import RegistryError
+    from sardis_ledger.streams.schema_registry import SchemaRegistry
 
     settings = settings or Settings()
     url = settings.schema_registry_url or SCHEMA_REGISTRY_URL_DEFAULT

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from infra import harness
-from streams.errors import InfraError
-from streams.kafka_security import KafkaSecurity
-from streams.topic_policy import REPLICATION_FACTOR_SAFE, min_insync_for
+from sardis_ledger.streams.errors import InfraError
+from sardis_ledger.streams.kafka_security import KafkaSecurity
+from sardis_ledger.streams.topic_policy import REPLICATION_FACTOR_SAFE, min_insync_for
 
 CLUSTER_NODES = 3
 # Node n listens on PORT_BASE + 2n (broker) and PORT_BASE + 2n + 1 (controller): 19192-19197 for

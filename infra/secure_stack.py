@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from infra import harness
-from streams.acl import DEFAULT_PRINCIPALS, Role
-from streams.errors import InfraError
-from streams.kafka_security import KafkaSecurity, Protocol
+from sardis_ledger.streams.acl import DEFAULT_PRINCIPALS, Role
+from sardis_ledger.streams.errors import InfraError
+from sardis_ledger.streams.kafka_security import KafkaSecurity, Protocol
 
 KAFKA_SASL_PORT = 29092  # SASL_SSL, SCRAM-SHA-512: every ledger process
 KAFKA_CONTROLLER_PORT = 29093  # SSL, client certificate required (the node itself)
@@ -408,7 +408,7 @@ def scram_verifier(password: str, salt: bytes | None = None,
 
 async def _pg_provision() -> None:
     """Roles, database and grants (as the superuser), then migrations and grants (as the owner)."""
-    from sinks.schema import grant, migrate
+    from sardis_ledger.sinks.schema import grant, migrate
 
     su = await _pg_connect(PG_SUPERUSER, "postgres")
     try:
@@ -444,7 +444,7 @@ def immudb_client(user: str, password_name: str, database: str = "defaultdb") ->
     """An immudb-py client over TLS (trusting the stack's CA), logged in."""
     from immudb import ImmudbClient
 
-    from sinks.immudb_compat import use_tls
+    from sardis_ledger.sinks.immudb_compat import use_tls
 
     client = ImmudbClient(ENDPOINTS.immudb, timeout=5)
     use_tls(client, ENDPOINTS.immudb, str(pki_dir() / "ca.crt"))
@@ -521,9 +521,9 @@ def _wait(server: SecureServer) -> None:
 def up() -> list[str]:
     """Provision, start and health-check the secured stack, then its users, roles and ACLs
     (idempotent). Returns the names of the servers this call started."""
-    from streams import acl
-    from streams.config import Settings
-    from streams.kafka_acls import apply
+    from sardis_ledger.streams import acl
+    from sardis_ledger.streams.config import Settings
+    from sardis_ledger.streams.kafka_acls import apply
 
     _private_dir(secure_dir())
     make_pki()

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from sardis_ledger.engine import canonical_json
-from streams.config import Settings
-from streams.errors import LedgerError
-from streams.extras import require
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import LedgerError
+from sardis_ledger.streams.extras import require
 
 AUDIT_KEY_TEMPLATE = "{prefix}audit:{entry_id}"  # beside the sink's entry:{entry_id} keys
 IMMUDB_PORT_DEFAULT = 3322
@@ -97,7 +97,7 @@ class AuditTrail:
 
     async def verify(self, entry_id: str, data: Mapping[str, Any] | None = None) -> Verification:
         """VERIFIED when the record's proofs check (and it equals `data`, when given)."""
-        from sinks.errors import SinkError, VerificationError
+        from sardis_ledger.sinks.errors import SinkError, VerificationError
 
         async with self._lock:
             store = await asyncio.to_thread(self._opened)
@@ -124,7 +124,7 @@ class AuditTrail:
                 await asyncio.to_thread(store.close)
 
     def _opened(self) -> Any:
-        from sinks.immudb import ImmudbStore
+        from sardis_ledger.sinks.immudb import ImmudbStore
 
         if self._store is None:
             if self.config.create_database:
@@ -138,7 +138,7 @@ class AuditTrail:
         """Create the database if it is missing (immudb databases are created by an admin)."""
         from immudb import ImmudbClient
 
-        from sinks.immudb import GRPC_TIMEOUT_S, translate
+        from sardis_ledger.sinks.immudb import GRPC_TIMEOUT_S, translate
 
         name = self.config.database
         try:

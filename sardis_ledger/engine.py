@@ -13,10 +13,16 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from streams import core
-from streams.client import RESULT_TIMEOUT_S, LedgerBatch, LedgerClient, LedgerEntry, LedgerRejected
-from streams.config import Settings
-from streams.errors import LedgerError
+from sardis_ledger.streams import core
+from sardis_ledger.streams.client import (
+    RESULT_TIMEOUT_S,
+    LedgerBatch,
+    LedgerClient,
+    LedgerEntry,
+    LedgerRejected,
+)
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import LedgerError
 
 # The old library's entry types are the stream ledger's (credit, debit, fee, refund, adjustment).
 LedgerEntryType = core.EntryType

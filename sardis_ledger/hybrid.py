@@ -11,9 +11,9 @@ from decimal import Decimal
 from typing import Any
 
 from sardis_ledger.engine import Entry, HybridReceipt, LedgerEngine, LockManager
-from streams.config import Settings
-from streams.errors import LedgerError
-from streams.extras import require
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import LedgerError
+from sardis_ledger.streams.extras import require
 
 RECEIPT_TIMEOUT_S = 60.0  # both sinks normally write within a second or two (README: Sinks)
 RECEIPT_POLL_S = 0.1
@@ -57,7 +57,7 @@ class HybridLedger(LedgerEngine):
         if config.immudb_database is not None:
             changes["immudb_database"] = config.immudb_database
         self.settings = dataclasses.replace(self.settings, **changes)
-        from sinks.schema import check_schema_name, pg_schema
+        from sardis_ledger.sinks.schema import check_schema_name, pg_schema
 
         self.pg_schema = check_schema_name(config.pg_schema) if config.pg_schema else pg_schema()
         self.receipt_timeout_s = config.receipt_timeout_s
@@ -76,7 +76,7 @@ class HybridLedger(LedgerEngine):
 
     async def wait_receipt(self, entry_id: str, timeout_s: float | None = None) -> HybridReceipt:
         """The entry's row in PostgreSQL and its immudb receipt, polled until both are there."""
-        from sinks.schema import connect, quoted
+        from sardis_ledger.sinks.schema import connect, quoted
 
         timeout_s = self.receipt_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
@@ -107,7 +107,7 @@ class HybridLedger(LedgerEngine):
     async def verify_receipt(self, entry_id: str) -> dict[str, Any]:
         """The full check `sardis-ledger receipt` prints: the row, its Merkle inclusion proof to
         a tree head, and a verified immudb read. `["verified"]` is true only if all hold."""
-        from sinks.verify import receipt
+        from sardis_ledger.sinks.verify import receipt
 
         return await receipt(self.settings, self.pg_schema, entry_id)
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sinks.reconcile_report import ReconciliationEngine as RangeReport
-from sinks.reconcile_report import ReconciliationReport
-
 from sardis_ledger.engine import LedgerEngine
-from streams.extras import require
+from sardis_ledger.sinks.reconcile_report import ReconciliationEngine as RangeReport
+from sardis_ledger.sinks.reconcile_report import ReconciliationReport
+from sardis_ledger.streams.extras import require
 
 
 @dataclass(frozen=True, slots=True)

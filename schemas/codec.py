@@ -57,8 +57,8 @@ from typing import Any, Final, cast
 import fastavro
 from fastavro.schema import SchemaParseException, parse_schema, to_parsing_canonical_form
 
-from schemas.errors import CodecError
-from schemas.resolution import resolution_problem
+from sardis_ledger.schemas.errors import CodecError
+from sardis_ledger.schemas.resolution import resolution_problem
 
 SCHEMA_DIR: Final[Path] = Path(__file__).resolve().parent
 SCHEMA_SUFFIX: Final[str] = ".avsc"

@@ -19,15 +19,15 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from schemas.codec import AvroCodec
-from sinks.immudb import group_id_for
-from sinks.kafka import Shard
-from sinks.process import SinkProcess
-from sinks.schema import connect, quoted
-from sinks.workload import LedgerWorkload, Produced, WorkloadProducer
-from streams.config import Settings
-from streams.produce import send_batches
-from streams.topics import LedgerTopic, create_topics, delete_topics_with_prefix
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.sinks.immudb import group_id_for
+from sardis_ledger.sinks.kafka import Shard
+from sardis_ledger.sinks.process import SinkProcess
+from sardis_ledger.sinks.schema import connect, quoted
+from sardis_ledger.sinks.workload import LedgerWorkload, Produced, WorkloadProducer
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.produce import send_batches
+from sardis_ledger.streams.topics import LedgerTopic, create_topics, delete_topics_with_prefix
 
 PRODUCE_CHUNK = 5000
 DONE_POLL_S = 0.05

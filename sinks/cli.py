@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from sinks.errors import SinkError
-from streams.config import Settings
+from sardis_ledger.sinks.errors import SinkError
+from sardis_ledger.streams.config import Settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -22,7 +22,7 @@ STATE_DIR_HELP = ("directory of the persisted trusted immudb state (default: $SA
 
 
 def _schema(args: argparse.Namespace) -> str:
-    from sinks.schema import check_schema_name, pg_schema
+    from sardis_ledger.sinks.schema import check_schema_name, pg_schema
 
     return check_schema_name(args.schema) if args.schema else pg_schema()
 
@@ -32,7 +32,7 @@ def _state_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from sinks.schema import connect, grant, migrate
+    from sardis_ledger.sinks.schema import connect, grant, migrate
 
     async def run() -> list[int]:
         conn = await connect(Settings.from_env().pg_dsn)
@@ -55,19 +55,19 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sink(args: argparse.Namespace) -> int:
-    from sinks.kafka import Shard
-    from streams.topics import create_topics
+    from sardis_ledger.sinks.kafka import Shard
+    from sardis_ledger.streams.topics import create_topics
 
     shard = Shard.parse(args.shard)
     logging.basicConfig(level=LOG_LEVELS[args.loglevel], format=LOG_FORMAT, stream=sys.stderr)
     settings = Settings.from_env()
     asyncio.run(create_topics(settings))
     if args.kind == "postgres":
-        from sinks.postgres import run_postgres_sink
+        from sardis_ledger.sinks.postgres import run_postgres_sink
 
         asyncio.run(run_postgres_sink(settings, _schema(args), shard))
     else:
-        from sinks.immudb import run_immudb_sink
+        from sardis_ledger.sinks.immudb import run_immudb_sink
 
         asyncio.run(run_immudb_sink(settings, _state_dir(args), shard))
     return EXIT_OK
@@ -75,9 +75,9 @@ def _cmd_sink(args: argparse.Namespace) -> int:
 
 def balance_at(args: argparse.Namespace) -> int:
     """`balance ACCOUNT --at ISO`: the posted balance at a time, from PostgreSQL."""
-    from sinks.kafka import parse_time
-    from sinks.queries import balance_at as query
-    from streams.cli_io import dumps
+    from sardis_ledger.sinks.kafka import parse_time
+    from sardis_ledger.sinks.queries import balance_at as query
+    from sardis_ledger.streams.cli_io import dumps
 
     result = asyncio.run(query(Settings.from_env().pg_dsn, _schema(args), args.account,
                                args.currency, parse_time(args.at)))
@@ -88,9 +88,9 @@ def balance_at(args: argparse.Namespace) -> int:
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
-    from sinks.kafka import parse_time
-    from sinks.queries import history
-    from streams.cli_io import dumps
+    from sardis_ledger.sinks.kafka import parse_time
+    from sardis_ledger.sinks.queries import history
+    from sardis_ledger.streams.cli_io import dumps
 
     found = asyncio.run(history(
         Settings.from_env().pg_dsn, _schema(args), args.account, currency=args.currency,
@@ -102,9 +102,9 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from sinks.kafka import parse_from_offsets, parse_time
-    from sinks.replay import replay_postgres
-    from streams.cli_io import dumps
+    from sardis_ledger.sinks.kafka import parse_from_offsets, parse_time
+    from sardis_ledger.sinks.replay import replay_postgres
+    from sardis_ledger.streams.cli_io import dumps
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
     result = asyncio.run(replay_postgres(
@@ -117,8 +117,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_receipt(args: argparse.Namespace) -> int:
-    from sinks.verify import receipt
-    from streams.cli_io import dumps
+    from sardis_ledger.sinks.verify import receipt
+    from sardis_ledger.streams.cli_io import dumps
 
     result = asyncio.run(receipt(Settings.from_env(), _schema(args), args.entry_id,
                                  state_directory=_state_dir(args)))
@@ -130,7 +130,7 @@ def _cmd_receipt(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from sinks.verify import verify
+    from sardis_ledger.sinks.verify import verify
 
     report = asyncio.run(verify(Settings.from_env(), _schema(args), partition=args.partition,
                                 account=args.account, check_immudb=not args.no_immudb,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.errors import LedgerError
+from sardis_ledger.streams.errors import LedgerError
 
 
 class SinkError(LedgerError):

@@ -26,19 +26,19 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from schemas.codec import AvroCodec
-from sinks import kafka
-from sinks.errors import SinkError, SinkUnavailable, VerificationError
-from sinks.immudb_compat import use_tls
-from sinks.intake import SinkReject, intake
-from sinks.kafka import ALL_PARTITIONS, Shard
-from streams import canonical, records
-from streams.config import Settings, host_port
-from streams.core import EPOCH, ONE_MS, murmur2
-from streams.money import Currency, currency_table
-from streams.produce import send_batches
-from streams.topics import LedgerTopic
-from streams.wire import Wire
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.sinks import kafka
+from sardis_ledger.sinks.errors import SinkError, SinkUnavailable, VerificationError
+from sardis_ledger.sinks.immudb_compat import use_tls
+from sardis_ledger.sinks.intake import SinkReject, intake
+from sardis_ledger.sinks.kafka import ALL_PARTITIONS, Shard
+from sardis_ledger.streams import canonical, records
+from sardis_ledger.streams.config import Settings, host_port
+from sardis_ledger.streams.core import EPOCH, ONE_MS, murmur2
+from sardis_ledger.streams.money import Currency, currency_table
+from sardis_ledger.streams.produce import send_batches
+from sardis_ledger.streams.topics import LedgerTopic
+from sardis_ledger.streams.wire import Wire
 
 WRITE_BATCH_MAX = 1000  # immudb's default limit is 1024 entries per transaction
 # Records per Kafka transaction (receipts + offsets): several verified immudb transactions of

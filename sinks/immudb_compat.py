@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sinks.errors import SinkError
+from sardis_ledger.sinks.errors import SinkError
 
 CA_FILE_BYTES_MAX = 1_048_576
 

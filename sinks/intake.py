@@ -16,11 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.codec import AvroCodec
-from streams import records
-from streams.errors import CodecError
-from streams.money import Currency
-from streams.topics import LedgerTopic
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.streams import records
+from sardis_ledger.streams.errors import CodecError
+from sardis_ledger.streams.money import Currency
+from sardis_ledger.streams.topics import LedgerTopic
 
 log = logging.getLogger("sardis.sinks")
 

@@ -13,9 +13,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from sinks.errors import SinkError, SinkUnavailable
-from streams.config import Settings
-from streams.core import EPOCH, ONE_MS
+from sardis_ledger.sinks.errors import SinkError, SinkUnavailable
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.core import EPOCH, ONE_MS
 
 METADATA_TIMEOUT_S = 30.0
 METADATA_RETRY_S = 0.2

@@ -14,16 +14,16 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from schemas.codec import AvroCodec
-from sinks import kafka, rows
-from sinks.errors import SinkError, SinkUnavailable
-from sinks.intake import SinkReject, intake
-from sinks.kafka import ALL_PARTITIONS, Shard
-from sinks.schema import connect, migrate, quoted
-from streams.config import Settings
-from streams.money import Currency, currency_table
-from streams.topics import LedgerTopic
-from streams.wire import Wire
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.sinks import kafka, rows
+from sardis_ledger.sinks.errors import SinkError, SinkUnavailable
+from sardis_ledger.sinks.intake import SinkReject, intake
+from sardis_ledger.sinks.kafka import ALL_PARTITIONS, Shard
+from sardis_ledger.sinks.schema import connect, migrate, quoted
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import Currency, currency_table
+from sardis_ledger.streams.topics import LedgerTopic
+from sardis_ledger.streams.wire import Wire
 
 BATCH_RECORDS_MAX = 20_000  # records per database transaction
 # Records decoded between yields to the event loop, so the COPY of the batch in flight keeps

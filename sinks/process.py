@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from sinks.errors import SinkError
-from sinks.immudb import READY_MESSAGE as IMMUDB_READY
-from sinks.kafka import ALL_PARTITIONS, Shard
-from sinks.postgres import READY_MESSAGE as POSTGRES_READY
-from streams.config import Settings
-from streams.worker_process import ChildProcess
+from sardis_ledger.sinks.errors import SinkError
+from sardis_ledger.sinks.immudb import READY_MESSAGE as IMMUDB_READY
+from sardis_ledger.sinks.kafka import ALL_PARTITIONS, Shard
+from sardis_ledger.sinks.postgres import READY_MESSAGE as POSTGRES_READY
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.worker_process import ChildProcess
 
 READY_TIMEOUT_S = 60.0
 READY_MESSAGES = {"postgres": POSTGRES_READY, "immudb": IMMUDB_READY}

@@ -7,8 +7,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sinks import rows
-from sinks.schema import connect, quoted
+from sardis_ledger.sinks import rows
+from sardis_ledger.sinks.schema import connect, quoted
 
 HISTORY_LIMIT_DEFAULT = 1000
 

@@ -19,10 +19,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams import reconcile as rc
-from streams.config import Settings
-from streams.errors import LedgerError
-from streams.topics import LedgerTopic
+from sardis_ledger.streams import reconcile as rc
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import LedgerError
+from sardis_ledger.streams.topics import LedgerTopic
 
 EXIT_OK = 0
 EXIT_DISCREPANCIES = 1
@@ -92,8 +92,8 @@ class ReconciliationEngine:
 
     def __init__(self, settings: Settings, *, pg_schema: str | None = None,
                  transfers_topic: str = LedgerTopic.CHAIN_TRANSFERS) -> None:
-        from sinks.schema import check_schema_name
-        from sinks.schema import pg_schema as default_schema
+        from sardis_ledger.sinks.schema import check_schema_name
+        from sardis_ledger.sinks.schema import pg_schema as default_schema
 
         self.settings = settings
         self.schema = check_schema_name(pg_schema) if pg_schema else default_schema()
@@ -102,7 +102,7 @@ class ReconciliationEngine:
     async def reconcile(self, *, start_block: int, end_block: int) -> ReconciliationReport:
         if not 0 <= start_block <= end_block:
             raise ReportError(f"block range {start_block}..{end_block}: need 0 <= start <= end")
-        from streams.chain.anchor import read_records
+        from sardis_ledger.streams.chain.anchor import read_records
 
         now_ms = int(time.time() * MS_PER_S)
         transfers = [record for _, record in await read_records(self.settings,
@@ -120,7 +120,7 @@ class ReconciliationEngine:
 
     async def _entries(self, range_tx: list[str], known_tx: list[str]) -> list[dict[str, Any]]:
         """Entries naming a transaction of the range or one the watcher never published."""
-        from sinks.schema import connect, quoted
+        from sardis_ledger.sinks.schema import connect, quoted
 
         conn = await connect(self.settings.pg_dsn)
         try:
@@ -137,7 +137,7 @@ class ReconciliationEngine:
     async def _place(self, rows: list[dict[str, Any]], start_block: int,
                      end_block: int) -> list[dict[str, Any]]:
         """The entries (naming transactions the watcher never published) that belong here."""
-        from streams.chain import eth
+        from sardis_ledger.streams.chain import eth
 
         w3 = eth.connect(self.settings.chain_rpc)
         try:
@@ -165,7 +165,7 @@ class ReconciliationEngine:
     async def _receipt_block(w3: Any, tx_hash: str) -> int | None:
         from web3 import exceptions as w3e
 
-        from streams.chain.eth import rpc_error
+        from sardis_ledger.streams.chain.eth import rpc_error
 
         try:
             receipt = await w3.eth.get_transaction_receipt(tx_hash)
@@ -177,7 +177,7 @@ class ReconciliationEngine:
 
     @staticmethod
     async def _block_time_ms(w3: Any, number: int) -> int:
-        from streams.chain.eth import rpc_error
+        from sardis_ledger.streams.chain.eth import rpc_error
 
         try:
             block = await w3.eth.get_block(number)

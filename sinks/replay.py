@@ -8,12 +8,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from sinks import kafka
-from sinks.errors import SinkError
-from sinks.postgres import SINK_LOCK_TEMPLATE, PostgresSink
-from sinks.schema import connect, quoted, schema_exists
-from streams.config import Settings
-from streams.progress import ProgressBar
+from sardis_ledger.sinks import kafka
+from sardis_ledger.sinks.errors import SinkError
+from sardis_ledger.sinks.postgres import SINK_LOCK_TEMPLATE, PostgresSink
+from sardis_ledger.sinks.schema import connect, quoted, schema_exists
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.progress import ProgressBar
 
 SWAP_LOCK_TIMEOUT_S = 5.0
 

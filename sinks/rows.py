@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
-from sinks.errors import SinkError
-from streams import core, records
-from streams.money import DIGITS_MAX, Currency
+from sardis_ledger.sinks.errors import SinkError
+from sardis_ledger.streams import core, records
+from sardis_ledger.streams.money import DIGITS_MAX, Currency
 
 ENTRY_COLUMNS = (
     "entry_id", "command_id", "account_id", "currency", "entry_type", "amount",

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sinks.errors import SinkError, SinkUnavailable
-from streams.config import redact_url
+from sardis_ledger.sinks.errors import SinkError, SinkUnavailable
+from sardis_ledger.streams.config import redact_url
 
 PG_SCHEMA_DEFAULT = "ledger"
 PG_SCHEMA_ENV = "SARDIS_PG_SCHEMA"

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinks import rows
-from sinks.errors import SinkError, VerificationError
-from sinks.schema import connect, quoted
-from streams import canonical, core, merkle
-from streams.config import Settings, redact_url, redact_urls_in
-from streams.errors import LedgerError
-from streams.money import Currency, currency_table
+from sardis_ledger.sinks import rows
+from sardis_ledger.sinks.errors import SinkError, VerificationError
+from sardis_ledger.sinks.schema import connect, quoted
+from sardis_ledger.streams import canonical, core, merkle
+from sardis_ledger.streams.config import Settings, redact_url, redact_urls_in
+from sardis_ledger.streams.errors import LedgerError
+from sardis_ledger.streams.money import Currency, currency_table
 
 INCLUSION_SAMPLES_PER_HEAD = 4  # random entries whose inclusion proof is checked per tree head
 PROBLEMS_MAX = 100  # stop collecting after this many (the first one is what matters)
@@ -278,7 +278,7 @@ async def _anchors(settings: Settings, anchor_rows: Sequence[Any], report: Repor
     """The anchors with the roots their contracts hold (read from the chain node)."""
     if not anchor_rows:
         return []
-    from streams.chain.anchor import anchored_roots
+    from sardis_ledger.streams.chain.anchor import anchored_roots
 
     keys = [(r["contract_address"], r["partition"], r["tree_size"]) for r in anchor_rows
             if r["contract_address"]]
@@ -300,7 +300,7 @@ def _check_immudb(settings: Settings, entries: Sequence[core.Entry], receipts: M
                   report: Report, state_directory: Path | None) -> None:
     """Each entry's canonical bytes against immudb: one verified transaction read per receipt's
     transaction, a verified key read for entries without a receipt."""
-    from sinks.immudb import ImmudbStore, entry_key
+    from sardis_ledger.sinks.immudb import ImmudbStore, entry_key
 
     store = ImmudbStore(settings, state_directory)
     store.open()
@@ -395,7 +395,7 @@ async def receipt(settings: Settings, schema: str, entry_id: str, *,
 
 def _immudb_receipt(settings: Settings, entry_id: str, data: bytes, stored: dict[str, Any] | None,
                     state_directory: Path | None) -> dict[str, Any]:
-    from sinks.immudb import ImmudbStore, entry_key
+    from sardis_ledger.sinks.immudb import ImmudbStore, entry_key
 
     key = entry_key(settings, entry_id)
     result: dict[str, Any] = {"key": key.decode(), "database": settings.immudb_database,

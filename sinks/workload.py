@@ -14,12 +14,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from schemas.codec import AvroCodec
-from streams import core, merkle, records
-from streams.config import Settings
-from streams.errors import InvariantViolation
-from streams.money import Currency, currency_table, to_major
-from streams.topics import LedgerTopic
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.streams import core, merkle, records
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.money import Currency, currency_table, to_major
+from sardis_ledger.streams.topics import LedgerTopic
 
 TREE_HEAD_EVERY_ENTRIES = 250
 AMOUNT_MINOR_MAX = 10**9

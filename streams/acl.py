@@ -6,8 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
-from streams.errors import ConfigError
-from streams.topics import APP_NAME, TOPICS, LedgerTopic
+from sardis_ledger.streams.errors import ConfigError
+from sardis_ledger.streams.topics import APP_NAME, TOPICS, LedgerTopic
 
 # Names other modules give their consumer groups and transactional ids (kept in step by a unit
 # test): the worker's Faust app id, the immudb sinks' group, quarantine and the chain watcher.

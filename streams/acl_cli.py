@@ -6,8 +6,8 @@ import argparse
 import asyncio
 from typing import Any
 
-from streams import acl
-from streams.config import Settings
+from sardis_ledger.streams import acl
+from sardis_ledger.streams.config import Settings
 
 EXIT_OK = 0
 
@@ -22,7 +22,7 @@ def _cmd_acl(args: argparse.Namespace) -> int:
         print(f"# {len(bindings)} ALLOW rules for topic prefix {prefix!r}; everything else is "
               "denied (allow.everyone.if.no.acl.found=false)")
         return EXIT_OK
-    from streams.kafka_acls import apply
+    from sardis_ledger.streams.kafka_acls import apply
 
     settings = Settings.from_env()
     report = asyncio.run(apply(settings, bindings, prefix))

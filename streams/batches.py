@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, TypeGuard
 
-from streams import core, merkle
-from streams.core import AccountState, Entry, Reason
-from streams.errors import InvariantViolation
-from streams.money import Currency, balance_minor_max
+from sardis_ledger.streams import core, merkle
+from sardis_ledger.streams.core import AccountState, Entry, Reason
+from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.money import Currency, balance_minor_max
 
 # ------------------------------------------------------------------ limits and names
 

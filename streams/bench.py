@@ -20,12 +20,12 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from schemas.codec import AvroCodec
-from streams import core
-from streams.config import Settings
-from streams.money import currency_table, to_major
-from streams.topics import create_topics, delete_topics_with_prefix
-from streams.worker_process import WorkerProcess
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.streams import core
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import currency_table, to_major
+from sardis_ledger.streams.topics import create_topics, delete_topics_with_prefix
+from sardis_ledger.streams.worker_process import WorkerProcess
 
 T = TypeVar("T")
 RESULT_WAIT_S = 600.0
@@ -83,7 +83,7 @@ async def closed_loop(settings: Settings, clients: int, accounts: int,
                       duration_s: float) -> RunFigures:
     """`clients` tasks, each posting one command with LedgerClient.create_entry and awaiting its
     result before the next, as API handlers call a ledger; for `duration_s`."""
-    from streams.client import LedgerClient
+    from sardis_ledger.streams.client import LedgerClient
 
     latencies_ms: list[float] = []
     stop_at = time.monotonic() + duration_s
@@ -191,8 +191,8 @@ async def _create_baseline_topic(settings: Settings, topic: str) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    from streams.topic_policy import plan_replication
-    from streams.topics import broker_count
+    from sardis_ledger.streams.topic_policy import plan_replication
+    from sardis_ledger.streams.topics import broker_count
 
     admin = AIOKafkaAdminClient(**settings.kafka_connection())
     await admin.start()

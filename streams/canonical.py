@@ -32,10 +32,10 @@ import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from streams.errors import InvariantViolation
+from sardis_ledger.streams.errors import InvariantViolation
 
 if TYPE_CHECKING:
-    from streams.core import Entry
+    from sardis_ledger.streams.core import Entry
 
 MAGIC = b"SLE\x01"
 INT_MAGNITUDE_BYTES_MAX = 0xFFFF

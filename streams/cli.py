@@ -8,9 +8,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from streams.cli_options import CHECKING_COMMANDS
-from streams.config import Settings
-from streams.errors import LedgerError
+from sardis_ledger.streams.cli_options import CHECKING_COMMANDS
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import LedgerError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -86,8 +86,8 @@ def _settings() -> Settings:
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from streams.topic_policy import Severity
-    from streams.topics import ensure_topics
+    from sardis_ledger.streams.topic_policy import Severity
+    from sardis_ledger.streams.topics import ensure_topics
 
     settings = _settings()
     report = asyncio.run(ensure_topics(settings, create=args.action == "create", check_entries=True))
@@ -111,15 +111,15 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 
 def _cmd_quarantine(args: argparse.Namespace) -> int:
-    from streams.quarantine import run_quarantine
+    from sardis_ledger.streams.quarantine import run_quarantine
 
     print(run_quarantine(_settings(), args.position, args.note))
     return EXIT_OK
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from streams.topics import ensure_topics, worker_settings
-    from streams.worker import run_worker
+    from sardis_ledger.streams.topics import ensure_topics, worker_settings
+    from sardis_ledger.streams.worker import run_worker
 
     settings = _settings()
     report = asyncio.run(ensure_topics(settings, check_entries=True))
@@ -137,13 +137,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
-    from streams import cli_io
+    from sardis_ledger.streams import cli_io
 
     return asyncio.run(cli_io.produce(_settings(), sys.stdin, sys.stdout, wait=args.wait))
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
-    from streams import cli_io
+    from sardis_ledger.streams import cli_io
 
     return asyncio.run(cli_io.consume(_settings(), args.topic, sys.stdout,
                                       from_beginning=args.from_beginning,
@@ -152,17 +152,17 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
 
 def _cmd_balance(args: argparse.Namespace) -> int:
-    from streams import cli_io
+    from sardis_ledger.streams import cli_io
 
     if args.at is not None:
-        from sinks.cli import balance_at
+        from sardis_ledger.sinks.cli import balance_at
 
         return balance_at(args)
     return asyncio.run(cli_io.balance(_settings(), args.account, args.currency, sys.stdout))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from streams.bench import run_bench
+    from sardis_ledger.streams.bench import run_bench
 
     return run_bench(runs=args.runs, commands=args.commands, accounts=args.accounts,
                      hot_commands=args.hot_commands, batches=args.batches, workers=args.workers,
@@ -173,7 +173,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from streams.demo import run_demo
+    from sardis_ledger.streams.demo import run_demo
 
     return run_demo()
 
@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on a bug or corrupt state. A command whose optional dependency is missing names the "
         "extra to install (pip install 'sardis-ledger[postgres]').",
     )
+    from sardis_ledger.streams.cli_options import add_common_options
     from sardis_ledger.version import installed_version
-    from streams.cli_options import add_common_options
 
     add_common_options(parser, installed_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -351,26 +351,26 @@ def build_parser() -> argparse.ArgumentParser:
                           "Merkle roots.")
     demo.set_defaults(func=_cmd_demo)
 
-    from sinks.cli import add_sink_commands
+    from sardis_ledger.sinks.cli import add_sink_commands
 
     add_sink_commands(sub)
 
-    from streams.chain.cli import add_chain_commands
+    from sardis_ledger.streams.chain.cli import add_chain_commands
 
     add_chain_commands(sub)
 
-    from sinks.reconcile_report import add_reconcile_commands
+    from sardis_ledger.sinks.reconcile_report import add_reconcile_commands
 
     add_reconcile_commands(sub)
 
-    from streams.acl_cli import add_acl_commands
+    from sardis_ledger.streams.acl_cli import add_acl_commands
 
     add_acl_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from streams.cli_options import apply_settings, check_extras, failure_exit, missing_extra
+    from sardis_ledger.streams.cli_options import apply_settings, check_extras, failure_exit, missing_extra
 
     parser = build_parser()
     args = parser.parse_args(argv)

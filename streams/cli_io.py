@@ -16,12 +16,12 @@ from typing import IO, Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streams.client import LedgerClient, LedgerClientError, _at_scale
-from streams.config import Settings
-from streams.core import EPOCH, ONE_MS
-from streams.errors import CodecError, LedgerError, RegistryError
-from streams.money import currency_table
-from streams.wire import Wire
+from sardis_ledger.streams.client import LedgerClient, LedgerClientError, _at_scale
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.core import EPOCH, ONE_MS
+from sardis_ledger.streams.errors import CodecError, LedgerError, RegistryError
+from sardis_ledger.streams.money import currency_table
+from sardis_ledger.streams.wire import Wire
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1

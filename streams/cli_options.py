@@ -9,9 +9,9 @@ import tomllib
 from collections.abc import MutableMapping
 from pathlib import Path
 
-from streams.config import ENV_NAMES
-from streams.errors import ConfigError
-from streams.extras import EXTRA_OF_MODULE, EXTRA_PROBES, install_line, missing
+from sardis_ledger.streams.config import ENV_NAMES
+from sardis_ledger.streams.errors import ConfigError
+from sardis_ledger.streams.extras import EXTRA_OF_MODULE, EXTRA_PROBES, install_line, missing
 
 # `verify`, `receipt`, `reconcile`: 1 = checked and found a problem, 3 = could not check (a server
 # unreachable, a missing extra, bad settings). 2 stays argparse's usage error.

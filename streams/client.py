@@ -16,12 +16,12 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streams import core
-from streams.config import Settings
-from streams.errors import CodecError, LedgerError, RegistryError
-from streams.money import Currency, currency_table, to_major, to_minor
-from streams.topics import LedgerTopic
-from streams.wire import Wire
+from sardis_ledger.streams import core
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import CodecError, LedgerError, RegistryError
+from sardis_ledger.streams.money import Currency, currency_table, to_major, to_minor
+from sardis_ledger.streams.topics import LedgerTopic
+from sardis_ledger.streams.wire import Wire
 
 RESULT_TIMEOUT_S = 30.0
 BATCH_RESULT_MARGIN_S = 10.0  # a batch's result may come this long after its own timeout

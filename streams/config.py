@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.codec import Framing
-from streams import kafka_security
-from streams.errors import ConfigError
-from streams.kafka_security import KafkaSecurity
+from sardis_ledger.schemas.codec import Framing
+from sardis_ledger.streams import kafka_security
+from sardis_ledger.streams.errors import ConfigError
+from sardis_ledger.streams.kafka_security import KafkaSecurity
 
 # Loopback defaults of the local dev harness (`sardis-ledger dev up`). The dev-only credentials
 # below apply only while the matching address is left at its default; pointing a setting at an

@@ -17,9 +17,9 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, TypeGuard
 
-from streams import canonical, merkle
-from streams.errors import InvariantViolation
-from streams.money import AMOUNT_MINOR_MAX, Currency, balance_minor_max, to_minor
+from sardis_ledger.streams import canonical, merkle
+from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.money import AMOUNT_MINOR_MAX, Currency, balance_minor_max, to_minor
 
 # ------------------------------------------------------------------ limits
 

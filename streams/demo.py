@@ -7,12 +7,12 @@ import dataclasses
 import time
 from decimal import Decimal
 
-from streams import canonical, records
-from streams.client import LedgerClient, LedgerEntry, LedgerRejected
-from streams.config import Settings
-from streams.money import currency_table
-from streams.topics import create_topics
-from streams.worker_process import WorkerProcess
+from sardis_ledger.streams import canonical, records
+from sardis_ledger.streams.client import LedgerClient, LedgerEntry, LedgerRejected
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import currency_table
+from sardis_ledger.streams.topics import create_topics
+from sardis_ledger.streams.worker_process import WorkerProcess
 
 
 def _say(text: str = "") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # The root and the codec's error live with the codec, the lowest layer (schemas imports nothing
 # of streams); they are the same classes here.
-from schemas.errors import CodecError, LedgerError
+from sardis_ledger.schemas.errors import CodecError, LedgerError
 
 __all__ = ["CodecError", "ConfigError", "InfraError", "InvariantViolation", "LedgerError",
            "MerkleError", "RegistryError"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from streams.errors import LedgerError
+from sardis_ledger.streams.errors import LedgerError
 
 # The import that proves each extra is installed.
 EXTRA_PROBES = {"postgres": "asyncpg", "immudb": "immudb", "anchoring": "web3"}

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from streams.acl import AclBinding, Operation, PatternType, Permission, ResourceType
-from streams.config import Settings
-from streams.errors import LedgerError
+from sardis_ledger.streams.acl import AclBinding, Operation, PatternType, Permission, ResourceType
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import LedgerError
 
 ACL_REQUEST_TIMEOUT_MS = 15_000
 ANY_HOST = "*"

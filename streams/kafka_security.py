@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from streams.errors import ConfigError
+from sardis_ledger.streams.errors import ConfigError
 
 
 class Protocol(StrEnum):

@@ -29,7 +29,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from streams.errors import MerkleError
+from sardis_ledger.streams.errors import MerkleError
 
 HASH_SIZE_BYTES = 32
 # Sizes must fit a signed 64-bit integer (Kafka offsets, PostgreSQL bigint, Java long) so that

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Context, Decimal, DecimalException, Inexact, InvalidOperation, Rounded
 
-from streams.errors import ConfigError
+from sardis_ledger.streams.errors import ConfigError
 
 DECIMALS_MAX = 18  # the wire scale (schemas: decimal scale 18) holds every currency up to this
 CURRENCY_CODE_LENGTH_MAX = 12

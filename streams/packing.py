@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from streams.errors import InvariantViolation
+from sardis_ledger.streams.errors import InvariantViolation
 
 VARINT_BYTES_MAX: Final[int] = 64  # 448 bits: far above any amount the codec accepts
 

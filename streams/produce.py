@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streams.errors import InvariantViolation
+from sardis_ledger.streams.errors import InvariantViolation
 
 
 async def send_batches(producer: Any, topic: str, partition: int,

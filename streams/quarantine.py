@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.codec import AvroCodec
-from streams import core, records
-from streams.config import Settings
-from streams.errors import CodecError, LedgerError
-from streams.topics import LedgerTopic
-from streams.wire import Wire
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.streams import core, records
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import CodecError, LedgerError
+from sardis_ledger.streams.topics import LedgerTopic
+from sardis_ledger.streams.wire import Wire
 
 QUARANTINE_READ_TIMEOUT_S = 60.0
 QUARANTINE_FETCH_TIMEOUT_MS = 200

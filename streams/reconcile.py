@@ -19,8 +19,8 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from streams.errors import LedgerError
-from streams.money import DECIMALS_MAX, to_major, to_minor, to_wire
+from sardis_ledger.streams.errors import LedgerError
+from sardis_ledger.streams.money import DECIMALS_MAX, to_major, to_minor, to_wire
 
 JOIN_VALUE_VERSION = 1
 # Defaults of the grace window before a one-sided key is a missing_* discrepancy: ordinary

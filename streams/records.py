@@ -9,8 +9,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from streams import merkle
-from streams.batches import (
+from sardis_ledger.streams import merkle
+from sardis_ledger.streams.batches import (
     BATCH_LEGS_MAX,
     REVERSAL,
     BatchHeader,
@@ -25,7 +25,7 @@ from streams.batches import (
     Settle,
     valid_batch_id,
 )
-from streams.core import (
+from sardis_ledger.streams.core import (
     BALANCE_SIGN,
     CHAIN_FIELD_LENGTH_MAX,
     EPOCH,
@@ -43,9 +43,9 @@ from streams.core import (
     shown,
     valid_id,
 )
-from streams.errors import InvariantViolation
-from streams.money import Currency, to_minor, to_wire
-from streams.packing import Packer, Unpacker
+from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.money import Currency, to_minor, to_wire
+from sardis_ledger.streams.packing import Packer, Unpacker
 
 TABLE_VALUE_VERSION = 1
 

@@ -16,8 +16,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, Final
 
-from streams.config import Settings
-from streams.errors import RegistryError
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import RegistryError
 
 REGISTRY_TIMEOUT_S: Final[float] = 5.0  # per HTTP request
 # Attempts per call when the registry gave no answer, a 5xx or a 429; other answers are final.

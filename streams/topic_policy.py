@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from streams.errors import ConfigError
+from sardis_ledger.streams.errors import ConfigError
 
 # Three replicas with min.insync.replicas 2: one broker can be lost (or restarted) while every
 # partition still accepts acks=all writes, and no acknowledged write lives on one disk only.

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from streams.config import Settings
-from streams.core import Reason
-from streams.errors import LedgerError
-from streams.topic_policy import (
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.core import Reason
+from sardis_ledger.streams.errors import LedgerError
+from sardis_ledger.streams.topic_policy import (
     CLEANUP_POLICY_KEY,
     Difference,
     ReplicationPlan,
@@ -309,8 +309,8 @@ async def misplaced_entries(settings: Settings) -> list[Difference]:
     partition owns under SARDIS_PARTITIONS; if not, partitions were added under the ledger."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from schemas.codec import AvroCodec
-    from streams.core import partition_for
+    from sardis_ledger.schemas.codec import AvroCodec
+    from sardis_ledger.streams.core import partition_for
 
     topic = settings.topic(LedgerTopic.ENTRIES)
     codec = AvroCodec()
@@ -338,7 +338,7 @@ async def misplaced_entries(settings: Settings) -> list[Difference]:
 
 async def _newest_account(consumer: Any, codec: Any, tp: Any, end: int) -> str | None:
     """The account of the last decodable Entry before `end` (None: no entry in the tail)."""
-    from streams.errors import CodecError
+    from sardis_ledger.streams.errors import CodecError
 
     if end == 0:
         return None

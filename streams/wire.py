@@ -30,17 +30,17 @@ import time
 from collections.abc import Iterable
 from typing import Any, Final
 
-from schemas.codec import AvroCodec, Framing
-from streams.config import Settings
-from streams.errors import CodecError, RegistryError
-from streams.schema_registry import (
+from sardis_ledger.schemas.codec import AvroCodec, Framing
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import CodecError, RegistryError
+from sardis_ledger.streams.schema_registry import (
     BACKWARD,
     BACKWARD_OR_STRICTER,
     HTTP_CONFLICT,
     HTTP_NOT_FOUND,
     SchemaRegistry,
 )
-from streams.topics import TOPIC_RECORDS, LedgerTopic
+from sardis_ledger.streams.topics import TOPIC_RECORDS, LedgerTopic
 
 log = logging.getLogger("sardis.wire")
 

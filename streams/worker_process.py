@@ -11,8 +11,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from streams.config import Settings
-from streams.errors import LedgerError
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import LedgerError
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -56,7 +56,7 @@ class ChildProcess:
         self.starts += 1
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", *self.args],
+                [sys.executable, "-m", "sardis_ledger.streams.cli", *self.args],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, **self.settings.as_env(), **self.env})
         if wait_ready:

@@ -11,10 +11,10 @@ from typing import Any
 
 import fastavro
 
-from schemas.codec import SINGLE_OBJECT_MARKER, AvroCodec, load_schemas
-from streams import batches, core
-from streams.errors import CodecError
-from streams.money import Currency
+from sardis_ledger.schemas.codec import SINGLE_OBJECT_MARKER, AvroCodec, load_schemas
+from sardis_ledger.streams import batches, core
+from sardis_ledger.streams.errors import CodecError
+from sardis_ledger.streams.money import Currency
 
 NAMESPACE = "sardis.ledger"
 NOW_MS = 1_767_225_600_000

@@ -223,7 +223,7 @@ def run_old(python: Path, dsn: str, clients: int, accounts: int, duration_s: flo
 
 def run_new(clients: int, accounts: int, duration_s: float) -> Figures:
     """One closed-loop run of this ledger: `sardis-ledger bench --scenario closed`, one worker."""
-    cmd = [sys.executable, "-m", "streams.cli", "bench", "--runs", "1", "--scenario", "closed",
+    cmd = [sys.executable, "-m", "sardis_ledger.streams.cli", "bench", "--runs", "1", "--scenario", "closed",
            "--workers", "1", "--clients", str(clients), "--accounts", str(accounts),
            "--duration-s", str(duration_s)]
     output = _run_child(cmd, duration_s + RUN_TIMEOUT_MARGIN_S, "sardis-ledger bench")
@@ -248,7 +248,7 @@ def describe_checks(clients: int, accounts: int, checks: dict[str, Any]) -> str:
 
 def compare(args: argparse.Namespace) -> int:
     from infra import harness
-    from streams.config import Settings
+    from sardis_ledger.streams.config import Settings
 
     began = time.monotonic()
     harness.up()
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.runs < 1 or args.duration_s <= 0:
         print("error: --runs must be >= 1 and --duration-s > 0", file=sys.stderr)
         return 2
-    from streams.errors import InfraError
+    from sardis_ledger.streams.errors import InfraError
 
     try:
         return compare(args)

@@ -221,8 +221,8 @@ def live_base_check(work: Path) -> list[str]:
     import dataclasses
     import uuid
 
-    from streams.config import Settings
-    from streams.topics import delete_topics_with_prefix
+    from sardis_ledger.streams.config import Settings
+    from sardis_ledger.streams.topics import delete_topics_with_prefix
 
     venv_bin = work / "venv-none" / "bin"
     run_dir = work / "live"

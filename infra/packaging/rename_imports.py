@@ -45,7 +45,7 @@ _NAMES = "|".join(MOVED)
 # `from streams.x import y`, `import schemas.codec as c` at any indentation (lazy imports too).
 _IMPORT = re.compile(rf"^(?P<lead>[ \t]*(?:from|import)[ \t]+)(?P<mod>(?:{_NAMES})(?:\.\w+)*)"
                      rf"(?=[ \t]|$|,)", re.MULTILINE)
-# A quoted dotted path naming one of the moved packages, e.g. "-m", "streams.cli".
+# A quoted dotted path naming one of the moved packages, e.g. "-m", "sardis_ledger.streams.cli".
 _QUOTED = re.compile(rf"(?P<quote>[\"'])(?P<mod>(?:{_NAMES})\.\w+(?:\.\w+)*)(?P=quote)")
 # A `-m pkg.module` on a command line (Makefile recipes, README examples).
 _DASH_M = re.compile(rf"(?P<lead>-m[ \t]+)(?P<mod>(?:{_NAMES})\.\w+(?:\.\w+)*)")

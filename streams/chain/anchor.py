@@ -21,16 +21,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams import canonical, merkle
-from streams.chain import eth
-from streams.chain.config import chain_name_for, normalize_address
-from streams.chain.errors import AnchorError, ChainConfigError
-from streams.chain.solc import CompiledContract, compile_contract
-from streams.config import Settings
-from streams.errors import CodecError, LedgerError
-from streams.money import Currency, currency_table
-from streams.topics import LedgerTopic
-from streams.wire import Wire
+from sardis_ledger.streams import canonical, merkle
+from sardis_ledger.streams.chain import eth
+from sardis_ledger.streams.chain.config import chain_name_for, normalize_address
+from sardis_ledger.streams.chain.errors import AnchorError, ChainConfigError
+from sardis_ledger.streams.chain.solc import CompiledContract, compile_contract
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import CodecError, LedgerError
+from sardis_ledger.streams.money import Currency, currency_table
+from sardis_ledger.streams.topics import LedgerTopic
+from sardis_ledger.streams.wire import Wire
 
 log = logging.getLogger("sardis.chain.anchor")
 
@@ -230,7 +230,7 @@ async def publish_anchors(settings: Settings, *, contract_address: str | None = 
                           chain: str | None = None,
                           env: Mapping[str, str] | None = None) -> AnchorRun:
     """Anchor the latest tree head of every partition; deploy LedgerAnchor when no address."""
-    from streams.topics import create_topics
+    from sardis_ledger.streams.topics import create_topics
 
     await create_topics(settings)
     heads = await latest_tree_heads(settings)
@@ -301,7 +301,7 @@ def _leaves_by_partition(entries: list[tuple[int, dict[str, Any]]],
                          currencies: Mapping[str, Currency]
                          ) -> tuple[dict[int, dict[int, _Leaf]], dict[int, list[str]]]:
     """Leaf per (partition, leaf_index); conflicting duplicates are reported per partition."""
-    from streams import records
+    from sardis_ledger.streams import records
 
     leaves: dict[int, dict[int, _Leaf]] = defaultdict(dict)
     conflicts: dict[int, list[str]] = defaultdict(list)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from streams.chain.config import WatchConfig
-from streams.chain.watch import ChainWatcher, KafkaSink, Web3Reader, ensure_state_topic
-from streams.config import Settings
+from sardis_ledger.streams.chain.config import WatchConfig
+from sardis_ledger.streams.chain.watch import ChainWatcher, KafkaSink, Web3Reader, ensure_state_topic
+from sardis_ledger.streams.config import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,7 @@ async def measure_ingest(settings: Settings, config: WatchConfig, start_block: i
                          end_block: int, watch_id: str = "bench") -> IngestFigure:
     """Run a fresh watcher (its own watch_id, so no stored progress) over start_block..end_block
     once, as `chain watch` does when it catches up after downtime, and time it."""
-    from streams.topics import create_topics
+    from sardis_ledger.streams.topics import create_topics
 
     fresh = replace(config, watch_id=watch_id, start_block=start_block)
     await create_topics(settings)

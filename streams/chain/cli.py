@@ -21,7 +21,7 @@ QUIET_LOGGERS = ("aiokafka", "web3", "urllib3", "asyncio")
 
 
 def _settings() -> Any:
-    from streams.config import Settings
+    from sardis_ledger.streams.config import Settings
 
     return Settings.from_env()
 
@@ -34,8 +34,8 @@ def _logging(level: str) -> None:
 
 
 def _cmd_chain_watch(args: argparse.Namespace) -> int:
-    from streams.chain import config as watch_config
-    from streams.chain.watch import run_watch
+    from sardis_ledger.streams.chain import config as watch_config
+    from sardis_ledger.streams.chain.watch import run_watch
 
     _logging(args.loglevel)
     config = watch_config.build(
@@ -59,7 +59,7 @@ def _cmd_chain_watch(args: argparse.Namespace) -> int:
 
 
 def _cmd_anchor(args: argparse.Namespace) -> int:
-    from streams.chain import anchor
+    from sardis_ledger.streams.chain import anchor
 
     _logging(args.loglevel)
     settings = _settings()
@@ -87,8 +87,8 @@ def _cmd_anchor(args: argparse.Namespace) -> int:
 
 
 def _cmd_backfill_claims(args: argparse.Namespace) -> int:
-    from streams.progress import ProgressBar
-    from streams.worker.reconciler import backfill_claims
+    from sardis_ledger.streams.progress import ProgressBar
+    from sardis_ledger.streams.worker.reconciler import backfill_claims
 
     _logging(args.loglevel)
     read, produced = asyncio.run(backfill_claims(_settings(), ProgressBar("backfill claims")))
@@ -99,8 +99,8 @@ def _cmd_backfill_claims(args: argparse.Namespace) -> int:
 
 def add_chain_commands(sub: Any) -> None:
     """Add `chain watch`, `chain backfill-claims` and `anchor` to the sardis-ledger subcommands."""
-    from streams.chain import config as watch_config
-    from streams.chain.eth import DEV_CHAIN_ID, PRIVATE_KEY_ENV
+    from sardis_ledger.streams.chain import config as watch_config
+    from sardis_ledger.streams.chain.eth import DEV_CHAIN_ID, PRIVATE_KEY_ENV
 
     chain = sub.add_parser("chain", help="on-chain ERC-20 transfers (chain watch)",
                            description="Commands that read the chain (SARDIS_CHAIN_RPC).")

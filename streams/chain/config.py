@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streams.chain.errors import ChainConfigError
-from streams.money import CURRENCY_CODE_LENGTH_MAX, DECIMALS_MAX
+from sardis_ledger.streams.chain.errors import ChainConfigError
+from sardis_ledger.streams.money import CURRENCY_CODE_LENGTH_MAX, DECIMALS_MAX
 
 CONFIRMATIONS_DEFAULT = 12
 # eth_getLogs block span per request. Public providers cap spans (often 2,000-10,000 blocks) or

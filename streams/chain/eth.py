@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from streams.chain.errors import ChainConfigError, ChainRpcError
-from streams.chain.solc import CompiledContract
-from streams.config import redact_url, redact_urls_in
+from sardis_ledger.streams.chain.errors import ChainConfigError, ChainRpcError
+from sardis_ledger.streams.chain.solc import CompiledContract
+from sardis_ledger.streams.config import redact_url, redact_urls_in
 
 PRIVATE_KEY_ENV = "SARDIS_CHAIN_PRIVATE_KEY"
 PRIVATE_KEY_FILE_ENV = "SARDIS_CHAIN_PRIVATE_KEY_FILE"

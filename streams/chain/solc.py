@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streams.chain.errors import ChainConfigError, CompileError
+from sardis_ledger.streams.chain.errors import ChainConfigError, CompileError
 
 CONTRACTS_DIR = Path(__file__).resolve().parent / "contracts"
 # Cancun runs on anvil and on the chains the ledger settles on; pinning it keeps the bytecode (and

@@ -22,8 +22,8 @@ import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from streams.chain import transfers as tr
-from streams.chain.errors import WatchStateError
+from sardis_ledger.streams.chain import transfers as tr
+from sardis_ledger.streams.chain.errors import WatchStateError
 
 STATE_VERSION = 1
 FORMAT_ZLIB_JSON = b"Z"

@@ -7,10 +7,10 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from streams.chain.config import Token, WatchConfig
-from streams.chain.errors import LogDecodeError
-from streams.money import DECIMALS_MAX, WIRE_PRECISION, to_major, to_minor
-from streams.money import to_wire as money_to_wire
+from sardis_ledger.streams.chain.config import Token, WatchConfig
+from sardis_ledger.streams.chain.errors import LogDecodeError
+from sardis_ledger.streams.money import DECIMALS_MAX, WIRE_PRECISION, to_major, to_minor
+from sardis_ledger.streams.money import to_wire as money_to_wire
 
 # keccak256("Transfer(address,address,uint256)"), the ERC-20 event's topic 0.
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"

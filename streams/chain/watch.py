@@ -30,10 +30,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from streams.chain import state as st
-from streams.chain import transfers as tr
-from streams.chain.config import WatchConfig, chain_name_for
-from streams.chain.errors import (
+from sardis_ledger.streams.chain import state as st
+from sardis_ledger.streams.chain import transfers as tr
+from sardis_ledger.streams.chain.config import WatchConfig, chain_name_for
+from sardis_ledger.streams.chain.errors import (
     ChainError,
     ChainMovedError,
     ChainReorgTooDeepError,
@@ -41,9 +41,9 @@ from streams.chain.errors import (
     RangeTooLargeError,
     WatchStateError,
 )
-from streams.config import Settings
-from streams.topic_policy import plan_replication
-from streams.topics import broker_count
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.topic_policy import plan_replication
+from sardis_ledger.streams.topics import broker_count
 
 log = logging.getLogger("sardis.chain.watch")
 
@@ -460,8 +460,8 @@ class KafkaSink:
     """Transfers to chain.transfers and progress to the state topic, in one transaction each."""
 
     def __init__(self, settings: Settings, chain: str, watch_id: str) -> None:
-        from streams.topics import LedgerTopic
-        from streams.wire import Wire
+        from sardis_ledger.streams.topics import LedgerTopic
+        from sardis_ledger.streams.wire import Wire
 
         self.settings = settings
         self.wire = Wire(settings)  # writes SARDIS_WIRE_FORMAT
@@ -476,7 +476,7 @@ class KafkaSink:
         from aiokafka import AIOKafkaProducer
         from aiokafka.errors import KafkaError
 
-        from streams.topics import LedgerTopic
+        from sardis_ledger.streams.topics import LedgerTopic
 
         await self.wire.start((LedgerTopic.CHAIN_TRANSFERS,))
 
@@ -528,7 +528,7 @@ class KafkaSink:
     async def commit(self, transfers: list[tr.ChainTransfer], state: st.WatchState) -> None:
         from aiokafka.errors import KafkaError
 
-        from streams.topics import MESSAGE_BYTES_MAX
+        from sardis_ledger.streams.topics import MESSAGE_BYTES_MAX
 
         values = [(t.tx_hash.encode(), self.codec.encode("ChainTransfer", tr.to_wire(t)))
                   for t in transfers]
@@ -557,7 +557,7 @@ async def run_watch(settings: Settings, config: WatchConfig, *, until_block: int
                     once: bool = False, stop: asyncio.Event | None = None) -> SyncStats:
     """Run a watcher against the settings' node and Kafka: until `stop`, or once, or until
     everything up to `until_block` is published."""
-    from streams.topics import create_topics
+    from sardis_ledger.streams.topics import create_topics
 
     # The watcher's principal may not read ledger.entries (README: Deploying securely); the
     # worker checks the entries' ownership at its own start.

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from streams.worker.app import LedgerWorker, run_worker
+from sardis_ledger.streams.worker.app import LedgerWorker, run_worker
 
 __all__ = ["LedgerWorker", "run_worker"]

@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from streams import batches, core, records
-from streams.topics import LedgerTopic
-from streams.worker.commit import CommitProtocol
-from streams.worker.compat import table_value
-from streams.worker.ports import Command, WorkerPort
+from sardis_ledger.streams import batches, core, records
+from sardis_ledger.streams.topics import LedgerTopic
+from sardis_ledger.streams.worker.commit import CommitProtocol
+from sardis_ledger.streams.worker.compat import table_value
+from sardis_ledger.streams.worker.ports import Command, WorkerPort
 
 
 @dataclass(frozen=True, slots=True)

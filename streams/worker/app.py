@@ -15,12 +15,12 @@ from typing import Any, NoReturn
 import faust
 from faust.types import EventT, StreamT
 
-from streams import batches, core, records
-from streams.config import Settings
-from streams.errors import CodecError, InvariantViolation
-from streams.money import Currency, currency_table
-from streams.quarantine import Position, QuarantineReader
-from streams.topics import (
+from sardis_ledger.streams import batches, core, records
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import CodecError, InvariantViolation
+from sardis_ledger.streams.money import Currency, currency_table
+from sardis_ledger.streams.quarantine import Position, QuarantineReader
+from sardis_ledger.streams.topics import (
     APP_NAME,
     TABLES,
     LedgerTopic,
@@ -28,18 +28,18 @@ from streams.topics import (
     changelog_topic_name,
     misplaced_reason,
 )
-from streams.wire import Wire
-from streams.worker.accounts import AccountPartition, AccountTables
-from streams.worker.commit import FAUST_COMMIT_INTERVAL_S, CommitProtocol
-from streams.worker.compat import (
+from sardis_ledger.streams.wire import Wire
+from sardis_ledger.streams.worker.accounts import AccountPartition, AccountTables
+from sardis_ledger.streams.worker.commit import FAUST_COMMIT_INTERVAL_S, CommitProtocol
+from sardis_ledger.streams.worker.compat import (
     CONTROL_OFFSETS,
     ledger_transport,
     record_control_batches,
     table_value,
 )
-from streams.worker.coordinator import BATCH_TICK_INTERVAL_S, Coordinator
-from streams.worker.ports import Command
-from streams.worker.reconciler import RECONCILE_TICK_INTERVAL_S, Reconciler
+from sardis_ledger.streams.worker.coordinator import BATCH_TICK_INTERVAL_S, Coordinator
+from sardis_ledger.streams.worker.ports import Command
+from sardis_ledger.streams.worker.reconciler import RECONCILE_TICK_INTERVAL_S, Reconciler
 
 log = logging.getLogger("sardis.worker")
 
@@ -599,7 +599,7 @@ class LedgerWorker:
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     """Run one worker process until it is stopped (SIGTERM/SIGINT); blocks."""
-    from streams.topics import WORKER_TOPICS
+    from sardis_ledger.streams.topics import WORKER_TOPICS
 
     worker = LedgerWorker(settings)
     # Confluent framing: schema ids registered (BACKWARD checked) before anything is encoded.

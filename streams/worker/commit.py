@@ -26,15 +26,15 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
-from streams.errors import InvariantViolation
-from streams.worker.compat import (
+from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.worker.compat import (
     memory_store,
     transaction_lock,
     transaction_producers,
     transactional_id_for,
 )
-from streams.worker.event_scope import EventScope
-from streams.worker.outbox import OUTBOX_RECORDS_HARD_MAX, Outbox, Value
+from sardis_ledger.streams.worker.event_scope import EventScope
+from sardis_ledger.streams.worker.outbox import OUTBOX_RECORDS_HARD_MAX, Outbox, Value
 
 log = logging.getLogger("sardis.worker")
 

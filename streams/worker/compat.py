@@ -49,7 +49,7 @@ from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
-from streams.errors import InvariantViolation
+from sardis_ledger.streams.errors import InvariantViolation
 
 # aiokafka waits retry_backoff_ms (default 100) when the coordinator answers a transaction's
 # AddOffsetsToTxn or a second AddPartitionsToTxn with CONCURRENT_TRANSACTIONS, i.e. while it still

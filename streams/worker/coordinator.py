@@ -14,11 +14,11 @@ import time
 from dataclasses import replace
 from typing import Any, Final
 
-from streams import batches, core, records
-from streams.errors import InvariantViolation
-from streams.topics import LedgerTopic
-from streams.worker.compat import table_items, table_value
-from streams.worker.ports import Command, WorkerPort
+from sardis_ledger.streams import batches, core, records
+from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.topics import LedgerTopic
+from sardis_ledger.streams.worker.compat import table_items, table_value
+from sardis_ledger.streams.worker.ports import Command, WorkerPort
 
 log = logging.getLogger("sardis.worker")
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from streams.errors import InvariantViolation
+from sardis_ledger.streams.errors import InvariantViolation
 
 _MISSING: Final = object()
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from streams.produce import send_batches
+from sardis_ledger.streams.produce import send_batches
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from streams.config import Settings
-from streams.money import Currency
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import Currency
 
 
 @dataclass(frozen=True, slots=True)

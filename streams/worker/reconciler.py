@@ -15,12 +15,12 @@ import logging
 import time
 from typing import Any
 
-from streams import core, reconcile, records
-from streams.config import Settings
-from streams.errors import CodecError
-from streams.topics import LedgerTopic
-from streams.worker.compat import table_items, table_value
-from streams.worker.ports import Command, WorkerPort
+from sardis_ledger.streams import core, reconcile, records
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import CodecError
+from sardis_ledger.streams.topics import LedgerTopic
+from sardis_ledger.streams.worker.compat import table_items, table_value
+from sardis_ledger.streams.worker.ports import Command, WorkerPort
 
 log = logging.getLogger("sardis.reconciler")
 
@@ -50,7 +50,7 @@ class ChainHead:
     async def current(self) -> int | None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        from streams.chain.state import WatchState
+        from sardis_ledger.streams.chain.state import WatchState
 
         if self._consumer is None:
             consumer = AIOKafkaConsumer(**self.settings.kafka_connection(),
@@ -94,7 +94,7 @@ class Reconciler:
     their partition (the same worker, transaction and partition number as ledger.commands)."""
 
     def __init__(self, worker: WorkerPort, table: Any) -> None:
-        from streams.chain.watch import state_topic
+        from sardis_ledger.streams.chain.watch import state_topic
 
         self.worker = worker
         self.settings = worker.settings
@@ -278,7 +278,7 @@ async def backfill_claims(settings: Any, progress: Any = None) -> tuple[int, int
     ignores an entry_id it has seen). Returns (entries read, claims produced)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    from streams.wire import Wire
+    from sardis_ledger.streams.wire import Wire
 
     wire = Wire(settings)
     codec = wire.codec

@@ -12,11 +12,11 @@ from typing import Any
 
 import aiohttp
 
-from streams.chain import eth
-from streams.chain.solc import compile_contract
-from streams.config import Settings
-from streams.errors import LedgerError
-from streams.worker_process import ChildProcess
+from sardis_ledger.streams.chain import eth
+from sardis_ledger.streams.chain.solc import compile_contract
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import LedgerError
+from sardis_ledger.streams.worker_process import ChildProcess
 
 TRANSFER_SELECTOR = "a9059cbb"  # transfer(address,uint256)
 MINT_SELECTOR = "40c10f19"  # mint(address,uint256)
@@ -198,7 +198,7 @@ class WatcherProcess(ChildProcess):
     """`sardis-ledger chain watch --config CONFIG` as a child process."""
 
     def __init__(self, settings: Settings, config: Path, log_dir: Path, name: str = "watch") -> None:
-        from streams.chain.watch import READY_MARKER
+        from sardis_ledger.streams.chain.watch import READY_MARKER
 
         self.config = config
         super().__init__(settings, ["chain", "watch", "--config", str(config), "--loglevel", "info"],

@@ -19,8 +19,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from infra import kafka_cluster
-from streams.config import Settings
-from streams.topics import delete_topics_with_prefix
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.topics import delete_topics_with_prefix
 from tests.integration.conftest import TEST_TOPIC_PREFIX
 
 # SARDIS_TEST_KEEP_TOPICS=1 keeps a test's topics on the cluster, to read what a failing

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from infra import harness
-from streams.config import Settings
-from streams.topics import delete_topics_with_prefix
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.topics import delete_topics_with_prefix
 from tests.integration import chain_support
 
 TEST_TOPIC_PREFIX = "t-"

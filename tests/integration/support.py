@@ -10,12 +10,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from schemas.codec import AvroCodec
-from streams import canonical, core, merkle, records
-from streams.config import Settings
-from streams.errors import CodecError
-from streams.money import currency_table
-from streams.worker_process import ChildProcess
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.streams import canonical, core, merkle, records
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import CodecError
+from sardis_ledger.streams.money import currency_table
+from sardis_ledger.streams.worker_process import ChildProcess
 
 FETCH_MAX = 5000
 CURRENCIES = currency_table()

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas.codec import AvroCodec
-from streams import core
-from streams.client import BatchRejected, LedgerClient
-from streams.config import Settings
-from streams.money import to_minor
-from streams.topics import create_topics
-from streams.worker_process import WorkerProcess
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.streams import core
+from sardis_ledger.streams.client import BatchRejected, LedgerClient
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import to_minor
+from sardis_ledger.streams.topics import create_topics
+from sardis_ledger.streams.worker_process import WorkerProcess
 from tests.integration.support import RawProducer, check_merkle_logs, read_topic
 
 USDC_DECIMALS = 6

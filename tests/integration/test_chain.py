@@ -14,20 +14,20 @@ from typing import Any
 
 import pytest
 
-from schemas.codec import AvroCodec
-from sinks.postgres import PostgresSink
-from sinks.schema import connect, quoted
-from sinks.verify import verify
-from streams import canonical, merkle, records
-from streams.chain import anchor
-from streams.chain import config as wc
-from streams.chain.bench import measure_ingest
-from streams.chain.watch import run_watch
-from streams.client import LedgerClient
-from streams.config import Settings
-from streams.money import currency_table
-from streams.topics import create_topics
-from streams.worker_process import WorkerProcess
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.sinks.postgres import PostgresSink
+from sardis_ledger.sinks.schema import connect, quoted
+from sardis_ledger.sinks.verify import verify
+from sardis_ledger.streams import canonical, merkle, records
+from sardis_ledger.streams.chain import anchor
+from sardis_ledger.streams.chain import config as wc
+from sardis_ledger.streams.chain.bench import measure_ingest
+from sardis_ledger.streams.chain.watch import run_watch
+from sardis_ledger.streams.client import LedgerClient
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import currency_table
+from sardis_ledger.streams.topics import create_topics
+from sardis_ledger.streams.worker_process import WorkerProcess
 from tests.integration import chain_support as cs
 from tests.integration.support import CrashLoop, read_topic
 

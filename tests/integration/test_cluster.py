@@ -19,12 +19,12 @@ from typing import Any, TypeVar
 import pytest
 
 from infra import kafka_cluster
-from sinks.process import SinkProcess
-from streams import core
-from streams.config import Settings
-from streams.money import to_minor
-from streams.topics import TOPICS, changelog_topics, create_topics
-from streams.worker_process import WorkerProcess
+from sardis_ledger.sinks.process import SinkProcess
+from sardis_ledger.streams import core
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import to_minor
+from sardis_ledger.streams.topics import TOPICS, changelog_topics, create_topics
+from sardis_ledger.streams.worker_process import WorkerProcess
 from tests.integration.cluster_support import (
     ArrivalWatcher,
     Kill,

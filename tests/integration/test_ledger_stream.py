@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from schemas.codec import SINGLE_OBJECT_MARKER
-from streams import core, merkle, records
-from streams.client import LedgerClient, LedgerRejected
-from streams.config import Settings
-from streams.money import currency_table, to_major, to_minor
-from streams.topics import create_topics
-from streams.worker_process import WorkerProcess
+from sardis_ledger.schemas.codec import SINGLE_OBJECT_MARKER
+from sardis_ledger.streams import core, merkle, records
+from sardis_ledger.streams.client import LedgerClient, LedgerRejected
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import currency_table, to_major, to_minor
+from sardis_ledger.streams.topics import create_topics
+from sardis_ledger.streams.worker_process import WorkerProcess
 from tests.integration.support import CrashLoop, RawProducer, check_merkle_logs, read_topic
 
 CURRENCIES = currency_table()

@@ -29,10 +29,10 @@ from sardis_ledger import (
     create_audit_trail,
     create_hybrid_ledger,
 )
-from sinks.process import SinkProcess
-from streams.config import Settings
-from streams.topics import create_topics
-from streams.worker_process import WorkerProcess
+from sardis_ledger.sinks.process import SinkProcess
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.topics import create_topics
+from sardis_ledger.streams.worker_process import WorkerProcess
 
 FULL_RECEIPT_TIMEOUT_S = 30.0  # until a tree head covers the entry (one per second of traffic)
 

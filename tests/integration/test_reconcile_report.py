@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from sinks.postgres import PostgresSink
-from sinks.reconcile_report import EXIT_DISCREPANCIES, ReconciliationEngine
-from streams import core
-from streams.chain.transfers import address_to_topic
-from streams.chain.watch import run_watch
-from streams.config import Settings
+from sardis_ledger.sinks.postgres import PostgresSink
+from sardis_ledger.sinks.reconcile_report import EXIT_DISCREPANCIES, ReconciliationEngine
+from sardis_ledger.streams import core
+from sardis_ledger.streams.chain.transfers import address_to_topic
+from sardis_ledger.streams.chain.watch import run_watch
+from sardis_ledger.streams.config import Settings
 from tests.integration import chain_support as cs
 from tests.integration.support import RawProducer
 from tests.integration.test_chain import Actors, actors, watch_config
@@ -188,7 +188,7 @@ async def test_range_report_flags_each_planted_difference_once(
 
     # The CLI: the same report as JSON, exit code 1 for discrepancies, 0 for a clean range.
     env = {**os.environ, **settings.as_env(), "SARDIS_PG_SCHEMA": pg_schema}
-    command = [sys.executable, "-m", "streams.cli", "reconcile", "--json"]
+    command = [sys.executable, "-m", "sardis_ledger.streams.cli", "reconcile", "--json"]
     done = subprocess.run([*command, "--start-block", str(first_block), "--end-block",
                            str(last_block)], env=env, capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S, check=False)

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streams import core
-from streams.chain.watch import run_watch
-from streams.config import Settings
-from streams.topics import create_topics
-from streams.worker.reconciler import backfill_claims
-from streams.worker_process import WorkerProcess
+from sardis_ledger.streams import core
+from sardis_ledger.streams.chain.watch import run_watch
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.topics import create_topics
+from sardis_ledger.streams.worker.reconciler import backfill_claims
+from sardis_ledger.streams.worker_process import WorkerProcess
 from tests.integration import chain_support as cs
 from tests.integration.support import CrashLoop, RawProducer, read_topic
 from tests.integration.test_chain import actors, watch_config

@@ -24,13 +24,19 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from schemas.codec import CONFLUENT_HEADER_SIZE_BYTES, SCHEMA_DIR, AvroCodec, Framing, confluent_header
-from sinks.replay import replay_postgres
-from streams.client import LedgerClient
-from streams.config import Settings
-from streams.errors import LedgerError
-from streams.topics import LedgerTopic, create_topics
-from streams.worker_process import WorkerProcess
+from sardis_ledger.schemas.codec import (
+    CONFLUENT_HEADER_SIZE_BYTES,
+    SCHEMA_DIR,
+    AvroCodec,
+    Framing,
+    confluent_header,
+)
+from sardis_ledger.sinks.replay import replay_postgres
+from sardis_ledger.streams.client import LedgerClient
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import LedgerError
+from sardis_ledger.streams.topics import LedgerTopic, create_topics
+from sardis_ledger.streams.worker_process import WorkerProcess
 from tests.integration.support import RawProducer, check_merkle_logs, read_topic
 
 READ_TIMEOUT_S = 90.0

@@ -24,15 +24,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 
 from infra import secure_stack
-from sinks.process import SinkProcess
-from sinks.verify import verify
-from streams import acl
-from streams.client import LedgerClient
-from streams.config import Settings
-from streams.kafka_acls import apply
-from streams.kafka_security import KafkaSecurity, Protocol
-from streams.topics import delete_topics_with_prefix, ensure_topics
-from streams.worker_process import WorkerProcess
+from sardis_ledger.sinks.process import SinkProcess
+from sardis_ledger.sinks.verify import verify
+from sardis_ledger.streams import acl
+from sardis_ledger.streams.client import LedgerClient
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.kafka_acls import apply
+from sardis_ledger.streams.kafka_security import KafkaSecurity, Protocol
+from sardis_ledger.streams.topics import delete_topics_with_prefix, ensure_topics
+from sardis_ledger.streams.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.secure
 
@@ -178,7 +178,7 @@ async def owner_schema(secured: float) -> AsyncIterator[str]:
     try:
         # What an operator runs: `sardis-ledger migrate` as the owner, granting the two roles.
         done = await asyncio.to_thread(subprocess.run, [
-            sys.executable, "-m", "streams.cli", "migrate", "--schema", name, "--grant-sink",
+            sys.executable, "-m", "sardis_ledger.streams.cli", "migrate", "--schema", name, "--grant-sink",
             secure_stack.PG_SINK, "--grant-reader", secure_stack.PG_READER],
             env={**os.environ, **secure_stack.role_env("admin")}, capture_output=True, text=True,
             timeout=60)
@@ -222,7 +222,7 @@ def test_immudb_refuses_the_default_and_wrong_passwords_other_databases_and_untr
         secured: float) -> None:
     from immudb import ImmudbClient
 
-    from sinks.immudb_compat import use_tls
+    from sardis_ledger.sinks.immudb_compat import use_tls
 
     def tls_client(ca: Path) -> Any:
         client = ImmudbClient(secure_stack.ENDPOINTS.immudb, timeout=5)
@@ -326,7 +326,7 @@ async def test_the_chain_watcher_starts_and_publishes_as_its_own_principal(prefi
     env = {**os.environ, **secure_stack.role_env("watcher"), "SARDIS_TOPIC_PREFIX": prefix,
            "SARDIS_PARTITIONS": str(PARTITIONS)}
     done = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "streams.cli", "chain", "watch", "--token",
+        subprocess.run, [sys.executable, "-m", "sardis_ledger.streams.cli", "chain", "watch", "--token",
                          f"0x{'11' * 20}=USDC:6", "--wallet", f"0x{'22' * 20}=acct-w",
                          "--confirmations", "0", "--once"],
         env=env, capture_output=True, text=True, timeout=120)

@@ -21,19 +21,19 @@ import asyncpg
 import pytest
 
 from infra import harness
-from schemas.codec import AvroCodec
-from sinks.immudb import ImmudbSink, ImmudbStore, entry_key
-from sinks.kafka import Shard, record_time
-from sinks.postgres import PostgresSink
-from sinks.process import SinkProcess
-from sinks.queries import PostgresHistory, balance_at, history
-from sinks.replay import replay_postgres
-from sinks.verify import receipt, verify
-from sinks.workload import LedgerWorkload, Produced, WorkloadProducer
-from streams.client import LedgerClient, LedgerClientError
-from streams.config import Settings
-from streams.money import currency_table
-from streams.topics import create_topics
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.sinks.immudb import ImmudbSink, ImmudbStore, entry_key
+from sardis_ledger.sinks.kafka import Shard, record_time
+from sardis_ledger.sinks.postgres import PostgresSink
+from sardis_ledger.sinks.process import SinkProcess
+from sardis_ledger.sinks.queries import PostgresHistory, balance_at, history
+from sardis_ledger.sinks.replay import replay_postgres
+from sardis_ledger.sinks.verify import receipt, verify
+from sardis_ledger.sinks.workload import LedgerWorkload, Produced, WorkloadProducer
+from sardis_ledger.streams.client import LedgerClient, LedgerClientError
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import currency_table
+from sardis_ledger.streams.topics import create_topics
 from tests.integration.support import read_topic
 
 CURRENCIES = currency_table()
@@ -370,7 +370,7 @@ async def test_queries_replay_append_only_and_tampering(
                                "WHERE entry_id = $1", edited["entry_id"])
         report = await verify(settings, pg_schema, state_directory=state_dir, check_anchors=False)
         assert not report.ok and report.problems[0].entry_id == edited["entry_id"], report.problems[:3]
-        cli = subprocess.run([sys.executable, "-m", "streams.cli", "verify", "--no-anchors",
+        cli = subprocess.run([sys.executable, "-m", "sardis_ledger.streams.cli", "verify", "--no-anchors",
                               "--schema", pg_schema, "--state-dir", str(state_dir)],
                              capture_output=True, text=True,
                              env={**os.environ, **settings.as_env()}, timeout=300)
@@ -413,7 +413,7 @@ async def test_balance_cli_at_time(settings: Settings, pg_schema: str, state_dir
         await task
     last = max((e for e in sent if e["account_id"] == sent[0]["account_id"]), key=lambda e: e["sequence"])
     iso = record_time(last["committed_at"]).isoformat()
-    out = subprocess.run([sys.executable, "-m", "streams.cli", "balance", last["account_id"],
+    out = subprocess.run([sys.executable, "-m", "sardis_ledger.streams.cli", "balance", last["account_id"],
                           "--currency", "USDC", "--at", iso, "--schema", pg_schema],
                          capture_output=True, text=True, env={**os.environ, **settings.as_env()},
                          timeout=60, check=True)

@@ -10,7 +10,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra import harness
-from streams.config import Settings
+from sardis_ledger.streams.config import Settings
 
 RECEIVE_TIMEOUT_S = 20
 
@@ -75,7 +75,7 @@ def test_immudb_rejects_wrong_password(stack: Settings) -> None:
 
     import pytest
 
-    from streams.errors import InfraError
+    from sardis_ledger.streams.errors import InfraError
 
     wrong = dataclasses.replace(stack, immudb_password="not-the-password")
     with pytest.raises(InfraError, match="immudb health check"):

@@ -14,17 +14,17 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from sinks.workload import LedgerWorkload, WorkloadProducer
-from streams.config import Settings
-from streams.topic_policy import Severity, plan_replication
-from streams.topics import TopicError, create_topics, ensure_topics, expected_topics
-from streams.worker_process import READY_MARKER, ChildProcess
+from sardis_ledger.sinks.workload import LedgerWorkload, WorkloadProducer
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.topic_policy import Severity, plan_replication
+from sardis_ledger.streams.topics import TopicError, create_topics, ensure_topics, expected_topics
+from sardis_ledger.streams.worker_process import READY_MARKER, ChildProcess
 
 CLI_TIMEOUT_S = 120
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sardis_ledger.streams.cli", *args], capture_output=True,
                           text=True, env={**os.environ, **settings.as_env()}, timeout=CLI_TIMEOUT_S)
 
 

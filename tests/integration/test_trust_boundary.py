@@ -22,12 +22,12 @@ import fastavro
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas.codec import SINGLE_OBJECT_MARKER, AvroCodec, load_schemas
-from streams import batches, core
-from streams.config import Settings
-from streams.money import currency_table, to_minor
-from streams.topics import APP_NAME, LedgerTopic, create_topics
-from streams.worker_process import WorkerProcess
+from sardis_ledger.schemas.codec import SINGLE_OBJECT_MARKER, AvroCodec, load_schemas
+from sardis_ledger.streams import batches, core
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import currency_table, to_minor
+from sardis_ledger.streams.topics import APP_NAME, LedgerTopic, create_topics
+from sardis_ledger.streams.worker_process import WorkerProcess
 from tests.hostile import hostile_records, is_valid_client_command
 from tests.integration.support import check_merkle_logs, read_topic
 from tests.integration.test_ledger_stream import (
@@ -108,7 +108,7 @@ def _rejected_before_any_state(name: str, record: dict[str, Any], partition: int
                                partitions: int) -> bool:
     """Whether the worker's stateless checks refuse `record` read on `partition` of its home
     topic (records that pass them would be trusted: internal topics are workers' own)."""
-    from streams import reconcile, records
+    from sardis_ledger.streams import reconcile, records
 
     def raises(check: Any) -> bool:
         try:
@@ -137,7 +137,7 @@ def _rejected_before_any_state(name: str, record: dict[str, Any], partition: int
 
 
 def _report_check(record: dict[str, Any], partitions: int) -> Any:
-    from streams import records
+    from sardis_ledger.streams import records
 
     if record.get("entry") is None:
         return batches.parse_report(record, None, partitions)
@@ -277,7 +277,7 @@ def _sha(value: bytes) -> str:
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sardis_ledger.streams.cli", *args], capture_output=True,
                           text=True, timeout=120, check=False,
                           env={**os.environ, **settings.as_env()})
 

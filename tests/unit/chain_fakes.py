@@ -6,10 +6,10 @@ import hashlib
 import itertools
 from dataclasses import dataclass, field
 
-from streams.chain import state as st
-from streams.chain import transfers as tr
-from streams.chain.config import Token, WatchConfig
-from streams.chain.errors import RangeTooLargeError, WatchStateError
+from sardis_ledger.streams.chain import state as st
+from sardis_ledger.streams.chain import transfers as tr
+from sardis_ledger.streams.chain.config import Token, WatchConfig
+from sardis_ledger.streams.chain.errors import RangeTooLargeError, WatchStateError
 
 TOKEN = "0x" + "aa" * 20
 OTHER_TOKEN = "0x" + "ab" * 20

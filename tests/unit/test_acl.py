@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from sinks.immudb import group_id_for
-from streams import acl
-from streams.acl import AclBinding, Operation, PatternType, ResourceType, Role
-from streams.chain.watch import STATE_TOPIC
-from streams.chain.watch import transactional_id as watch_transactional_id
-from streams.config import Settings
-from streams.errors import ConfigError
-from streams.topics import TOPICS, LedgerTopic
-from streams.worker.compat import transactional_id_for
+from sardis_ledger.sinks.immudb import group_id_for
+from sardis_ledger.streams import acl
+from sardis_ledger.streams.acl import AclBinding, Operation, PatternType, ResourceType, Role
+from sardis_ledger.streams.chain.watch import STATE_TOPIC
+from sardis_ledger.streams.chain.watch import transactional_id as watch_transactional_id
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import ConfigError
+from sardis_ledger.streams.topics import TOPICS, LedgerTopic
+from sardis_ledger.streams.worker.compat import transactional_id_for
 
 PREFIX = "p."
 PLAN = acl.plan(PREFIX)
@@ -124,7 +124,7 @@ def test_bad_principals_are_refused(raw: str) -> None:
 
 
 def test_acl_plan_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
-    from streams.cli import main
+    from sardis_ledger.streams.cli import main
 
     assert main(["acl", "plan", "--prefix", "p.", "--role", "client",
                  "--principal", "client=User:payments"]) == 0

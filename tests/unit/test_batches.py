@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams import batches as b
-from streams import merkle
-from streams.core import AccountState, Reason
-from streams.money import currency_table
+from sardis_ledger.streams import batches as b
+from sardis_ledger.streams import merkle
+from sardis_ledger.streams.core import AccountState, Reason
+from sardis_ledger.streams.money import currency_table
 
 CURRENCIES = currency_table()
 
@@ -73,7 +73,7 @@ def test_digest_tells_true_duplicates_from_conflicts() -> None:
 
 
 def test_batch_entry_ids_never_collide_with_command_entry_ids() -> None:
-    from streams.core import entry_id_for
+    from sardis_ledger.streams.core import entry_id_for
 
     assert b.batch_entry_id("same", 0) != entry_id_for("same", 0)
     assert b.batch_entry_id("x", 0) == b.batch_entry_id("x", 0) != b.batch_entry_id("x", 1)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from streams import bench
-from streams.bench import percentile
+from sardis_ledger.streams import bench
+from sardis_ledger.streams.bench import percentile
 
 
 @pytest.mark.parametrize(("values", "fraction", "expected"), [

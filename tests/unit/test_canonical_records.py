@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.codec import MESSAGE_SIZE_MAX_BYTES, AvroCodec
-from streams import canonical, core, merkle, records
-from streams.core import (
+from sardis_ledger.schemas.codec import MESSAGE_SIZE_MAX_BYTES, AvroCodec
+from sardis_ledger.streams import canonical, core, merkle, records
+from sardis_ledger.streams.core import (
     AccountState,
     CommandRecord,
     Entry,
@@ -27,8 +27,8 @@ from streams.core import (
     seal,
     verify_entry_hash,
 )
-from streams.errors import InvariantViolation
-from streams.money import BUILTIN_CURRENCIES, Currency, to_major
+from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.money import BUILTIN_CURRENCIES, Currency, to_major
 
 CODEC = AvroCodec()
 CURRENCIES = dict(BUILTIN_CURRENCIES)

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from streams.chain import config as wc
-from streams.chain.errors import ChainConfigError
-from streams.chain.eth import ANVIL_DEV_PRIVATE_KEY, PRIVATE_KEY_ENV, private_key
+from sardis_ledger.streams.chain import config as wc
+from sardis_ledger.streams.chain.errors import ChainConfigError
+from sardis_ledger.streams.chain.eth import ANVIL_DEV_PRIVATE_KEY, PRIVATE_KEY_ENV, private_key
 
 TOKEN = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"  # a checksummed address
 WALLET = "0x1111111111111111111111111111111111111111"

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from schemas.codec import SCHEMA_DIR as CODEC_DIR
-from schemas.codec import AvroCodec
-from streams.chain import state as st
-from streams.chain import transfers as tr
-from streams.chain.config import Token
-from streams.chain.errors import LogDecodeError
-from streams.money import to_minor
+from sardis_ledger.schemas.codec import SCHEMA_DIR as CODEC_DIR
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.streams.chain import state as st
+from sardis_ledger.streams.chain import transfers as tr
+from sardis_ledger.streams.chain.config import Token
+from sardis_ledger.streams.chain.errors import LogDecodeError
+from sardis_ledger.streams.money import to_minor
 from tests.unit.chain_fakes import STRANGERS, TOKEN, WALLETS, config, transfer_log
 
 CODEC = AvroCodec()
@@ -166,14 +166,14 @@ def test_rewind_forgets_orphans_and_hashes_above_the_fork() -> None:
                                   (b"{", b'{"v": 2}', b'{"v": 1, "start_block": 1}', b"[]")]
                          + [b'{"v": 1}', b"Znot zlib", b""])
 def test_corrupt_state_is_refused(data: bytes) -> None:
-    from streams.chain.errors import WatchStateError
+    from sardis_ledger.streams.chain.errors import WatchStateError
 
     with pytest.raises(WatchStateError):
         st.WatchState.from_bytes(data)
 
 
 def test_a_full_window_of_busy_blocks_fits_one_kafka_message() -> None:
-    from streams.topics import MESSAGE_BYTES_MAX
+    from sardis_ledger.streams.topics import MESSAGE_BYTES_MAX
 
     state = st.WatchState.fresh(1, "abc")
     per_block = 100

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from streams.chain import state as st
-from streams.chain import transfers as tr
-from streams.chain.errors import ChainReorgTooDeepError, WatchStateError
-from streams.chain.watch import ChainWatcher
+from sardis_ledger.streams.chain import state as st
+from sardis_ledger.streams.chain import transfers as tr
+from sardis_ledger.streams.chain.errors import ChainReorgTooDeepError, WatchStateError
+from sardis_ledger.streams.chain.watch import ChainWatcher
 from tests.unit.chain_fakes import (
     OTHER_TOKEN,
     STRANGERS,

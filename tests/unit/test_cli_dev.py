@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.cli import _stack_healthy
+from sardis_ledger.streams.cli import _stack_healthy
 
 OTHERS = {"postgres": "running (pid 2), healthy", "immudb": "running (pid 3), healthy"}
 NODE = "running (pid 9), broker 127.0.0.1:19192, controller 127.0.0.1:19193, registered"

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from streams.chain.solc import precompiled
-from streams.cli import build_parser, main
-from streams.cli_options import (
+from sardis_ledger.streams.chain.solc import precompiled
+from sardis_ledger.streams.cli import build_parser, main
+from sardis_ledger.streams.cli_options import (
     EXIT_COULD_NOT_CHECK,
     apply_settings,
     config_file_env,
     failure_exit,
     missing_extra,
 )
-from streams.errors import ConfigError
+from sardis_ledger.streams.errors import ConfigError
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -121,7 +121,7 @@ def test_shipped_contract_matches_its_source() -> None:
     (["anchor"], ["anchoring"]), (["chain", "watch", "--config", "w.yaml"], ["anchoring"]),
 ])
 def test_each_command_declares_its_extras(argv: list[str], extras: list[str]) -> None:
-    from streams.cli_options import required_extras
+    from sardis_ledger.streams.cli_options import required_extras
 
     assert required_extras(_args(*argv)) == extras
 

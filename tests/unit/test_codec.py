@@ -17,7 +17,7 @@ from fastavro.schema import parse_schema, to_parsing_canonical_form
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.codec import (
+from sardis_ledger.schemas.codec import (
     CRC64_AVRO_EMPTY,
     HEADER_SIZE_BYTES,
     MESSAGE_SIZE_MAX_BYTES,
@@ -29,7 +29,7 @@ from schemas.codec import (
     load_history,
     load_schemas,
 )
-from streams.errors import CodecError
+from sardis_ledger.streams.errors import CodecError
 
 NAMESPACE = "sardis.ledger"
 RECORDS = ("PostEntry", "Entry", "Result", "Balance", "TreeHead", "DeadLetter", "Receipt",

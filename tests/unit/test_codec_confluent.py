@@ -11,7 +11,7 @@ import fastavro
 import pytest
 from fastavro.schema import parse_schema
 
-from schemas.codec import (
+from sardis_ledger.schemas.codec import (
     CONFLUENT_HEADER_SIZE_BYTES,
     LEARNT_SCHEMA_IDS_MAX,
     REFUSED_SCHEMA_IDS_MAX,
@@ -21,7 +21,7 @@ from schemas.codec import (
     confluent_schema_id,
     schema_text,
 )
-from streams.errors import CodecError
+from sardis_ledger.streams.errors import CodecError
 
 POST = {"command_id": "c1", "account_id": "acc_1", "currency": "USD", "entry_type": "credit",
         "amount": Decimal("10.5")}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.codec import Framing
-from streams.config import (
+from sardis_ledger.schemas.codec import Framing
+from sardis_ledger.streams.config import (
     IMMUDB_DEV_PASSWORD,
     PARTITIONS_DEFAULT,
     SCHEMA_REGISTRY_URL_DEFAULT,
@@ -15,7 +15,7 @@ from streams.config import (
     Settings,
     host_port,
 )
-from streams.errors import ConfigError
+from sardis_ledger.streams.errors import ConfigError
 
 
 def test_defaults_point_at_the_loopback_dev_harness() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.worker.compat import CONTROL_GAP_CHECK_MAX, ControlOffsets, transactional_id_for
+from sardis_ledger.streams.worker.compat import CONTROL_GAP_CHECK_MAX, ControlOffsets, transactional_id_for
 
 
 @pytest.mark.parametrize(("markers", "gap", "covered"), [

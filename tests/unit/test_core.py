@@ -15,9 +15,9 @@ from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.codec import AvroCodec
-from streams import canonical, merkle, records
-from streams.core import (
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.streams import canonical, merkle, records
+from sardis_ledger.streams.core import (
     BALANCE_SIGN,
     ID_LENGTH_MAX,
     METADATA_ENTRIES_MAX,
@@ -47,9 +47,9 @@ from streams.core import (
     tree_head_due,
     verify_entry_hash,
 )
-from streams.errors import InvariantViolation
-from streams.merkle import MerkleFrontier
-from streams.money import AMOUNT_MINOR_MAX, BUILTIN_CURRENCIES, balance_minor_max, to_wire
+from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.merkle import MerkleFrontier
+from sardis_ledger.streams.money import AMOUNT_MINOR_MAX, BUILTIN_CURRENCIES, balance_minor_max, to_wire
 
 BALANCE_MINOR_MAX = balance_minor_max(18)  # ETH
 

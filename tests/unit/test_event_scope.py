@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.errors import InvariantViolation
-from streams.worker.event_scope import EventScope
+from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.worker.event_scope import EventScope
 
 
 def test_rollback_restores_every_key_and_holds_nothing() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sardis_ledger import HybridConfig, ImmutableConfig, create_audit_trail, create_hybrid_ledger
-from streams.extras import MissingExtra, require
+from sardis_ledger.streams.extras import MissingExtra, require
 
 
 def _without(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:

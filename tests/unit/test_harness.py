@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from infra import harness
-from streams.config import Settings
+from sardis_ledger.streams.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -18,12 +18,12 @@ import fastavro
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from schemas.codec import SINGLE_OBJECT_MARKER, AvroCodec, load_schemas
-from streams import batches as b
-from streams import core, merkle, reconcile, records
-from streams.core import AccountState
-from streams.errors import CodecError
-from streams.money import currency_table
+from sardis_ledger.schemas.codec import SINGLE_OBJECT_MARKER, AvroCodec, load_schemas
+from sardis_ledger.streams import batches as b
+from sardis_ledger.streams import core, merkle, reconcile, records
+from sardis_ledger.streams.core import AccountState
+from sardis_ledger.streams.errors import CodecError
+from sardis_ledger.streams.money import currency_table
 
 CODEC = AvroCodec()
 SCHEMAS = load_schemas()

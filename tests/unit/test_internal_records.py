@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from streams import batches as b
-from streams import core, merkle, records
-from streams.core import AccountState, Reason
-from streams.money import currency_table
-from streams.topics import INPUT_RECORDS, LedgerTopic, misplaced_reason
+from sardis_ledger.streams import batches as b
+from sardis_ledger.streams import core, merkle, records
+from sardis_ledger.streams.core import AccountState, Reason
+from sardis_ledger.streams.money import currency_table
+from sardis_ledger.streams.topics import INPUT_RECORDS, LedgerTopic, misplaced_reason
 
 CURRENCIES = currency_table()
 PARTITIONS = 12

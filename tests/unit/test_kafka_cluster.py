@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from infra import harness, kafka_cluster
-from streams.errors import InfraError
+from sardis_ledger.streams.errors import InfraError
 
 
 def test_three_nodes_on_their_own_loopback_ports_clear_of_the_single_node() -> None:

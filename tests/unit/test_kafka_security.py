@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from streams.config import Settings, pg_dsn_with_password, redact_url
-from streams.errors import ConfigError
-from streams.kafka_security import KafkaSecurity, Mechanism, Protocol
+from sardis_ledger.streams.config import Settings, pg_dsn_with_password, redact_url
+from sardis_ledger.streams.errors import ConfigError
+from sardis_ledger.streams.kafka_security import KafkaSecurity, Mechanism, Protocol
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(p for d in ("streams", "sinks", "infra") for p in (ROOT / d).rglob("*.py"))

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.errors import MerkleError
-from streams.merkle import (
+from sardis_ledger.streams.errors import MerkleError
+from sardis_ledger.streams.merkle import (
     EMPTY_ROOT,
     HASH_SIZE_BYTES,
     TREE_SIZE_MAX,

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams import money
-from streams.errors import ConfigError, LedgerError
-from streams.money import (
+from sardis_ledger.streams import money
+from sardis_ledger.streams.errors import ConfigError, LedgerError
+from sardis_ledger.streams.money import (
     BUILTIN_CURRENCIES,
     CURRENCY_CODE_LENGTH_MAX,
     DECIMALS_MAX,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from infra.old_engine import compare, run_old_engine
-from streams import bench
+from sardis_ledger.streams import bench
 
 
 def test_parse_config_reads_clients_and_accounts() -> None:

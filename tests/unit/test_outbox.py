@@ -10,7 +10,7 @@ from aiokafka.record.default_records import DefaultRecordBatch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.worker.outbox import Outbox
+from sardis_ledger.streams.worker.outbox import Outbox
 
 BATCH_SIZE_BYTES = 1024
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.errors import InvariantViolation
-from streams.packing import Packer, Unpacker
+from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.packing import Packer, Unpacker
 
 TEXT = st.text(max_size=300)
 

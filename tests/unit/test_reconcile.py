@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from streams import reconcile as rc
+from sardis_ledger.streams import reconcile as rc
 
 TX = "0x" + "ab" * 32
 TX2 = "0x" + "cd" * 32
@@ -397,7 +397,7 @@ def test_replace_keeps_frozen_values_hashable() -> None:
 
 
 def test_outputs_encode_with_their_avro_schemas() -> None:
-    from schemas.codec import AvroCodec
+    from sardis_ledger.schemas.codec import AvroCodec
 
     codec = AvroCodec()
     _, out = feed([transfer(), entry(), transfer(status="removed"), entry("ent_2", amount="7"),
@@ -412,7 +412,7 @@ def test_outputs_encode_with_their_avro_schemas() -> None:
 
 
 def test_build_report_keeps_only_the_range() -> None:
-    from sinks.reconcile_report import build_report
+    from sardis_ledger.sinks.reconcile_report import build_report
 
     def wire(event: rc.TransferEvent) -> dict[str, Any]:
         return {"chain": event.chain, "block_number": event.block_number,
@@ -433,7 +433,7 @@ def test_build_report_keeps_only_the_range() -> None:
                 "committed_at": datetime.fromtimestamp(T0_MS / 1000, UTC), "chain": "anvil",
                 "chain_tx_hash": tx, "chain_log_index": log_index}
 
-    from sinks.reconcile_report import join_transfers
+    from sardis_ledger.sinks.reconcile_report import join_transfers
 
     report = build_report(10, 15, join_transfers(transfers, T0_MS),
                           [row("e1", "1.5", TX, 3), row("e5", "2", TX, 5)], T0_MS)
@@ -443,7 +443,7 @@ def test_build_report_keeps_only_the_range() -> None:
 
 
 def test_cli_has_the_reconcile_command() -> None:
-    from streams.cli import build_parser
+    from sardis_ledger.streams.cli import build_parser
 
     args = build_parser().parse_args(["reconcile", "--start-block", "3", "--end-block", "9",
                                       "--json"])

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from fastavro.schema import parse_schema
 
-from schemas.resolution import resolution_problem
+from sardis_ledger.schemas.resolution import resolution_problem
 
 DECIMAL = {"type": "bytes", "logicalType": "decimal", "precision": 60, "scale": 18}
 

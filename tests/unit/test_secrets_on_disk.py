@@ -14,10 +14,10 @@ import pytest
 
 from infra import harness
 from infra.secure_stack import scram_verifier
-from sinks.immudb import StateFile, TrustedState
-from streams.chain.errors import ChainConfigError
-from streams.chain.eth import PRIVATE_KEY_ENV, PRIVATE_KEY_FILE_ENV, private_key, rpc_error
-from streams.config import Settings, redact_urls_in
+from sardis_ledger.sinks.immudb import StateFile, TrustedState
+from sardis_ledger.streams.chain.errors import ChainConfigError
+from sardis_ledger.streams.chain.eth import PRIVATE_KEY_ENV, PRIVATE_KEY_FILE_ENV, private_key, rpc_error
+from sardis_ledger.streams.config import Settings, redact_urls_in
 
 KEY = "ab" * 32
 MAINNET = "https://mainnet.example/v3/SECRETAPIKEY"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from infra import secure_stack
-from streams.config import Settings
-from streams.kafka_security import Protocol
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.kafka_security import Protocol
 
 
 @pytest.fixture(autouse=True)

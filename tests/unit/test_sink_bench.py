@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sinks.bench import visibility_lags_ms
+from sardis_ledger.sinks.bench import visibility_lags_ms
 
 
 def test_visibility_lags_pair_each_offset_with_the_first_poll_past_it() -> None:

@@ -10,20 +10,20 @@ from types import SimpleNamespace
 import pytest
 from aiokafka import TopicPartition
 
-from schemas.codec import AvroCodec
-from sinks import rows
-from sinks.errors import SinkError
-from sinks.immudb import StateFile, TrustedState, entries_to_store, entry_key, receipt_record
-from sinks.intake import SinkReject
-from sinks.kafka import parse_from_offsets, parse_time
-from sinks.postgres import build_batch
-from sinks.schema import check_schema_name, migrations, pg_schema, quoted
-from sinks.verify import AnchorRow, Report, check_accounts, check_anchor, check_partition
-from sinks.workload import LedgerWorkload
-from streams import merkle, records
-from streams.config import Settings
-from streams.money import currency_table
-from streams.topics import LedgerTopic
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.sinks import rows
+from sardis_ledger.sinks.errors import SinkError
+from sardis_ledger.sinks.immudb import StateFile, TrustedState, entries_to_store, entry_key, receipt_record
+from sardis_ledger.sinks.intake import SinkReject
+from sardis_ledger.sinks.kafka import parse_from_offsets, parse_time
+from sardis_ledger.sinks.postgres import build_batch
+from sardis_ledger.sinks.schema import check_schema_name, migrations, pg_schema, quoted
+from sardis_ledger.sinks.verify import AnchorRow, Report, check_accounts, check_anchor, check_partition
+from sardis_ledger.sinks.workload import LedgerWorkload
+from sardis_ledger.streams import merkle, records
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import currency_table
+from sardis_ledger.streams.topics import LedgerTopic
 
 CURRENCIES = currency_table()
 CODEC = AvroCodec()
@@ -191,7 +191,7 @@ def test_verify_catches_a_rewritten_log_by_its_tree_heads() -> None:
     workload = LedgerWorkload(1, 5, seed=3)
     produced = workload.next(300)
     heads = [(h["tree_size"], h["root_hash"]) for h in produced.tree_heads + workload.final_heads()]
-    from streams import core, merkle
+    from sardis_ledger.streams import core, merkle
 
     rewritten, frontier = [], merkle.MerkleFrontier()
     for i, entry in enumerate(_core(produced.entries)):
@@ -227,7 +227,7 @@ def test_state_file_only_moves_forward(tmp_path: Path) -> None:
 def test_receipt_record_encodes_and_keys_carry_the_prefix() -> None:
     from datetime import UTC, datetime
 
-    from sinks.immudb import Stored
+    from sardis_ledger.sinks.immudb import Stored
 
     record = receipt_record("ent_1", Stored(7, True), "defaultdb", datetime.now(UTC))
     name, decoded = CODEC.decode(CODEC.encode("Receipt", record))

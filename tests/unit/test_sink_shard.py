@@ -7,8 +7,8 @@ from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sinks.errors import SinkError
-from sinks.kafka import ALL_PARTITIONS, SHARDS_MAX, Shard
+from sardis_ledger.sinks.errors import SinkError
+from sardis_ledger.sinks.kafka import ALL_PARTITIONS, SHARDS_MAX, Shard
 
 
 @pytest.mark.parametrize(("text", "expected"), [

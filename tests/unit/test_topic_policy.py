@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.errors import ConfigError
-from streams.topic_policy import (
+from sardis_ledger.streams.errors import ConfigError
+from sardis_ledger.streams.topic_policy import (
     REPLICATION_FACTOR_SAFE,
     Severity,
     TopicShape,

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from streams.config import Settings
-from streams.topic_policy import Difference, Severity, plan_replication
-from streams.topics import (
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.topic_policy import Difference, Severity, plan_replication
+from sardis_ledger.streams.topics import (
     TOPICS,
     TopicError,
     TopicReport,

@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 
-from schemas.codec import AvroCodec, Framing, confluent_header
-from streams.config import Settings
-from streams.errors import CodecError, RegistryError
-from streams.schema_registry import SchemaRegistry
-from streams.topics import INPUT_RECORDS, TOPIC_RECORDS, WORKER_TOPICS, LedgerTopic
-from streams.wire import Wire, subject_name, subjects_of
+from sardis_ledger.schemas.codec import AvroCodec, Framing, confluent_header
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import CodecError, RegistryError
+from sardis_ledger.streams.schema_registry import SchemaRegistry
+from sardis_ledger.streams.topics import INPUT_RECORDS, TOPIC_RECORDS, WORKER_TOPICS, LedgerTopic
+from sardis_ledger.streams.wire import Wire, subject_name, subjects_of
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused
 

@@ -15,16 +15,16 @@ from typing import Any
 
 import pytest
 
-from schemas.codec import AvroCodec
-from streams import batches, core
-from streams.config import Settings
-from streams.money import Currency, currency_table
-from streams.topics import LedgerTopic
-from streams.worker.accounts import AccountPartition, AccountTables
-from streams.worker.commit import CommitProtocol
-from streams.worker.compat import transactional_id_for
-from streams.worker.coordinator import Coordinator
-from streams.worker.ports import Command
+from sardis_ledger.schemas.codec import AvroCodec
+from sardis_ledger.streams import batches, core
+from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.money import Currency, currency_table
+from sardis_ledger.streams.topics import LedgerTopic
+from sardis_ledger.streams.worker.accounts import AccountPartition, AccountTables
+from sardis_ledger.streams.worker.commit import CommitProtocol
+from sardis_ledger.streams.worker.compat import transactional_id_for
+from sardis_ledger.streams.worker.coordinator import Coordinator
+from sardis_ledger.streams.worker.ports import Command
 
 PARTITIONS = 4
 NOW_MS = 1_767_225_600_000
@@ -163,7 +163,7 @@ class Worker:
         return out
 
     def balance_minor(self, account_id: str, currency: str = "USD") -> int:
-        from streams import records
+        from sardis_ledger.streams import records
 
         key = core.account_key(account_id, currency).encode()
         state = records.state_from_bytes(self.tables.accounts.data.data.get(key))
