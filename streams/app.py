@@ -15,15 +15,17 @@ from typing import Any, NoReturn
 import faust
 from faust.types import EventT, StreamT
 
-from streams import batches, core, records
+from streams import batches, core, metrics, records
 from streams.config import Settings
 from streams.errors import CodecError, InvariantViolation
 from streams.event_scope import EventScope
 from streams.faust_tables import table_items, table_value
+from streams.health import lag_readiness, serve
 from streams.money import Currency, currency_table
 from streams.outbox import OUTBOX_RECORDS_HARD_MAX, Outbox, Value
 from streams.quarantine import Position, QuarantineReader
 from streams.reconciler import RECONCILE_TICK_INTERVAL_S, Reconciler
+from streams.shutdown import arm_stop_deadline
 from streams.topics import (
     APP_NAME,
     TABLES,
@@ -35,6 +37,7 @@ from streams.topics import (
 from streams.transactions import (
     CONTROL_OFFSETS,
     ledger_transport,
+    open_transactions,
     record_control_batches,
     transactional_id_for,
 )
@@ -215,6 +218,7 @@ class LedgerWorker:
         self._quarantined: set[Position] | None = None
         self._quarantine_refresh_at = 0.0
         self.dead_letters: dict[str, int] = {}  # DLQ records by reason, since start
+        self.lag = metrics.LagTracker("worker")  # input lag per partition, from the catch-up check
 
     def owned_partitions(self, topic: str) -> frozenset[int]:
         """The partitions of an input topic this worker owns now."""
@@ -361,6 +365,7 @@ class LedgerWorker:
             previous, unchanged = self._last_seen_offsets.get(key, (-1, 0))
             unchanged = unchanged + 1 if previous == done and done < end else 0
             self._last_seen_offsets[key] = (done, unchanged)
+            self.lag.set({TopicPartition(topic, partition): end - done})
             if done >= end:
                 self._catching_up.discard(key)
             elif unchanged >= STALL_CHECKS:
@@ -865,6 +870,7 @@ class LedgerWorker:
         """Void the batches of this partition whose timeout is over and send again what unsettled
         batches have waited on for BATCH_RESEND_AFTER_MS (time from the tick)."""
         self._rebuild_open_batches()
+        metrics.BATCHES_PENDING.set(sum(map(len, self._open_batches.values())))
         for batch_id in self._due(partition, now_ms)[:BATCH_TIMEOUTS_PER_TICK_MAX]:
             header = self._header(batch_id)
             if header is None or batches.settled(header):
@@ -1011,6 +1017,7 @@ class LedgerWorker:
         if seen is not None:
             record = records.record_from_bytes(seen)
             outcome = core.replay(record, core.payload_digest(command))
+            metrics.decided("replayed", outcome.reason or "", source.timestamp_ms)
             if outcome is record.outcome and outcome.entry is not None:
                 # Re-emit: if a crash lost the first emission despite exactly-once, this restores
                 # it; consumers dedupe by entry_id, so a second copy is harmless.
@@ -1047,6 +1054,7 @@ class LedgerWorker:
         if entry is not None or source.topic == self.commands_topic:
             await self._put(self.logs, log_key, records.log_to_bytes(log_head), partition)
         await self._result(decision.outcome, partition)
+        metrics.decided(decision.outcome.status, decision.outcome.reason or "", now_ms)
         return source.topic == self.commands_topic
 
     # ------------------------------------------------------------------ outputs (all to `partition`)
@@ -1080,6 +1088,7 @@ class LedgerWorker:
                 return  # the commit's round trips end soon; no record may join it meanwhile
             await self.outbox.wait_commit_ended()
         app: Any = self.app
+        await open_transactions(app.producer, [transactional_id])
         await self.outbox.flush(app.producer._transaction_producers.get, transactional_id)
 
     def _transaction_producer(self, partition: int) -> tuple[str, Any]:
@@ -1124,6 +1133,7 @@ class LedgerWorker:
                    latest=True)
 
     async def _tree_head(self, partition: int, log_head: core.LogHead, now_ms: int) -> None:
+        metrics.TREE_SIZE.labels(str(partition)).set(log_head.frontier.tree_size)
         await self._send(LedgerTopic.TREE_HEADS, str(partition).encode(), "TreeHead",
                          records.tree_head_to_wire(partition, log_head.frontier, now_ms), partition)
 
@@ -1131,6 +1141,7 @@ class LedgerWorker:
                            command_id: Any) -> None:
         """Set a record aside with its reason: it has no other effect. Counted by reason."""
         self.dead_letters[str(reason)] = self.dead_letters.get(str(reason), 0) + 1
+        metrics.dead_letter("worker", reason)
         log.warning("dead letter %s:%s@%s: %s (%s)", command.topic, command.partition,
                     command.offset, reason, core.bounded(detail))
         await self._send(LedgerTopic.DLQ, (command.key or b"")[:records.DLQ_KEY_BYTES_MAX],
@@ -1143,11 +1154,22 @@ class LedgerWorker:
                          command.partition)
 
 
+class StoppingWorker(faust.Worker):
+    """Faust's worker, whose stop on a signal is bounded (streams/shutdown.py)."""
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        arm_stop_deadline("worker")
+        super()._schedule_shutdown(signal)
+
+
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     """Run one worker process until it is stopped (SIGTERM/SIGINT); blocks."""
     from streams.topics import WORKER_TOPICS
 
     worker = LedgerWorker(settings)
+    tables: Any = worker.app.tables
+    serve("worker").ready_when(lag_readiness(tables.recovery.completed.is_set,
+                                             lambda: worker.lag.behind, "worker"))
     # Confluent framing: schema ids registered (BACKWARD checked) before anything is encoded.
     asyncio.run(worker.wire.start(WORKER_TOPICS))
-    faust.Worker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    StoppingWorker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()

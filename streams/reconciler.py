@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from streams import core, reconcile, records
+from streams import core, metrics, reconcile, records
 from streams.errors import CodecError
 from streams.faust_tables import table_items, table_value
 
@@ -204,6 +204,7 @@ class Reconciler:
     async def _emit(self, output: reconcile.Output, partition: int) -> None:
         if isinstance(output, reconcile.Discrepancy):
             topic, record_name, key = LedgerTopic.DISCREPANCIES, "Discrepancy", output.tx_hash
+            metrics.discrepancy(output.type, output.status)
             if output.status == reconcile.DiscrepancyStatus.OPEN.value:
                 log.warning("discrepancy %s %s: %s", output.type, output.severity,
                             output.description)

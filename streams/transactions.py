@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from aiokafka.consumer import fetcher
 from aiokafka.errors import ProducerFenced
+from aiokafka.producer.transaction_manager import TransactionState
 from faust.transport.consumer import TransactionManager
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
@@ -141,6 +142,38 @@ class LedgerConsumer(AIOKafkaConsumer):
         return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
+async def open_transaction(producer: Any, lock: asyncio.Lock) -> None:
+    """Make sure `producer` (aiokafka, transactional) is in a transaction before a send or a commit.
+
+    Faust ends every transaction (commit with start_new_transaction=False) when it waits for its
+    streams to stop, then commits again when its consumer stops and on a rebalance; and its
+    begin_transaction logs and swallows any failure. Events decided in between (the agent's
+    last event, the catch-up timer) acked offsets with no open transaction, so the next commit's
+    send_offsets_to_transaction raised IllegalOperation('Not in the middle of a transaction'):
+    seen on SIGTERM after a kill -9 workload, the worker then hung in its stop path for minutes.
+    A transaction that is not open has nothing in it (aiokafka refuses sends outside one), so
+    opening one here and committing the offsets with the held records is exactly-once as before.
+    Any other state (an abortable or fatal error, a commit in flight) is a bug or a fenced
+    producer and is raised.
+    """
+    async with lock:
+        manager = producer._txn_manager
+        if manager.is_in_transaction():
+            return
+        if manager.state != TransactionState.READY:
+            raise InvariantViolation(f"transaction {manager.transactional_id} cannot begin in "
+                                     f"state {manager.state.name}")
+        await producer.begin_transaction()
+
+
+async def open_transactions(producer: Any, transactional_ids: Any) -> None:
+    """open_transaction for each of `transactional_ids` Faust's `producer` keeps a producer for."""
+    for transactional_id in transactional_ids:
+        transaction_producer = producer._transaction_producers.get(transactional_id)
+        if transaction_producer is not None:
+            await open_transaction(transaction_producer, producer._trn_locks[transactional_id])
+
+
 def transactional_id_for(app_id: str, topic_group: int, partition: int) -> str:
     """The transactional id of a partition's producer, as Faust's TransactionManager names it
     (`{app id}-{topic group}-{partition}`): the worker must find Faust's own producers."""
@@ -193,6 +226,7 @@ def ledger_transport(anchor_topic: str, event_lock: asyncio.Lock,
             producers: Any = producer._transaction_producers
             async with self._commit_lock:
                 async with event_lock:
+                    await open_transactions(producer, {*by_transactional_id, *outbox.held_ids()})
                     await outbox.flush(producers.get)
                     outbox.commit_started()
                 try:
