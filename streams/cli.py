@@ -153,6 +153,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from streams.supervisor import run_supervised
+
+    log_dir = Path(args.log_dir) if args.log_dir else \
+        Path(os.environ.get("SARDIS_STATE_DIR", Path.home() / ".local/state/sardis-ledger")) / "run-logs"
+    live = {"auto": None, "live": True, "plain": False}[args.view]
+    return run_supervised(_settings(), args.watch_config, log_dir, args.metrics_port_base,
+                          args.schema, live)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sardis-ledger",
@@ -213,6 +225,30 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="warn",
                         choices=["crit", "error", "warn", "info", "debug"])
     worker.set_defaults(func=_cmd_worker)
+
+    run = sub.add_parser(
+        "run", help="run the whole ledger on one machine: worker, both sinks, chain watcher",
+        description="Start the worker, `sink postgres`, `sink immudb` and (with --watch-config) "
+        "`chain watch` as child processes, and keep them running: a child that exits is started "
+        "again after a backoff (1 s doubling to 30 s; back to 1 s after it ran 60 s). Ctrl-C or "
+        "SIGTERM stops every child with SIGTERM (each ends its open transactions and exits "
+        "within 8 s; a straggler gets SIGKILL at 9 s). On a terminal it shows one live table "
+        "(per process: state, pid, restarts, decided/s, lag, last log line); otherwise it "
+        "prints plain log lines, each child's prefixed with its name. Each child serves "
+        "/metrics, /healthz and /readyz on its own port: --metrics-port-base, +1, +2, +3 "
+        "(worker, sink postgres, sink immudb, chain watch). Each component can still run alone "
+        "(`worker`, `sink`, `chain watch`) to scale them separately.")
+    run.add_argument("--watch-config", metavar="FILE",
+                     help="chain watch config (see `chain watch --help`); without it no watcher")
+    run.add_argument("--metrics-port-base", type=int, default=9464, metavar="PORT",
+                     help="the worker's metrics port; the others take the next ones (default 9464)")
+    run.add_argument("--schema", help="PostgreSQL schema of the projection (default: "
+                     "$SARDIS_PG_SCHEMA or ledger)")
+    run.add_argument("--log-dir", metavar="DIR", help="each child's full log, NAME.log (default: "
+                     "$SARDIS_STATE_DIR/run-logs, else ~/.local/state/sardis-ledger/run-logs)")
+    run.add_argument("--view", choices=["auto", "live", "plain"], default="auto",
+                     help="live table or plain log lines (default: live on a terminal)")
+    run.set_defaults(func=_cmd_run)
 
     quarantine = sub.add_parser(
         "quarantine", help="set aside the record a worker stopped on (after investigating)",

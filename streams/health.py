@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -96,7 +97,8 @@ def _handler(health: Health) -> type[BaseHTTPRequestHandler]:
                 health.readiness()  # keeps sardis_ready current
                 self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                self._reply(200, json.dumps({"component": health.component, "alive": True}).encode())
+                self._reply(200, json.dumps({"component": health.component, "alive": True,
+                                             "pid": os.getpid()}).encode())
             elif path == "/readyz":
                 state = health.state()
                 self._reply(200 if state["ready"] else 503, json.dumps(state).encode())

@@ -33,6 +33,8 @@ def get(port: int, path: str) -> tuple[int, str]:
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except OSError:  # not listening (yet, or any more)
+        return 0, ""
 
 
 def sample(text: str, name: str, **labels: str) -> float:
