@@ -165,6 +165,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
                           args.schema, live)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from streams.status import as_json, format_table, ledger_status
+
+    statuses = asyncio.run(ledger_status(_settings(), args.metrics_port_base, args.watcher,
+                                         args.host))
+    print(as_json(statuses) if args.json else format_table(statuses))
+    problems = [p for s in statuses if (p := s.problem(args.max_lag)) is not None]
+    for problem in problems:
+        print(f"sardis-ledger status: {problem}", file=sys.stderr)
+    return EXIT_ERROR if problems else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sardis-ledger",
@@ -249,6 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--view", choices=["auto", "live", "plain"], default="auto",
                      help="live table or plain log lines (default: live on a terminal)")
     run.set_defaults(func=_cmd_run)
+
+    status = sub.add_parser(
+        "status", help="one table of every component's state, lag and last error",
+        description="Ask each component's endpoint (/readyz and /metrics, ports as `run` gives "
+        "them: --metrics-port-base, +1, +2, +3) for its state, input lag and last logged "
+        "error, and Kafka for the committed-offset lag of the worker's and the immudb sink's "
+        "consumer groups (the PostgreSQL sink keeps its offsets in PostgreSQL: its lag is from "
+        "its endpoint). Exit 1 when a component is down or not ready, or more than --max-lag "
+        "records behind.")
+    status.add_argument("--metrics-port-base", type=int, default=9464, metavar="PORT",
+                        help="the worker's port; sinks and watcher on the next ones (default 9464)")
+    status.add_argument("--host", default="127.0.0.1", help="where the endpoints listen")
+    status.add_argument("--watcher", action="store_true", help="a chain watcher is expected too")
+    status.add_argument("--max-lag", type=int, default=1000, metavar="RECORDS",
+                        help="behind by more than this counts as a problem (default 1000)")
+    status.add_argument("--json", action="store_true", help="JSON instead of the table")
+    status.set_defaults(func=_cmd_status)
 
     quarantine = sub.add_parser(
         "quarantine", help="set aside the record a worker stopped on (after investigating)",

@@ -46,6 +46,11 @@ async def post(settings: Settings, prefix: str, count: int) -> None:
                                       currency="USD", command_id=f"{prefix}-{i}")
 
 
+def run_status(env: dict[str, str], base: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streams.cli", "status", "--metrics-port-base",
+                           str(base)], capture_output=True, text=True, env=env, timeout=60)
+
+
 async def entries_in_postgres(settings: Settings, schema: str) -> int:
     conn = await asyncpg.connect(settings.pg_dsn)
     try:
@@ -85,6 +90,9 @@ async def test_run_restarts_a_killed_child_loses_nothing_and_stops_on_sigterm(
             assert time.monotonic() < deadline, "the sinks did not write all 60 entries"
             await asyncio.sleep(0.5)
         assert await entries_in_postgres(settings, pg_schema) == 60
+        healthy = run_status(env, base)
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+        assert healthy.stdout.count(" ready ") == 3, healthy.stdout
         started = time.monotonic()
         os.killpg(run.pid, signal.SIGTERM)
         returncode = run.wait(timeout=STOP_WITHIN_S + 10)
@@ -95,6 +103,8 @@ async def test_run_restarts_a_killed_child_loses_nothing_and_stops_on_sigterm(
         assert elapsed_s <= STOP_WITHIN_S, output[-3000:]
         assert f"worker exited with {-signal.SIGKILL}" in output, output[-3000:]
         assert "[worker]" in output and "[sink-postgres]" in output
+        down = run_status(env, base)
+        assert down.returncode == 1 and "worker down" in down.stderr, down.stdout + down.stderr
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
