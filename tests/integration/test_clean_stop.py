@@ -12,6 +12,7 @@ from sinks.process import SinkProcess
 from sinks.workload import LedgerWorkload
 from streams.chain.watch import READY_MARKER as WATCH_READY_MARKER
 from streams.config import Settings
+from streams.shutdown import EXIT_STOP_DEADLINE
 from streams.topics import create_topics
 from streams.worker_process import STOP_GRACE_S, ChildProcess, WorkerProcess
 from tests.integration.support import RawProducer
@@ -26,17 +27,19 @@ from tests.integration.test_sinks import produce
 # What the issue allows between SIGTERM and exit.
 STOP_WITHIN_S = 10.0
 # Log lines that mean a stop went wrong (the bug this file was written for, and its cousins).
-LOAD_CHUNK = 100
+LOAD_CHUNK = 50
 LOAD_PAUSE_S = 0.2
 STOP_ERRORS = ("IllegalOperation", "Not in the middle of a transaction", "Traceback")
 
 
-async def _sigterm_under_load(process: ChildProcess, load: asyncio.Task[object]) -> float:
-    """SIGTERM `process` while `load` runs; the seconds it took to exit (it must exit 0)."""
+async def _sigterm_under_load(process: ChildProcess, load: asyncio.Task[object],
+                              exit_codes: tuple[int, ...] = (0,)) -> float:
+    """SIGTERM `process` while `load` runs; the seconds it took to exit (with one of
+    `exit_codes`)."""
     if load.done():
         raise AssertionError("the load ended before the stop: nothing was under load")
     elapsed_s, returncode = await asyncio.to_thread(process.terminate, STOP_WITHIN_S + 20)
-    assert returncode == 0, f"{process.name} exited {returncode}:\n{process.tail()}"
+    assert returncode in exit_codes, f"{process.name} exited {returncode}:\n{process.tail()}"
     log = process.log_path.read_text(errors="replace")
     for needle in STOP_ERRORS:
         assert needle not in log, f"{process.name} logged {needle!r} while stopping:\n{process.tail()}"
@@ -79,12 +82,20 @@ async def test_worker_stops_within_10s_of_sigterm_after_a_kill9_nothing_lost(
             await asyncio.to_thread(worker.start)
             await asyncio.sleep(2)
             second_s = await _sigterm_under_load(worker, load)
+            # Stopped while it starts, just after a kill -9: it may still be joining the group,
+            # which waits for the killed member's session; the stop deadline ends that (exit 75;
+            # nothing was decided, so no transaction is open).
+            worker.kill9()
+            await asyncio.to_thread(worker.start, False)
+            await asyncio.sleep(3)
+            starting_s = await _sigterm_under_load(worker, load, (0, EXIT_STOP_DEADLINE))
             await asyncio.to_thread(worker.start)
             stop_load.set()
             await load
         outcomes = reference_model(sent)
-        print(f"worker stopped in {first_s:.1f} s and {second_s:.1f} s after SIGTERM")
-        assert max(first_s, second_s) <= STOP_WITHIN_S
+        print(f"worker stopped in {first_s:.1f} s and {second_s:.1f} s after SIGTERM, "
+              f"{starting_s:.1f} s while starting")
+        assert max(first_s, second_s, starting_s) <= STOP_WITHIN_S
         check_results(await results_for(settings, set(outcomes), timeout_s=300), outcomes)
     finally:
         worker.stop()
