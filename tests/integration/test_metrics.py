@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -12,10 +13,12 @@ import urllib.request
 from pathlib import Path
 
 from sinks.process import SinkProcess
-from streams.client import LedgerClient, LedgerRejected
+from streams.chain.watch import READY_MARKER as WATCH_READY_MARKER
+from streams.client import BatchRejected, LedgerClient, LedgerRejected
 from streams.config import Settings
 from streams.topics import create_topics
-from streams.worker_process import WorkerProcess
+from streams.worker_process import ChildProcess, WorkerProcess
+from tests.integration.support import RawProducer
 
 SCRAPE_TIMEOUT_S = 5.0
 READY_WAIT_S = 90.0
@@ -61,7 +64,7 @@ async def wait_ready(port: int) -> dict[str, object]:
 async def test_each_process_serves_metrics_health_and_readiness_that_move(
         settings: Settings, pg_schema: str, tmp_path: Path) -> None:
     await create_topics(settings)
-    ports = {name: free_port() for name in ("worker", "postgres", "immudb")}
+    ports = {name: free_port() for name in ("worker", "postgres", "immudb", "watch")}
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     env = {"SARDIS_PG_SCHEMA": pg_schema, "SARDIS_STATE_DIR": str(state_dir)}
@@ -69,7 +72,13 @@ async def test_each_process_serves_metrics_health_and_readiness_that_move(
     sinks = {kind: SinkProcess(settings, kind, tmp_path,
                                {**env, "SARDIS_METRICS_PORT": str(ports[kind])})
              for kind in ("postgres", "immudb")}
+    watcher = ChildProcess(settings, ["chain", "watch", "--token", f"0x{'ab' * 20}=USDC:6",
+                                      "--wallet", f"0x{'cd' * 20}=acc_m", "--confirmations", "0",
+                                      "--chunk-blocks", "50"], WATCH_READY_MARKER,
+                           log_dir=tmp_path, name="chain-watch",
+                           env={"SARDIS_METRICS_PORT": str(ports["watch"])})
     try:
+        await asyncio.to_thread(watcher.start)
         await asyncio.to_thread(worker.start)
         for sink in sinks.values():
             await asyncio.to_thread(sink.start)
@@ -88,6 +97,18 @@ async def test_each_process_serves_metrics_health_and_readiness_that_move(
                                           currency="USD")
             except LedgerRejected as exc:
                 assert exc.reason == "insufficient_funds"
+            with contextlib.suppress(BatchRejected):  # decided either way; counted as pending first
+                await ledger.create_batch([
+                    {"account_id": "acc_m0", "amount": "1", "entry_type": "debit", "currency": "USD"},
+                    {"account_id": "acc_m1", "amount": "1", "entry_type": "credit", "currency": "USD"}])
+        async with RawProducer(settings) as producer:  # bad input: a dead letter with its reason
+            await producer.raw(b"\xc3\x01 not a command", b"acc_m0", 0)
+            await producer.flush()
+        deadline = time.monotonic() + READY_WAIT_S
+        while sample(get(ports["worker"], "/metrics")[1], "sardis_dead_letters_total",
+                     component="worker") < 1:
+            assert time.monotonic() < deadline, "the dead letter was not counted"
+            await asyncio.sleep(0.5)
         metrics = get(ports["worker"], "/metrics")[1]
         assert sample(metrics, "sardis_commands_decided_total", outcome="committed") == 20
         assert sample(metrics, "sardis_commands_decided_total", outcome="replayed") == 1
@@ -96,10 +117,14 @@ async def test_each_process_serves_metrics_health_and_readiness_that_move(
         assert sample(metrics, "sardis_decision_latency_seconds_count") == 22
         assert sample(metrics, "sardis_merkle_tree_size_entries") >= 1
         assert sample(metrics, "sardis_ready", component="worker") == 1
+        assert "sardis_batches_pending " in metrics
+        assert sample(metrics, "sardis_commands_decided_total") >= 22
+        text = get(ports["watch"], "/metrics")[1]
+        assert sample(text, "sardis_chain_next_block") > 0
+        assert sample(text, "sardis_ready", component="chain-watch") == 1
         deadline = time.monotonic() + READY_WAIT_S
-        for kind, port in ports.items():
-            if kind == "worker":
-                continue
+        for kind in ("postgres", "immudb"):
+            port = ports[kind]
             while sample(get(port, "/metrics")[1], "sardis_sink_entries_written_total", sink=kind) < 20:
                 assert time.monotonic() < deadline, f"sink {kind} wrote fewer than 20 entries"
                 await asyncio.sleep(0.5)
@@ -107,5 +132,5 @@ async def test_each_process_serves_metrics_health_and_readiness_that_move(
             assert "sardis_consumer_lag_records{" in text, kind
             assert sample(text, "sardis_ready", component=f"sink-{kind}") == 1
     finally:
-        for process in (worker, *sinks.values()):
+        for process in (worker, watcher, *sinks.values()):
             process.stop()
