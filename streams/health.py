@@ -130,7 +130,7 @@ def serve(component: str, kind: str | None = None) -> Health:
     try:
         server = ThreadingHTTPServer((host, port), _handler(health))
     except OSError as exc:
-        log.error("metrics and health endpoint not started: %s:%d: %s", host, port, exc)
+        log.warning("metrics and health endpoint not started: %s:%d: %s", host, port, exc)
         return health
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="sardis-health", daemon=True).start()
