@@ -33,7 +33,7 @@ down: install ## stop the dev servers the harness started
 status: install ## show the dev servers and their health
 	$(BIN)/sardis-ledger dev status
 
-demo: install ## the main job: stack up, ledger worker, a scripted workload, balances and roots
+demo: install ## the whole story under `sardis-ledger run`, every step checked (~40 s warm)
 	$(BIN)/sardis-ledger demo
 
 test: install ## the whole suite: unit tests, then integration tests against the real servers

@@ -32,7 +32,7 @@ from sardis_ledger.sinks.errors import SinkError, SinkUnavailable, VerificationE
 from sardis_ledger.sinks.immudb_compat import use_tls
 from sardis_ledger.sinks.intake import SinkReject, intake
 from sardis_ledger.sinks.kafka import ALL_PARTITIONS, Shard
-from sardis_ledger.streams import canonical, records
+from sardis_ledger.streams import canonical, metrics, records
 from sardis_ledger.streams.config import Settings, host_port
 from sardis_ledger.streams.core import EPOCH, ONE_MS, murmur2
 from sardis_ledger.streams.money import Currency, currency_table
@@ -506,6 +506,8 @@ class ImmudbSink:
         self.transactional_id = f"{self.group_id}{shard.suffix}"
         self.entries_written = 0
         self.rejected = 0  # records set aside (sinks/intake), since start
+        self.lag = metrics.LagTracker("sink-immudb")  # per partition, for /metrics and /readyz
+        self.ready = False
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         stop = stop or asyncio.Event()
@@ -531,6 +533,7 @@ class ImmudbSink:
             await self._seek_to_committed(consumer, tps)
             await self._open_store(stop)
             print(READY_MESSAGE, flush=True)
+            self.ready = True
             log.info("%s: %d partitions (shard %s) -> immudb %s/%s", READY_MESSAGE, len(tps),
                      self.shard, self.store.address, self.settings.immudb_database)
             last_report = time.monotonic()
@@ -544,6 +547,7 @@ class ImmudbSink:
                     continue
                 if batches:
                     await self._handle(consumer, producer, tps, batches, stop)
+                await self.lag.refresh(consumer, tps)
                 if time.monotonic() - last_report >= REPORT_EVERY_S:
                     positions = {tp: await consumer.position(tp) for tp in tps}
                     log.info("sink immudb: %d entries stored, lag %d records, %d set aside",
@@ -611,7 +615,11 @@ class ImmudbSink:
         wanted = entries_to_store(self.settings, messages, self.codec, self.currencies, rejects)
         items = dict(wanted.values())
         behind = kafka.lag(consumer, {tp: offsets.get(tp, 0) for tp in offsets}) + len(items)
-        stored = await self._store_with_retry(items, behind, stop) if items else {}
+        try:
+            stored = await self._store_with_retry(items, behind, stop) if items else {}
+        except VerificationError:
+            metrics.IMMUDB_PROOF_FAILURES.inc()
+            raise
         if stored is None:  # stopping: nothing committed, the next start redoes this batch
             return
         now = datetime.now(UTC)
@@ -632,6 +640,7 @@ class ImmudbSink:
                 await asyncio.sleep(RETRY_BACKOFF_INITIAL_S * attempt)
         self.entries_written += len(wanted)
         self.rejected += len(rejects)
+        metrics.sink_wrote("immudb", len(wanted), rejects)
 
     async def _send_rejects(self, producer: AIOKafkaProducer, rejects: list[SinkReject],
                             now: datetime) -> None:
@@ -666,10 +675,11 @@ class ImmudbSink:
 async def run_immudb_sink(settings: Settings, directory: Path | None = None,
                           shard: Shard = ALL_PARTITIONS) -> int:
     """`sardis-ledger sink immudb`: run until SIGTERM/SIGINT."""
-    import signal
+    from sardis_ledger.streams.health import lag_readiness, serve
+    from sardis_ledger.streams.shutdown import stop_on_signals
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return await ImmudbSink(settings, directory=directory, shard=shard).run(stop)
+    stop = stop_on_signals("sink immudb")
+    sink = ImmudbSink(settings, directory=directory, shard=shard)
+    serve("sink-immudb").ready_when(
+        lag_readiness(lambda: sink.ready, lambda: sink.lag.behind, "sink immudb"))
+    return await sink.run(stop)

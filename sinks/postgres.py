@@ -20,6 +20,7 @@ from sardis_ledger.sinks.errors import SinkError, SinkUnavailable
 from sardis_ledger.sinks.intake import SinkReject, intake
 from sardis_ledger.sinks.kafka import ALL_PARTITIONS, Shard
 from sardis_ledger.sinks.schema import connect, migrate, quoted
+from sardis_ledger.streams import metrics
 from sardis_ledger.streams.config import Settings
 from sardis_ledger.streams.money import Currency, currency_table
 from sardis_ledger.streams.topics import LedgerTopic
@@ -180,6 +181,8 @@ class PostgresSink:
         self.entries_written = 0
         self.records_done = 0
         self.rejected = 0  # records set aside (sinks/intake), since start
+        self.lag = metrics.LagTracker("sink-postgres")  # per partition, for /metrics and /readyz
+        self.ready = False
         self._dlq_producer: Any = None
 
     # ------------------------------------------------------------------ database
@@ -358,6 +361,7 @@ class PostgresSink:
                 ends = await self.consumer.end_offsets(self.tps)
             total = sum(max(0, ends[tp] - self.positions[tp]) for tp in ends)
             print(READY_MESSAGE, flush=True)
+            self.ready = True
             log.info("%s: consuming %d partitions (shard %s) into schema %s", READY_MESSAGE,
                      len(self.tps), self.shard, self.schema)
             last_report = time.monotonic()
@@ -397,6 +401,7 @@ class PostgresSink:
                             continue
                     if batch is not None:
                         in_flight = asyncio.create_task(self._write_batch(batch, total))
+                    await self.lag.refresh(self.consumer, self.tps)
                     now = time.monotonic()
                     if now - last_report >= REPORT_EVERY_S:
                         rate = (self.entries_written - written_at_report) / (now - last_report)
@@ -448,6 +453,7 @@ class PostgresSink:
             return False
         self.entries_written += added
         self.rejected += len(batch.rejects)
+        metrics.sink_wrote("postgres", added, batch.rejects, batch.anchors)
         self.positions.update(batch.offsets)
         self.records_done += batch.records
         if self.progress is not None and total:
@@ -512,10 +518,11 @@ def _columns(values: Any, width: int) -> list[list[Any]]:
 async def run_postgres_sink(settings: Settings, schema: str,
                             shard: Shard = ALL_PARTITIONS) -> int:
     """`sardis-ledger sink postgres`: run until SIGTERM/SIGINT."""
-    import signal
+    from sardis_ledger.streams.health import lag_readiness, serve
+    from sardis_ledger.streams.shutdown import stop_on_signals
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return await PostgresSink(settings, schema, shard=shard).run(stop)
+    stop = stop_on_signals("sink postgres")
+    sink = PostgresSink(settings, schema, shard=shard)
+    serve("sink-postgres").ready_when(
+        lag_readiness(lambda: sink.ready, lambda: sink.lag.behind, "sink postgres"))
+    return await sink.run(stop)

@@ -315,3 +315,20 @@ def host_port(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ConfigError(f"{address!r} is not host:port")
     return host, int(port)
+
+
+# Where each kind of process serves /metrics, /healthz and /readyz (streams/health.py) unless
+# SARDIS_METRICS_PORT says otherwise; `run` gives each child its own. 0 turns the endpoint off.
+METRICS_HOST_DEFAULT = "127.0.0.1"
+METRICS_PORTS_DEFAULT: dict[str, int] = {
+    "worker": 9464, "sink-postgres": 9465, "sink-immudb": 9466, "chain-watch": 9467, "run": 9460,
+}
+PORT_MAX = 65535
+
+
+def metrics_endpoint(kind: str, env: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """(host, port) of a process's metrics and health endpoint: SARDIS_METRICS_HOST (loopback by
+    default) and SARDIS_METRICS_PORT (the kind's default port; 0: no endpoint)."""
+    env = os.environ if env is None else env
+    host = env.get("SARDIS_METRICS_HOST", "").strip() or METRICS_HOST_DEFAULT
+    return host, _whole(env, "SARDIS_METRICS_PORT", METRICS_PORTS_DEFAULT.get(kind, 0), 0, PORT_MAX)

@@ -16,6 +16,9 @@ from sardis_ledger.streams.errors import LedgerError
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+# A process given SIGTERM ends its open transactions and exits within this; past it, it exits
+# anyway (streams/shutdown.py), so a supervisor or a container platform never waits long.
+STOP_GRACE_S = 8.0
 READY_POLL_S = 0.1
 READY_MARKER = "Worker]: Ready"  # Faust's log line once recovery is done and streams run
 LOG_TAIL_LINES = 40
@@ -90,6 +93,21 @@ class ChildProcess:
         if self.proc is not None and self.alive():
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def terminate(self, timeout_s: float = STOP_TIMEOUT_S) -> tuple[float, int]:
+        """SIGTERM and wait: (seconds until the child exited, its exit code). A child still
+        running after `timeout_s` is killed with SIGKILL and reported as an error."""
+        if self.proc is None or not self.alive():
+            raise self.error(f"{self.name} is not running")
+        started = time.monotonic()
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            returncode = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+            raise self.error(f"{self.name} still running {timeout_s:.0f}s after SIGTERM; log "
+                             f"{self.log_path}:\n{self.tail()}") from None
+        return time.monotonic() - started, returncode
 
     def stop(self) -> None:
         if self.proc is not None and self.alive():

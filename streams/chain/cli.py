@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -45,13 +44,14 @@ def _cmd_chain_watch(args: argparse.Namespace) -> int:
     settings = _settings()
 
     async def main() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            # The range in flight finishes its transaction; then the watcher exits.
-            loop.add_signal_handler(signum, stop.set)
+        from sardis_ledger.streams.health import serve
+        from sardis_ledger.streams.shutdown import stop_on_signals
+
+        # The range in flight finishes its transaction; then the watcher exits.
+        stop = stop_on_signals("chain watch")
+        health = serve("chain-watch")
         stats = await run_watch(settings, config, until_block=args.until_block, once=args.once,
-                                stop=stop)
+                                stop=stop, health=health)
         print(json.dumps(asdict(stats)))
         return EXIT_OK
 

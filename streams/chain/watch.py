@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from sardis_ledger.streams import metrics
 from sardis_ledger.streams.chain import state as st
 from sardis_ledger.streams.chain import transfers as tr
 from sardis_ledger.streams.chain.config import WatchConfig, chain_name_for
@@ -42,6 +43,7 @@ from sardis_ledger.streams.chain.errors import (
     WatchStateError,
 )
 from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.health import READY_BLOCKS_BEHIND_MAX, Health, lag_readiness
 from sardis_ledger.streams.topic_policy import plan_replication
 from sardis_ledger.streams.topics import broker_count
 
@@ -122,6 +124,7 @@ class ChainWatcher:
         self.stats = SyncStats()
         self._tokens = sorted(config.tokens)
         self._wallets = sorted(config.wallets)
+        self.blocks_behind: int | None = None  # confirmed blocks not yet published (readiness)
 
     async def load(self) -> st.WatchState:
         loaded = await self.sink.load_state()
@@ -151,6 +154,7 @@ class ChainWatcher:
             head = await self.reader.head()
             safe = head - self.config.confirmations
             last = safe if until_block is None else min(safe, until_block)
+            self.blocks_behind = max(0, last - state.next_block + 1)
             try:
                 if await self._tip_changed(state):
                     state = await self._repair_reorg(state)
@@ -243,6 +247,7 @@ class ChainWatcher:
         self.stats.confirmed += len(fresh)
         self.stats.skipped_logs += skipped
         self.stats.ranges += 1
+        metrics.chain_published(len(fresh), new_state.next_block)
         if skipped:
             log.warning("blocks %d..%d: %d logs of configured tokens are not ERC-20 Transfers",
                         start, end, skipped)
@@ -554,9 +559,11 @@ class KafkaSink:
 
 
 async def run_watch(settings: Settings, config: WatchConfig, *, until_block: int | None = None,
-                    once: bool = False, stop: asyncio.Event | None = None) -> SyncStats:
+                    once: bool = False, stop: asyncio.Event | None = None,
+                    health: Health | None = None) -> SyncStats:
     """Run a watcher against the settings' node and Kafka: until `stop`, or once, or until
-    everything up to `until_block` is published."""
+    everything up to `until_block` is published. `health` (the process's /readyz) is ready while
+    the watcher is at most READY_BLOCKS_BEHIND_MAX confirmed blocks behind."""
     from sardis_ledger.streams.topics import create_topics
 
     # The watcher's principal may not read ledger.entries (README: Deploying securely); the
@@ -569,6 +576,10 @@ async def run_watch(settings: Settings, config: WatchConfig, *, until_block: int
     await sink.start()
     try:
         watcher = ChainWatcher(config, chain, reader, sink)
+        if health is not None:
+            health.ready_when(lag_readiness(lambda: watcher.state is not None,
+                                            lambda: watcher.blocks_behind, "chain watch",
+                                            unit="blocks", limit=READY_BLOCKS_BEHIND_MAX))
         await watcher.load()
         if once:
             return await watcher.sync(until_block)

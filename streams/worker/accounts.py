@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sardis_ledger.streams import batches, core, records
+from sardis_ledger.streams import batches, core, metrics, records
 from sardis_ledger.streams.topics import LedgerTopic
 from sardis_ledger.streams.worker.commit import CommitProtocol
 from sardis_ledger.streams.worker.compat import table_value
@@ -167,6 +167,7 @@ class AccountPartition:
         if seen is not None:
             record = records.record_from_bytes(seen)
             outcome = core.replay(record, core.payload_digest(command))
+            metrics.decided("replayed", outcome.reason or "", source.timestamp_ms)
             if outcome is record.outcome and outcome.entry is not None:
                 # Re-emit: if a crash lost the first emission despite exactly-once, this restores
                 # it; consumers dedupe by entry_id, so a second copy is harmless.
@@ -203,6 +204,7 @@ class AccountPartition:
         if entry is not None or source.topic == self.commands_topic:
             self.commits.put(self.logs, log_key, records.log_to_bytes(log_head), partition)
         await self.result(decision.outcome, partition)
+        metrics.decided(decision.outcome.status, decision.outcome.reason or "", now_ms)
         return source.topic == self.commands_topic
 
     async def _entry(self, entry: core.Entry, partition: int) -> None:
@@ -233,5 +235,6 @@ class AccountPartition:
                    latest=True)
 
     async def _tree_head(self, partition: int, log_head: core.LogHead, now_ms: int) -> None:
+        metrics.TREE_SIZE.labels(str(partition)).set(log_head.frontier.tree_size)
         self.port.send(LedgerTopic.TREE_HEADS, str(partition).encode(), "TreeHead",
                          records.tree_head_to_wire(partition, log_head.frontier, now_ms), partition)

@@ -15,9 +15,10 @@ from typing import Any, NoReturn
 import faust
 from faust.types import EventT, StreamT
 
-from sardis_ledger.streams import batches, core, records
+from sardis_ledger.streams import batches, core, metrics, records
 from sardis_ledger.streams.config import Settings
 from sardis_ledger.streams.errors import CodecError, InvariantViolation
+from sardis_ledger.streams.health import lag_readiness, serve
 from sardis_ledger.streams.money import Currency, currency_table
 from sardis_ledger.streams.quarantine import Position, QuarantineReader
 from sardis_ledger.streams.topics import (
@@ -33,6 +34,7 @@ from sardis_ledger.streams.worker.accounts import AccountPartition, AccountTable
 from sardis_ledger.streams.worker.commit import FAUST_COMMIT_INTERVAL_S, CommitProtocol
 from sardis_ledger.streams.worker.compat import (
     CONTROL_OFFSETS,
+    StoppingWorker,
     ledger_transport,
     record_control_batches,
     table_value,
@@ -192,6 +194,7 @@ class LedgerWorker:
         self._quarantined: set[Position] | None = None
         self._quarantine_refresh_at = 0.0
         self.dead_letters: dict[str, int] = {}  # DLQ records by reason, since start
+        self.lag = metrics.LagTracker("worker")  # input lag per partition, from the catch-up check
 
     def owned_partitions(self, topic: str) -> frozenset[int]:
         """The partitions of an input topic this worker owns now."""
@@ -333,6 +336,7 @@ class LedgerWorker:
             previous, unchanged = self._last_seen_offsets.get(key, (-1, 0))
             unchanged = unchanged + 1 if previous == done and done < end else 0
             self._last_seen_offsets[key] = (done, unchanged)
+            self.lag.set({TopicPartition(topic, partition): end - done})
             if done >= end:
                 self._catching_up.discard(key)
             elif unchanged >= STALL_CHECKS:
@@ -585,6 +589,7 @@ class LedgerWorker:
     def dead_letter(self, command: Command, reason: str, detail: str, command_id: Any) -> None:
         """Set a record aside with its reason: it has no other effect. Counted by reason."""
         self.dead_letters[str(reason)] = self.dead_letters.get(str(reason), 0) + 1
+        metrics.dead_letter("worker", reason)
         log.warning("dead letter %s:%s@%s: %s (%s)", command.topic, command.partition,
                     command.offset, reason, core.bounded(detail))
         self.send(LedgerTopic.DLQ, (command.key or b"")[:records.DLQ_KEY_BYTES_MAX],
@@ -602,6 +607,9 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     from sardis_ledger.streams.topics import WORKER_TOPICS
 
     worker = LedgerWorker(settings)
+    tables: Any = worker.app.tables
+    serve("worker").ready_when(lag_readiness(tables.recovery.completed.is_set,
+                                             lambda: worker.lag.behind, "worker"))
     # Confluent framing: schema ids registered (BACKWARD checked) before anything is encoded.
     asyncio.run(worker.wire.start(WORKER_TOPICS))
-    faust.Worker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    StoppingWorker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()

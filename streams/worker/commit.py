@@ -7,7 +7,8 @@
 #   abandon_event -> the scope undoes its table writes and drops its records.
 # Per commit (`commit`, called by Faust's commit through streams/worker/compat.py):
 #   1. wait for `event_lock`: no event is half decided, so every transaction holds whole events;
-#   2. flush the outbox: each transaction's held records are sent into it, in decision order,
+#   2. open any transaction Faust's stop path ended (compat, workaround 10); flush the outbox:
+#      each transaction's held records are sent into it, in decision order,
 #      compacted keys only with their last value;
 #   3. mark the outbox committing: events decided from now on are only held, never sent into a
 #      transaction that is committing; release the lock, so the stream goes on meanwhile;
@@ -29,6 +30,7 @@ from typing import Any, Final
 from sardis_ledger.streams.errors import InvariantViolation
 from sardis_ledger.streams.worker.compat import (
     memory_store,
+    open_transactions,
     transaction_lock,
     transaction_producers,
     transactional_id_for,
@@ -148,6 +150,7 @@ class CommitProtocol:
             if held < OUTBOX_RECORDS_HARD_MAX:
                 return  # the commit's round trips end soon; no record may join it meanwhile
             await self.outbox.wait_commit_ended()
+        await open_transactions(self.app.producer, [transactional_id])
         await self.outbox.flush(transaction_producers(self.app).get, transactional_id)
 
     # -- per commit -----------------------------------------------------------------------------
@@ -156,6 +159,7 @@ class CommitProtocol:
                      start_new_transaction: bool) -> None:
         """Steps 1-5 above, for the offsets of each transaction (by transactional id)."""
         async with self.event_lock:
+            await open_transactions(self.app.producer, {*transactions, *self.outbox.held_ids()})
             await self.outbox.flush(transaction_producers(self.app).get)
             self.outbox.commit_started()
         try:

@@ -33,6 +33,11 @@
    transaction_lock): the outbox must send into exactly those producers.
 9. A short retry backoff for transactional producers (LedgerProducer): aiokafka sleeps 100 ms
    whenever the transaction coordinator is still finishing the previous transaction.
+10. Transactions reopened before a commit or flush (open_transaction): Faust's stop path ends
+   every transaction, then commits again, and its begin_transaction swallows failures; the next
+   commit raised IllegalOperation('Not in the middle of a transaction') and the worker hung.
+11. A bounded stop (StoppingWorker): Faust's shutdown on a signal can wait on a library without
+   end; a deadline thread (streams/shutdown.py) ends the process 8 s after the signal.
 """
 from __future__ import annotations
 
@@ -41,8 +46,10 @@ import threading
 from collections.abc import Container, Iterator, Mapping, MutableMapping
 from typing import Any, Final, Protocol
 
+import faust
 from aiokafka.consumer import fetcher
 from aiokafka.errors import ProducerFenced
+from aiokafka.producer.transaction_manager import TransactionState
 from faust.transport.consumer import TransactionManager
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
@@ -50,6 +57,7 @@ from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
 from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.shutdown import arm_stop_deadline
 
 # aiokafka waits retry_backoff_ms (default 100) when the coordinator answers a transaction's
 # AddOffsetsToTxn or a second AddPartitionsToTxn with CONCURRENT_TRANSACTIONS, i.e. while it still
@@ -151,6 +159,38 @@ class LedgerConsumerThread(AIOKafkaConsumerThread):
 class LedgerConsumer(AIOKafkaConsumer):
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+async def open_transaction(producer: Any, lock: asyncio.Lock) -> None:
+    """Make sure `producer` (aiokafka, transactional) is in a transaction before a send or a commit.
+
+    Faust ends every transaction (commit with start_new_transaction=False) when it waits for its
+    streams to stop, then commits again when its consumer stops and on a rebalance; and its
+    begin_transaction logs and swallows any failure. Events decided in between (the agent's
+    last event, the catch-up timer) acked offsets with no open transaction, so the next commit's
+    send_offsets_to_transaction raised IllegalOperation('Not in the middle of a transaction'):
+    seen on SIGTERM after a kill -9 workload, the worker then hung in its stop path for minutes.
+    A transaction that is not open has nothing in it (aiokafka refuses sends outside one), so
+    opening one here and committing the offsets with the held records is exactly-once as before.
+    Any other state (an abortable or fatal error, a commit in flight) is a bug or a fenced
+    producer and is raised.
+    """
+    async with lock:
+        manager = producer._txn_manager
+        if manager.is_in_transaction():
+            return
+        if manager.state != TransactionState.READY:
+            raise InvariantViolation(f"transaction {manager.transactional_id} cannot begin in "
+                                     f"state {manager.state.name}")
+        await producer.begin_transaction()
+
+
+async def open_transactions(producer: Any, transactional_ids: Any) -> None:
+    """open_transaction for each of `transactional_ids` Faust's `producer` keeps a producer for."""
+    for transactional_id in transactional_ids:
+        transaction_producer = producer._transaction_producers.get(transactional_id)
+        if transaction_producer is not None:
+            await open_transaction(transaction_producer, producer._trn_locks[transactional_id])
 
 
 def transactional_id_for(app_id: str, topic_group: int, partition: int) -> str:
@@ -289,3 +329,11 @@ def table_items(table: Any, prefix: bytes, partitions: Container[int]
         partition = data._key_partition.get(key)
         if partition in partitions and key.startswith(prefix):
             yield partition, key, value
+
+
+class StoppingWorker(faust.Worker):
+    """Faust's worker, whose stop on a signal is bounded (streams/shutdown.py, workaround 11)."""
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        arm_stop_deadline("worker")
+        super()._schedule_shutdown(signal)

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any, Final
 
-from sardis_ledger.streams import batches, core, records
+from sardis_ledger.streams import batches, core, metrics, records
 from sardis_ledger.streams.errors import InvariantViolation
 from sardis_ledger.streams.topics import LedgerTopic
 from sardis_ledger.streams.worker.compat import table_items, table_value
@@ -257,6 +257,7 @@ class Coordinator:
         """Void the batches of this partition whose timeout is over and send again what unsettled
         batches have waited on for BATCH_RESEND_AFTER_MS (time from the tick)."""
         self._rebuild_open_batches()
+        metrics.BATCHES_PENDING.set(sum(map(len, self._open_batches.values())))
         for batch_id in self._due(partition, now_ms)[:BATCH_TIMEOUTS_PER_TICK_MAX]:
             header = self._header(batch_id)
             if header is None or batches.settled(header):

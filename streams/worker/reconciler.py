@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from sardis_ledger.streams import core, reconcile, records
+from sardis_ledger.streams import core, metrics, reconcile, records
 from sardis_ledger.streams.config import Settings
 from sardis_ledger.streams.errors import CodecError
 from sardis_ledger.streams.topics import LedgerTopic
@@ -203,6 +203,7 @@ class Reconciler:
     async def _emit(self, output: reconcile.Output, partition: int) -> None:
         if isinstance(output, reconcile.Discrepancy):
             topic, record_name, key = LedgerTopic.DISCREPANCIES, "Discrepancy", output.tx_hash
+            metrics.discrepancy(output.type, output.status)
             if output.status == reconcile.DiscrepancyStatus.OPEN.value:
                 log.warning("discrepancy %s %s: %s", output.type, output.severity,
                             output.description)

@@ -13,18 +13,22 @@ TOP = "sardis_ledger"  # the one import name; the packages below are its subpack
 PACKAGES = ("schemas", "streams", "sinks")
 
 # Decisions: synchronous functions of their inputs (time and ids passed in), no I/O.
-PURE_CORE = tuple(f"{TOP}.{name}" for name in (
-    "streams.core", "streams.money", "streams.merkle", "streams.canonical", "streams.batches",
-    "streams.records", "streams.reconcile", "schemas.codec", "schemas.resolution"))
+PURE_CORE = (
+    "sardis_ledger.streams.core", "sardis_ledger.streams.money", "sardis_ledger.streams.merkle",
+    "sardis_ledger.streams.canonical", "sardis_ledger.streams.batches",
+    "sardis_ledger.streams.records", "sardis_ledger.streams.reconcile",
+    "sardis_ledger.schemas.codec", "sardis_ledger.schemas.resolution",
+)
 IO_LIBRARIES = frozenset({"faust", "mode", "aiokafka", "asyncio", "asyncpg", "immudb", "web3",
                           "confluent_kafka", "grpc", "socket", "urllib", "http", "subprocess"})
 
 # Package -> packages it may import. schemas is the lowest layer, sinks builds on streams.
 ALLOWED = {"schemas": {"schemas"}, "streams": {"schemas", "streams"},
            "sinks": {"schemas", "streams", "sinks"}}
-# The console script composes every package's commands; it moves above them all (to the
-# installed package's own CLI module) with the packaging work.
-COMPOSITION_ROOTS = frozenset({"sardis_ledger.streams.cli"})
+# The commands that compose every package (the console script, the demo, `status`, which reads
+# the sinks' progress too) sit above the layers although they live in streams/.
+COMPOSITION_ROOTS = frozenset({"sardis_ledger.streams.cli", "sardis_ledger.streams.demo",
+                               "sardis_ledger.streams.status"})
 
 
 def _package(module: str) -> str | None:
