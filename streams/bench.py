@@ -32,6 +32,7 @@ RESULT_WAIT_S = 600.0
 PROGRESS_EVERY_S = 2.0
 PRODUCE_CHUNK = 2000
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+RECOVERY_WAIT_S = 3600.0  # the recovery scenario waits this long for the restarted worker
 CLOSED_LOOP_CLIENTS_DEFAULT = (1, 16)
 CLOSED_LOOP_DURATION_S_DEFAULT = 10.0
 OPEN_LOOP_RATE_DEFAULT = 1000
@@ -492,8 +493,12 @@ def recovery_run(base: Settings, accounts: int) -> str:
             figures = asyncio.run(_produce_and_wait(settings, encoded, f"{accounts} accounts"))
             pids = [worker.proc.pid] if worker.proc is not None else []
             rss = _rss_bytes(pids)
+            print(f"  recovery: {accounts:,} accounts booked at {figures.rate_per_s:,.0f} cmd/s; "
+                  f"worker RSS {rss / 2**20:,.0f} MiB; kill -9 and restart", flush=True)
             worker.kill9()
             started = time.monotonic()
+            # A replay of a large history takes longer than a start: wait for it, up to a bound.
+            worker.ready_timeout_s = RECOVERY_WAIT_S
             worker.start(wait_ready=False)
             worker.wait_ready()
             ready_s = time.monotonic() - started
