@@ -125,11 +125,7 @@ async def open_loop(settings: Settings, rate_per_s: int, accounts: int,
     sent_at: dict[str, float] = {}
     latencies_ms: list[float] = []
     try:
-        tps = [TopicPartition(results_topic, p) for p in range(settings.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+        await _results_from_now(consumer, results_topic, settings.partitions)
         reader = asyncio.create_task(_read_latencies(consumer, sent_at, latencies_ms, count))
         began = time.monotonic()
         sent = 0
@@ -283,6 +279,15 @@ def _warm_up(settings: Settings) -> list[tuple[str, str, str, bytes]]:
     return out
 
 
+async def _results_from_now(consumer: AIOKafkaConsumer, topic: str, partitions: int) -> None:
+    """Assign every partition of the results topic and position the consumer at its end."""
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+
+
 async def _run(settings: Settings, scenario: Scenario, seed: int) -> RunFigures:
     return await _produce_and_wait(settings, _encoded(settings, scenario, seed), scenario.name)
 
@@ -296,11 +301,7 @@ async def _produce_and_wait(settings: Settings, encoded: list[tuple[str, str, st
     sent_at: dict[str, float] = {}
     latencies_ms: list[float] = []
     try:
-        tps = [TopicPartition(results_topic, p) for p in range(settings.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+        await _results_from_now(consumer, results_topic, settings.partitions)
 
         async def read_results() -> float:
             pending = {key for key, _t, _k, _v in encoded}

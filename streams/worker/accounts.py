@@ -108,14 +108,20 @@ class AccountPartition:
             self._rejected(command, step)
             return
         if step.changed:
-            self.commits.put(self.holds, hold_key, records.hold_to_bytes(step.hold), partition)
-            if step.state != state:
-                self.commits.put(self.accounts, account_key, records.state_to_bytes(step.state),
-                                partition)
-                await self._balance_of(message.leg.account_id, message.leg.currency, step.state,
-                                       partition)
+            await self._write_hold(hold_key, step.hold, state, step.state, message.leg.account_id,
+                                   message.leg.currency, partition)
         if step.report is not None:
             await self._report(step.report, message.coordinator_partition, partition)
+
+    async def _write_hold(self, hold_key: bytes, hold: batches.Hold, before: core.AccountState,
+                          after: core.AccountState, account_id: str, currency: str,
+                          partition: int) -> None:
+        """A reserve's or settle's new hold, and the account's state and balance if it moved."""
+        self.commits.put(self.holds, hold_key, records.hold_to_bytes(hold), partition)
+        if after != before:
+            self.commits.put(self.accounts, core.account_key(account_id, currency).encode(),
+                             records.state_to_bytes(after), partition)
+            await self._balance_of(account_id, currency, after, partition)
 
     async def _settle(self, message: batches.Settle, command: Command) -> None:
         partition = command.partition
@@ -134,12 +140,8 @@ class AccountPartition:
             self._rejected(command, step)
             return
         if step.changed:
-            self.commits.put(self.holds, hold_key, records.hold_to_bytes(step.hold), partition)
-            if step.state != state:
-                self.commits.put(self.accounts, account_key, records.state_to_bytes(step.state),
-                                partition)
-                await self._balance_of(message.account_id, message.currency, step.state,
-                                       partition)
+            await self._write_hold(hold_key, step.hold, state, step.state, message.account_id,
+                                   message.currency, partition)
         if step.changed and step.frontier is not None:
             log_head = replace(log_head, frontier=step.frontier)
             if core.tree_head_due(log_head, command.timestamp_ms):
