@@ -24,10 +24,15 @@ SCRAPE_TIMEOUT_S = 5.0
 READY_WAIT_S = 90.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all bound at once, so the kernel cannot hand one out twice
+    (one port after another, it did: two processes then shared one endpoint and the test read
+    the postgres sink's metrics for the immudb sink's)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -64,7 +69,8 @@ async def wait_ready(port: int) -> dict[str, object]:
 async def test_each_process_serves_metrics_health_and_readiness_that_move(
         settings: Settings, pg_schema: str, tmp_path: Path) -> None:
     await create_topics(settings)
-    ports = {name: free_port() for name in ("worker", "postgres", "immudb", "watch")}
+    names = ("worker", "postgres", "immudb", "watch")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     env = {"SARDIS_PG_SCHEMA": pg_schema, "SARDIS_STATE_DIR": str(state_dir)}
