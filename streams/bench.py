@@ -148,9 +148,12 @@ async def open_loop(settings: Settings, rate_per_s: int, accounts: int,
 
 
 async def _read_latencies(consumer: AIOKafkaConsumer, sent_at: dict[str, float],
-                          latencies_ms: list[float], count: int) -> float:
-    """Read results until `count` of the sent keys answered; returns when the last one came."""
+                          latencies_ms: list[float], count: int,
+                          progress: Callable[[int], None] | None = None) -> float:
+    """Read results until `count` of the sent keys answered (each counted once: its send time
+    is taken out of `sent_at`); returns when the last one came."""
     deadline = time.monotonic() + RESULT_WAIT_S
+    last_progress = 0.0
     while len(latencies_ms) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{count - len(latencies_ms)} results missing after "
@@ -162,6 +165,9 @@ async def _read_latencies(consumer: AIOKafkaConsumer, sent_at: dict[str, float],
                 started = sent_at.pop(message.key.decode(), None)
                 if started is not None:
                     latencies_ms.append((now - started) * 1000)
+        if progress is not None and now - last_progress > PROGRESS_EVERY_S:
+            progress(len(latencies_ms))
+            last_progress = now
     return time.monotonic()
 
 
@@ -303,28 +309,13 @@ async def _produce_and_wait(settings: Settings, encoded: list[tuple[str, str, st
     try:
         await _results_from_now(consumer, results_topic, settings.partitions)
 
-        async def read_results() -> float:
-            pending = {key for key, _t, _k, _v in encoded}
-            deadline = time.monotonic() + RESULT_WAIT_S
-            last_progress = 0.0
-            while pending:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(pending)} results missing after {RESULT_WAIT_S}s")
-                batches = await consumer.getmany(timeout_ms=200, max_records=10_000)
-                now = time.monotonic()
-                for messages in batches.values():
-                    for message in messages:
-                        command_id = message.key.decode()
-                        if command_id in pending:
-                            pending.discard(command_id)
-                            latencies_ms.append((now - sent_at[command_id]) * 1000)
-                if now - last_progress > PROGRESS_EVERY_S:
-                    _progress(label, len(latencies_ms), len(encoded), started)
-                    last_progress = now
-            return time.monotonic()
-
         started = time.monotonic()
-        reader = asyncio.create_task(read_results())
+
+        def progress(done: int) -> None:
+            _progress(label, done, len(encoded), started)
+
+        reader = asyncio.create_task(_read_latencies(consumer, sent_at, latencies_ms,
+                                                     len(encoded), progress))
         for i, (result_key, topic, key, value) in enumerate(encoded):
             sent_at[result_key] = time.monotonic()
             await producer.send(topic, value, key=key.encode(),
@@ -339,9 +330,8 @@ async def _produce_and_wait(settings: Settings, encoded: list[tuple[str, str, st
         await producer.stop()
         await consumer.stop()
     latencies_ms.sort()
-    return RunFigures(rate_per_s=len(encoded) / (finished - started), count=len(encoded),
-                      p50_ms=latencies_ms[len(latencies_ms) // 2],
-                      p99_ms=latencies_ms[min(len(latencies_ms) - 1, len(latencies_ms) * 99 // 100)])
+    return RunFigures(len(encoded) / (finished - started), percentile(latencies_ms, 0.50),
+                      percentile(latencies_ms, 0.99), count=len(encoded))
 
 
 @contextlib.contextmanager
