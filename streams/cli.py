@@ -442,8 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sardis_ledger.streams.cli_options import apply_settings, check_extras, failure_exit, missing_extra
+    from sardis_ledger.streams.cli_options import (
+        add_checkout_to_path,
+        apply_settings,
+        check_extras,
+        failure_exit,
+        missing_extra,
+    )
 
+    add_checkout_to_path()
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

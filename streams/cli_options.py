@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import sys
 import tomllib
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -99,6 +101,21 @@ def required_extras(args: argparse.Namespace) -> list[str]:
     if command == "verify":
         return ["postgres"]
     return []
+
+
+def add_checkout_to_path() -> Path | None:
+    """Make the dev harness (`infra/`, source repository only) importable when this package runs
+    from a checkout: the console script's sys.path holds its bin folder, not the checkout, so an
+    editable install's `sardis-ledger dev up` (and `make up`) could not find it. The root is this
+    file's own checkout (never the working directory); it is appended, so it shadows nothing.
+    Returns the root added, or None (already importable, or an installed wheel)."""
+    if importlib.util.find_spec("infra") is not None:
+        return None
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "infra" / "harness.py").is_file() or not (root / "pyproject.toml").is_file():
+        return None
+    sys.path.append(str(root))
+    return root
 
 
 def check_extras(args: argparse.Namespace) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,18 @@ def test_dev_outside_a_checkout_says_so(monkeypatch: pytest.MonkeyPatch,
     assert main(["dev", "status"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "source repository only" in err
+
+
+def test_a_console_script_finds_the_dev_harness_of_its_own_checkout(tmp_path: Path) -> None:
+    # A console script's sys.path holds its bin folder, not the checkout: `sardis-ledger dev up`
+    # from an editable install said the harness was missing. -I keeps the working directory (an
+    # empty folder here) off sys.path, as for the console script.
+    code = ("from sardis_ledger.streams.cli_options import add_checkout_to_path; "
+            "root = add_checkout_to_path(); import infra.harness; print(root); "
+            "print(infra.harness.__file__)")
+    done = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, check=True, timeout=60)
+    root, harness_file = done.stdout.split()
+    checkout = Path(__file__).resolve().parents[2]
+    assert Path(root) == checkout
+    assert Path(harness_file) == checkout / "infra" / "harness.py"
