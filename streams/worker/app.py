@@ -38,9 +38,11 @@ from sardis_ledger.streams.worker.compat import (
     ledger_transport,
     record_control_batches,
     table_value,
+    use_preloaded_store,
 )
 from sardis_ledger.streams.worker.coordinator import BATCH_TICK_INTERVAL_S, Coordinator
 from sardis_ledger.streams.worker.ports import Command
+from sardis_ledger.streams.worker.preload import ChangelogPreloader
 from sardis_ledger.streams.worker.reconciler import RECONCILE_TICK_INTERVAL_S, Reconciler
 
 log = logging.getLogger("sardis.worker")
@@ -119,6 +121,8 @@ class LedgerWorker:
         record_control_batches()
         # Every effect of an event, and every commit, go through the commit protocol.
         self.commits = CommitProtocol(self.app, settings.topic(LedgerTopic.COMMANDS))
+        # Every table's store reads its changelog in bulk on a rebalance (compat workaround 12).
+        self.preloader = ChangelogPreloader(settings)
         transport = ledger_transport(settings.topic(LedgerTopic.COMMANDS), self.commits)
         self.app.transport = transport(self.app.conf.broker_consumer, self.app)
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes,
@@ -227,6 +231,7 @@ class LedgerWorker:
         table: Any = self.app.Table(name, changelog_topic=changelog, **options)
         table.key_serializer = "raw"
         table.value_serializer = "raw"
+        use_preloaded_store(table, self.preloader)
         return table
 
     async def _agent(self, stream: StreamT[bytes]) -> None:
