@@ -49,7 +49,7 @@ log = logging.getLogger("sardis.worker")
 
 # No linger: the outbox sends a transaction's records all at once just before its commit, so they
 # fill batches anyway, and a linger only delayed a lone command's records (a closed-loop client's
-# p50 fell by ~2 ms together with the shorter COMMIT_IDLE_S, bursts unchanged).
+# p50 fell by ~2 ms together with COMMIT_IDLE_ONE_TRANSACTION_S, bursts unchanged).
 PRODUCER_LINGER_MS = 0
 # Record batches the outbox builds hold up to this many bytes (Kafka's defaults accept 1 MiB).
 PRODUCER_BATCH_SIZE_MAX_BYTES = 512 * 1024
