@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sardis_ledger.schemas.codec import AvroCodec
 from sardis_ledger.streams import core
 from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import ConfigError
 from sardis_ledger.streams.money import currency_table, to_major
 from sardis_ledger.streams.topics import create_topics, delete_topics_with_prefix
 from sardis_ledger.streams.worker_process import WorkerProcess
@@ -37,6 +38,7 @@ CLOSED_LOOP_CLIENTS_DEFAULT = (1, 16)
 CLOSED_LOOP_DURATION_S_DEFAULT = 10.0
 OPEN_LOOP_RATE_DEFAULT = 1000
 OPEN_LOOP_DURATION_S_DEFAULT = 10.0
+BATCH_LEGS_DEFAULT = (2,)  # legs per batch in scenario (c); --batch-legs adds sizes
 OPEN_LOOP_TICK_S = 0.005  # the open-loop producer sends what is due every 5 ms
 
 
@@ -45,7 +47,8 @@ class Scenario:
     name: str
     commands: int
     accounts: int
-    batches: bool = False  # two-leg batches on ledger.batches instead of PostEntry commands
+    batches: bool = False  # batches on ledger.batches instead of PostEntry commands
+    legs: int = 2  # legs per batch: one debit, then credits to distinct accounts
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,18 +243,21 @@ async def _kafka_baseline(settings: Settings, count: int) -> float:
 
 
 def _batches(scenario: Scenario, seed: int) -> list[dict[str, object]]:
-    """Two-leg transfers between random accounts (overdraft allowed): every batch commits."""
+    """Transfers from one random account to `legs - 1` others (overdraft allowed, so every batch
+    commits): a debit of the whole, then a credit per payee; the legs sum to zero."""
     rng = random.Random(seed)
     decimals = currency_table()["USDC"].decimals
     out: list[dict[str, object]] = []
     for i in range(scenario.commands):
-        payer, payee = rng.sample(range(scenario.accounts), 2)
-        amount = to_major(rng.randint(1, 10_000), decimals)
-        out.append({"batch_id": f"bench-{seed}-{i}", "legs": [
+        payer, *payees = rng.sample(range(scenario.accounts), scenario.legs)
+        amount_minor = rng.randint(1, 10_000)
+        legs: list[dict[str, object]] = [
             {"account_id": f"bench_{payer:05d}", "currency": "USDC", "entry_type": "debit",
-             "amount": amount, "allow_overdraft": True},
-            {"account_id": f"bench_{payee:05d}", "currency": "USDC", "entry_type": "credit",
-             "amount": amount}]})
+             "amount": to_major(amount_minor * len(payees), decimals), "allow_overdraft": True}]
+        legs += [{"account_id": f"bench_{payee:05d}", "currency": "USDC",
+                  "entry_type": "credit", "amount": to_major(amount_minor, decimals)}
+                 for payee in payees]
+        out.append({"batch_id": f"bench-{seed}-{i}", "legs": legs})
     return out
 
 
@@ -504,13 +510,17 @@ def recovery_run(base: Settings, accounts: int) -> str:
 
 
 def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
-              scenarios: Sequence[str], batches: int = 10_000, workers: int = 1,
+              scenarios: Sequence[str], batches: int = 10_000,
+              batch_legs: Sequence[int] = BATCH_LEGS_DEFAULT, workers: int = 1,
               brokers: Sequence[int] = (1,),
               clients: Sequence[int] = CLOSED_LOOP_CLIENTS_DEFAULT,
               rate_per_s: int = OPEN_LOOP_RATE_DEFAULT,
               duration_s: float = CLOSED_LOOP_DURATION_S_DEFAULT) -> int:
     from infra import harness
 
+    if "batches" in scenarios and max(batch_legs) > accounts:
+        raise ConfigError(f"a {max(batch_legs)}-leg batch needs as many accounts; --accounts "
+                          f"is {accounts}")
     harness.up()
     clusters = _clusters(Settings.from_env(), brokers)
     print(f"sardis-ledger bench: {runs} run(s) per scenario, median reported; {workers} worker "
@@ -521,7 +531,8 @@ def run_bench(*, runs: int, commands: int, accounts: int, hot_commands: int,
               f"{statistics.median(rates):,.0f} records/s (runs: "
               f"{', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
     plan = _plan(commands=commands, accounts=accounts, hot_commands=hot_commands,
-                 batches=batches, clients=clients, rate_per_s=rate_per_s, duration_s=duration_s)
+                 batches=batches, batch_legs=batch_legs, clients=clients,
+                 rate_per_s=rate_per_s, duration_s=duration_s)
     for key in scenarios:
         if key == "recovery":
             for _run_index in range(runs):
@@ -543,7 +554,7 @@ Measure = Callable[..., Coroutine[Any, Any, RunFigures]]
 
 
 def _plan(*, commands: int, accounts: int, hot_commands: int, batches: int,
-          clients: Sequence[int], rate_per_s: int,
+          batch_legs: Sequence[int], clients: Sequence[int], rate_per_s: int,
           duration_s: float) -> dict[str, list[tuple[str, str, Measure]]]:
     """Per scenario key: (report name, unit, measure(settings, seed=run)) for each variant."""
     def _burst(scenario: Scenario) -> tuple[str, str, Measure]:
@@ -560,8 +571,8 @@ def _plan(*, commands: int, accounts: int, hot_commands: int, batches: int,
         "spread": [_burst(Scenario(f"(a) {commands} cmds / {accounts} accts", commands,
                                    accounts))],
         "hot": [_burst(Scenario(f"(b) {hot_commands} cmds / 1 account", hot_commands, 1))],
-        "batches": [_burst(Scenario(f"(c) {batches} 2-leg batches", batches, accounts,
-                                    batches=True))],
+        "batches": [_burst(Scenario(f"(c) {batches} {legs}-leg batches", batches, accounts,
+                                    batches=True, legs=legs)) for legs in batch_legs],
         "closed": [(f"closed loop, {count} client(s) / {accounts} accts", "cmd/s", closed(count))
                    for count in clients],
         "open": [(f"open loop, {rate_per_s}/s offered / {accounts} accts", "cmd/s", open_)],

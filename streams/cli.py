@@ -161,11 +161,22 @@ def _cmd_balance(args: argparse.Namespace) -> int:
     return asyncio.run(cli_io.balance(_settings(), args.account, args.currency, sys.stdout))
 
 
+def _batch_legs(text: str) -> int:
+    """--batch-legs: 2 up to the most legs a batch may have."""
+    from sardis_ledger.streams.batches import BATCH_LEGS_MAX
+
+    legs = int(text)
+    if not 2 <= legs <= BATCH_LEGS_MAX:
+        raise argparse.ArgumentTypeError(f"a batch has 2..{BATCH_LEGS_MAX} legs here")
+    return legs
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sardis_ledger.streams.bench import run_bench
 
     return run_bench(runs=args.runs, commands=args.commands, accounts=args.accounts,
-                     hot_commands=args.hot_commands, batches=args.batches, workers=args.workers,
+                     hot_commands=args.hot_commands, batches=args.batches,
+                     batch_legs=sorted(set(args.batch_legs or [2])), workers=args.workers,
                      scenarios=args.scenario or ["spread", "hot", "batches", "closed", "open"],
                      brokers=sorted(set(args.brokers or [1])),
                      clients=args.clients or [1, 16], rate_per_s=args.rate,
@@ -385,7 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hot-commands", type=int, default=20_000,
                        help="commands in scenario (b), all on one account")
     bench.add_argument("--batches", type=int, default=10_000,
-                       help="two-leg batches in scenario (c)")
+                       help="batches in scenario (c)")
+    bench.add_argument("--batch-legs", type=_batch_legs, action="append", metavar="N",
+                       help="legs per batch in scenario (c): one debit and N-1 credits to "
+                       "distinct accounts (repeatable, one report line each; default 2)")
     bench.add_argument("--scenario", action="append",
                        choices=["spread", "hot", "batches", "closed", "open", "recovery"],
                        help="run only this scenario (repeatable). spread, hot and batches are "

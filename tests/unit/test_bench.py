@@ -8,6 +8,7 @@ import pytest
 
 from sardis_ledger.streams import bench
 from sardis_ledger.streams.bench import percentile
+from sardis_ledger.streams.errors import ConfigError
 
 
 @pytest.mark.parametrize(("values", "fraction", "expected"), [
@@ -45,3 +46,25 @@ def test_report_line_keeps_a_decimal_for_slow_rates() -> None:
     runs = [bench.RunFigures(9.44, 100.0, 150.0, count=94)]
     line = bench._report("closed loop, 1 client(s) / 1 accts", "cmd/s", 1, runs)
     assert "9.4 cmd/s" in line and "1 broker " in line and line.endswith("runs: 9.4")
+
+
+@pytest.mark.parametrize("legs", [2, 3, 10])
+def test_bench_batches_have_the_legs_asked_for_and_sum_to_zero(legs: int) -> None:
+    scenario = bench.Scenario("(c)", 50, 20, batches=True, legs=legs)
+    batches = bench._batches(scenario, seed=1)
+    assert len(batches) == 50
+    for batch in batches:
+        batch_legs = batch["legs"]
+        assert isinstance(batch_legs, list) and len(batch_legs) == legs
+        accounts = [leg["account_id"] for leg in batch_legs]
+        assert len(set(accounts)) == legs  # distinct accounts
+        debits = sum(leg["amount"] for leg in batch_legs if leg["entry_type"] == "debit")
+        credits = sum(leg["amount"] for leg in batch_legs if leg["entry_type"] == "credit")
+        assert debits == credits > 0
+        assert [leg["entry_type"] for leg in batch_legs].count("debit") == 1
+
+
+def test_bench_refuses_batches_wider_than_its_accounts() -> None:
+    with pytest.raises(ConfigError, match="10-leg batch needs as many accounts"):
+        bench.run_bench(runs=1, commands=1, accounts=5, hot_commands=1, scenarios=["batches"],
+                        batch_legs=[10])
