@@ -9,12 +9,14 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sardis_ledger.streams.cli_options import CHECKING_COMMANDS
-from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.config import METRICS_PORTS_DEFAULT, Settings
 from sardis_ledger.streams.errors import LedgerError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# `run` and `status` agree on where the worker's endpoint is; the others follow it.
+METRICS_PORT_BASE = METRICS_PORTS_DEFAULT["worker"]
 
 
 def _cmd_dev_secure(action: str) -> int:
@@ -302,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(`worker`, `sink`, `chain watch`) to scale them separately.")
     run.add_argument("--watch-config", metavar="FILE",
                      help="chain watch config (see `chain watch --help`); without it no watcher")
-    run.add_argument("--metrics-port-base", type=int, default=9464, metavar="PORT",
-                     help="the worker's metrics port; the others take the next ones (default 9464)")
+    run.add_argument("--metrics-port-base", type=int, default=METRICS_PORT_BASE, metavar="PORT",
+                     help="the worker's metrics port; the others take the next ones (default "
+                     f"{METRICS_PORT_BASE})")
     run.add_argument("--schema", help="PostgreSQL schema of the projection (default: "
                      "$SARDIS_PG_SCHEMA or ledger)")
     run.add_argument("--log-dir", metavar="DIR", help="each child's full log, NAME.log (default: "
@@ -320,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         "consumer groups (the PostgreSQL sink keeps its offsets in PostgreSQL: its lag is from "
         "its endpoint). Exit 1 when a component is down or not ready, or more than --max-lag "
         "records behind.")
-    status.add_argument("--metrics-port-base", type=int, default=9464, metavar="PORT",
-                        help="the worker's port; sinks and watcher on the next ones (default 9464)")
+    status.add_argument("--metrics-port-base", type=int, default=METRICS_PORT_BASE, metavar="PORT",
+                        help="the worker's port; sinks and watcher on the next ones (default "
+                        f"{METRICS_PORT_BASE})")
     status.add_argument("--host", default="127.0.0.1", help="where the endpoints listen")
     status.add_argument("--watcher", action="store_true", help="a chain watcher is expected too")
     status.add_argument("--max-lag", type=int, default=1000, metavar="RECORDS",

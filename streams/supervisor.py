@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
-from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.config import METRICS_PORTS_DEFAULT, Settings
 from sardis_ledger.streams.shutdown import arm_stop_deadline
 from sardis_ledger.streams.worker_process import STOP_GRACE_S
 
@@ -32,7 +32,7 @@ SUPERVISOR_STOP_DEADLINE_S: Final = CHILD_STOP_TIMEOUT_S + 0.5
 STATUS_INTERVAL_S: Final = 1.0
 SCRAPE_TIMEOUT_S: Final = 1.0
 LINE_CHARS_MAX: Final = 200
-METRICS_PORT_BASE_DEFAULT: Final = 9464
+METRICS_PORT_BASE_DEFAULT: Final = METRICS_PORTS_DEFAULT["worker"]  # the others follow it
 # Terminal control sequences some children print (Faust's spinner): kept out of status lines.
 ANSI_ESCAPE: Final = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

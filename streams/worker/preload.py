@@ -95,7 +95,6 @@ class ChangelogPreloader:
         self._generation: int | None = None
         self._offsets: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()
-        self.last_report: PreloadReport | None = None
 
     def register(self, topic: str, target: Target) -> None:
         self._targets[topic] = target
@@ -118,10 +117,11 @@ class ChangelogPreloader:
             if not newly:
                 return
             for topic, target in self._targets.items():
-                drop_partitions(target, {p for t, p in newly if t == topic})
+                partitions = {p for t, p in newly if t == topic}
+                if partitions:  # dropping scans every key of the table
+                    drop_partitions(target, partitions)
             report = await self._read(sorted(newly))
             self._offsets = report.offsets
-            self.last_report = report
             log.info("changelog preload: %d records from %d partitions in %.1f s%s", report.records,
                      len(newly), report.seconds, "" if report.complete else
                      " (incomplete: Faust's recovery reads the rest)")
