@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import urllib.parse
@@ -36,6 +37,9 @@ RECONCILE_GRACE_S_DEFAULT = 900
 RECONCILE_GRACE_BLOCKS_DEFAULT = 64
 RECONCILE_GRACE_S_MAX = 30 * 24 * 3600
 RECONCILE_GRACE_BLOCKS_MAX = 10_000_000
+# A worker's name among the group's workers (its transactional id is built from it).
+WORKER_ID_LENGTH_MAX = 64
+_WORKER_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 # The dev harness's Apicurio Registry, Confluent-compatible API. An empty value means no registry.
 SCHEMA_REGISTRY_PORT_DEFAULT = 8081
 SCHEMA_REGISTRY_URL_DEFAULT = f"http://127.0.0.1:{SCHEMA_REGISTRY_PORT_DEFAULT}/apis/ccompat/v7"
@@ -332,3 +336,20 @@ def metrics_endpoint(kind: str, env: Mapping[str, str] | None = None) -> tuple[s
     env = os.environ if env is None else env
     host = env.get("SARDIS_METRICS_HOST", "").strip() or METRICS_HOST_DEFAULT
     return host, _whole(env, "SARDIS_METRICS_PORT", METRICS_PORTS_DEFAULT.get(kind, 0), 0, PORT_MAX)
+
+
+def worker_id(env: Mapping[str, str], hostname: str, datadir: str) -> str:
+    """SARDIS_WORKER_ID, or, unset, one derived from the host name and the worker's data
+    directory (stable across restarts of one worker, distinct for workers with their own data
+    directories). It names the worker's transaction: unique among running workers, stable
+    across restarts (a restarted worker then aborts its predecessor's open transaction at once
+    instead of after the transaction timeout)."""
+    given = env.get("SARDIS_WORKER_ID")
+    if given is not None:
+        if len(given) > WORKER_ID_LENGTH_MAX or not _WORKER_ID_PATTERN.fullmatch(given):
+            raise ConfigError(f"SARDIS_WORKER_ID must be 1-{WORKER_ID_LENGTH_MAX} letters, "
+                              "digits, '.', '_' or '-'")
+        return given
+    host = "-".join(_WORKER_ID_PATTERN.findall(hostname)) or "host"
+    digest = hashlib.sha256(os.path.abspath(datadir).encode()).hexdigest()[:8]
+    return f"{host[:WORKER_ID_LENGTH_MAX - 9]}-{digest}"

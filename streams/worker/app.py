@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Mapping
@@ -16,7 +18,7 @@ import faust
 from faust.types import EventT, StreamT
 
 from sardis_ledger.streams import batches, core, metrics, records
-from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.config import Settings, worker_id
 from sardis_ledger.streams.errors import CodecError, InvariantViolation
 from sardis_ledger.streams.health import lag_readiness, serve
 from sardis_ledger.streams.money import Currency, currency_table
@@ -57,6 +59,8 @@ MAX_POLL_RECORDS = 2000
 SESSION_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 1.0
 TABLE_STANDBY_REPLICAS = 0
+# Held by a running worker in its data directory: the id derived from the directory is its own.
+WORKER_ID_LOCK_FILE = ".worker-id.lock"
 
 
 GAP_FETCH_TIMEOUT_MS = 50  # per poll; a gap of markers only is passed in one fetch
@@ -85,10 +89,11 @@ class LedgerWorker:
         # Reads both framings, writes SARDIS_WIRE_FORMAT; schema ids via the registry (streams/wire).
         self.wire = Wire(settings)
         self.codec = self.wire.codec
+        datadir = os.environ.get("SARDIS_WORKER_DATADIR",
+                                 str(Path(tempfile.gettempdir()) / "sardis-ledger-worker"))
         self.app = faust.App(
             settings.topic(APP_NAME),
-            datadir=os.environ.get("SARDIS_WORKER_DATADIR",
-                                   str(Path(tempfile.gettempdir()) / "sardis-ledger-worker")),
+            datadir=datadir,
             broker=f"kafka://{settings.kafka_bootstrap}",
             broker_credentials=settings.kafka_security.faust_credentials(),
             store="memory://",
@@ -122,7 +127,8 @@ class LedgerWorker:
         )
         record_control_batches()
         # Every effect of an event, and every commit, go through the commit protocol.
-        self.commits = CommitProtocol(self.app, settings.topic(LedgerTopic.COMMANDS))
+        self.commits = CommitProtocol(self.app, settings.topic(LedgerTopic.COMMANDS),
+                                      self._worker_id(datadir))
         # Every table's store reads its changelog in bulk on a rebalance (compat workaround 12).
         self.preloader = ChangelogPreloader(settings)
         transport = ledger_transport(settings.topic(LedgerTopic.COMMANDS), self.commits)
@@ -201,6 +207,25 @@ class LedgerWorker:
         self._quarantine_refresh_at = 0.0
         self.dead_letters: dict[str, int] = {}  # DLQ records by reason, since start
         self.lag = metrics.LagTracker("worker")  # input lag per partition, from the catch-up check
+
+    def _worker_id(self, datadir: str) -> str:
+        """SARDIS_WORKER_ID, else one derived from this host and data directory. Two workers
+        sharing a data directory would share that id and fence each other's transactions without
+        end, so the directory is locked while the worker runs; a second worker finding it locked
+        adds its process id (its restarts then wait out a dead predecessor's transaction)."""
+        derived = worker_id(os.environ, socket.gethostname(), datadir)
+        if "SARDIS_WORKER_ID" in os.environ:
+            return derived
+        Path(datadir).mkdir(parents=True, exist_ok=True)
+        self._datadir_lock = open(Path(datadir) / WORKER_ID_LOCK_FILE, "a")  # noqa: SIM115
+        try:
+            fcntl.flock(self._datadir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("data directory %s is another worker's: set SARDIS_WORKER_DATADIR or "
+                        "SARDIS_WORKER_ID per worker; this one runs as %s-%d", datadir, derived,
+                        os.getpid())
+            return f"{derived}-{os.getpid()}"
+        return derived
 
     def owned_partitions(self, topic: str) -> frozenset[int]:
         """The partitions of an input topic this worker owns now."""

@@ -1,11 +1,11 @@
 """Every workaround for Faust (faust-streaming 0.15.3) and aiokafka, each naming its failure.
 
-1. Sends keep their partition and transaction (ledger_transport's send). Faust's
-   TransactionManager.send asks the *consumer's* metadata for the destination partition; the
-   consumer knows only the topics it subscribes to, so for an output topic (ledger.entries,
-   ledger.results, ...) it gets None: the explicit partition is dropped and the record bypasses
-   the transaction. Every output is co-partitioned with ledger.commands, so a send to partition p
-   of any topic goes through the transactional producer of ledger.commands partition p.
+1. No record goes through Faust's send (ledger_transport's send raises). Faust's
+   TransactionManager.send asks the *consumer's* metadata for the destination partition (None
+   for an output topic: the record would bypass the transaction), and sends into a
+   per-partition producer whose transaction the worker never commits (workaround 13): such a
+   record would be aborted after the transaction timeout, holding back its partition's last
+   stable offset until then. Every record goes through the commit protocol's outbox.
 2. Commits are the ledger's (ledger_transport's commit -> streams/worker/commit.py). Faust
    commits on a timer whatever the agent is doing: a transaction could end between two sends of
    one command (the crash test found an entry committed without its partition's Merkle log head,
@@ -29,8 +29,9 @@
 7. Transaction markers are noted (record_control_batches): aiokafka skips control batches
    silently, so an offset gap could not be told from a record the consumer skipped (it has been
    seen to) without reading every gap back from Kafka.
-8. Faust's transactional producers and their locks are private (transaction_producers,
-   transaction_lock): the outbox must send into exactly those producers.
+8. Faust's transactional producers are private (transaction_producers): the one Faust keeps
+   for an input partition exists exactly while this worker owns the partition, which is how the
+   outbox tells records it may still commit from records of a revoked partition.
 9. A short retry backoff for transactional producers (LedgerProducer): aiokafka sleeps 100 ms
    whenever the transaction coordinator is still finishing the previous transaction.
 10. Transactions reopened before a commit or flush (open_transaction): Faust's stop path ends
@@ -45,18 +46,47 @@
    changelog partitions in bulk when a rebalance hands them over (Faust's tables.on_rebalance
    runs after the transactional producers have fenced a killed worker, before recovery) and
    reports how far it read as its persisted offset; Faust's recovery starts there.
+13. Offsets committed as a group member (send_member_offsets, TxnOffsetCommit v3, KIP-447).
+   The worker runs one transaction per process instead of Faust's one per input partition
+   (streams/worker/commit.py). Faust's design fences a removed worker (a zombie) through the
+   per-partition transactional ids its successor takes over; with one id per worker only the
+   group generation can, and aiokafka 0.14 sends TxnOffsetCommit v0 (no generation, no member),
+   which the coordinator takes from anyone. v3 carries both; the coordinator refuses a gone
+   generation, and the worker aborts and crashes (MemberStale) as it does when fenced.
+14. A new assignment waits for settled offsets (wait_offsets_stable, OffsetFetch v7 with
+   require_stable). A zombie's transaction may hold offsets it sent before its generation
+   ended and may still commit them; aiokafka's consumer fetches offsets without
+   require_stable (v3), and tables recovered before that commit would miss its changelog
+   records. The worker asks until no transaction holds the group's offsets, before its tables
+   recover (their end offsets are read after this, so they include such a commit).
 """
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Container, Iterator, Mapping, MutableMapping
+import time
+from collections.abc import Container, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Final, Protocol
 
 import faust
+from aiokafka.client import CoordinationType
 from aiokafka.consumer import fetcher
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import GroupAuthorizationFailedError, ProducerFenced
+from aiokafka.producer.sender import TxnOffsetCommitHandler
 from aiokafka.producer.transaction_manager import TransactionState
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import (
+    Boolean,
+    CompactArray,
+    CompactString,
+    Int16,
+    Int32,
+    Int64,
+    Schema,
+    TaggedFields,
+)
 from faust.stores.memory import Store as MemoryStore
 from faust.transport.consumer import TransactionManager
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -64,7 +94,7 @@ from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
-from sardis_ledger.streams.errors import InvariantViolation
+from sardis_ledger.streams.errors import InvariantViolation, LedgerError
 from sardis_ledger.streams.shutdown import arm_stop_deadline
 from sardis_ledger.streams.worker.preload import ChangelogPreloader, Target
 
@@ -194,18 +224,285 @@ async def open_transaction(producer: Any, lock: asyncio.Lock) -> None:
         await producer.begin_transaction()
 
 
-async def open_transactions(producer: Any, transactional_ids: Any) -> None:
-    """open_transaction for each of `transactional_ids` Faust's `producer` keeps a producer for."""
-    for transactional_id in transactional_ids:
-        transaction_producer = producer._transaction_producers.get(transactional_id)
-        if transaction_producer is not None:
-            await open_transaction(transaction_producer, producer._trn_locks[transactional_id])
-
-
 def transactional_id_for(app_id: str, topic_group: int, partition: int) -> str:
     """The transactional id of a partition's producer, as Faust's TransactionManager names it
     (`{app id}-{topic group}-{partition}`): the worker must find Faust's own producers."""
     return f"{app_id}-{topic_group}-{partition}"
+
+
+
+# -- workarounds 13 and 14: one transaction per worker (KIP-447) -----------------------------------
+
+# How long the worker's transaction may stay open before the coordinator aborts it (and the
+# worker's next call fails as fenced). Kafka's default, as Faust's producers had: a broker
+# outage kept a transaction's produce retrying on NotEnoughReplicas for 14 s in the cluster test
+# (10 s crashed the worker there). It is also what a partition's new owner waits at most for
+# the open transaction of a worker that died and did not come back with its id.
+WORKER_TRANSACTION_TIMEOUT_MS: Final[int] = 60_000
+# How long a new assignment waits for offsets another worker's transaction holds (its commit, its
+# abort, or the coordinator's timeout above), and how often it asks meanwhile.
+STABLE_OFFSETS_WAIT_S: Final[float] = 2 * WORKER_TRANSACTION_TIMEOUT_MS / 1000
+STABLE_OFFSETS_RETRY_S: Final[float] = 0.02
+# Kafka error codes these requests answer (org.apache.kafka.common.protocol.Errors).
+_COORDINATOR_RETRY_CODES: Final[frozenset[int]] = frozenset({14, 15, 16})  # loading, n/a, not it
+_MEMBER_STALE_CODES: Final[frozenset[int]] = frozenset({22, 25, 82})  # generation, member, inst.
+_REBALANCE_IN_PROGRESS: Final[int] = 27
+_UNSTABLE_OFFSET_COMMIT: Final[int] = 88
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMember:
+    """The consumer group member a transaction's offsets are committed as (KIP-447)."""
+
+    generation_id: int
+    member_id: str
+    group_instance_id: str | None = None
+
+
+class OffsetsHeld(LedgerError):
+    """Offsets of the group stayed held by an open transaction longer than a transaction may
+    stay open: the coordinator should have aborted it (retriable: a new assignment asks again)."""
+
+
+class MemberStale(LedgerError):
+    """The group coordinator refused a transaction's offsets: this worker's generation is gone
+    (it was removed from the group; its partitions belong to another worker now)."""
+
+
+def group_member(app: Any) -> GroupMember:
+    """Faust's consumer's current generation and member id (aiokafka's coordinator, private)."""
+    coordinator = app.consumer._thread._ensure_consumer()._coordinator
+    return GroupMember(coordinator.generation, coordinator.member_id,
+                       coordinator._group_instance_id)
+
+
+class _TxnOffsetCommitResponse_v3(Response):
+    API_KEY = 28
+    API_VERSION = 3
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("topics", CompactArray(
+            ("name", CompactString("utf-8")),
+            ("partitions", CompactArray(
+                ("partition_index", Int32), ("error_code", Int16), ("tags", TaggedFields))),
+            ("tags", TaggedFields))),
+        ("tags", TaggedFields))
+
+
+class _TxnOffsetCommitRequest_v3(RequestStruct):
+    # clients/src/main/resources/common/message/TxnOffsetCommitRequest.json, version 3.
+    FLEXIBLE_VERSION = True
+    API_KEY = 28
+    API_VERSION = 3
+    RESPONSE_TYPE = _TxnOffsetCommitResponse_v3
+    SCHEMA = Schema(
+        ("transactional_id", CompactString("utf-8")),
+        ("group_id", CompactString("utf-8")),
+        ("producer_id", Int64),
+        ("producer_epoch", Int16),
+        ("generation_id", Int32),
+        ("member_id", CompactString("utf-8")),
+        ("group_instance_id", CompactString("utf-8")),
+        ("topics", CompactArray(
+            ("name", CompactString("utf-8")),
+            ("partitions", CompactArray(
+                ("partition_index", Int32),
+                ("committed_offset", Int64),
+                ("committed_leader_epoch", Int32),
+                ("committed_metadata", CompactString("utf-8")),
+                ("tags", TaggedFields))),
+            ("tags", TaggedFields))),
+        ("tags", TaggedFields))
+
+
+class _TxnOffsetCommitRequestV3(Request[_TxnOffsetCommitRequest_v3]):
+    API_KEY = 28
+
+    def __init__(self, fields: tuple[Any, ...]) -> None:
+        self._fields = fields
+
+    def build(self, request_struct_class: type[_TxnOffsetCommitRequest_v3]
+              ) -> _TxnOffsetCommitRequest_v3:
+        return request_struct_class(*self._fields)
+
+
+def txn_offset_commit_v3(transactional_id: str, group_id: str, producer_id: int,
+                         producer_epoch: int, member: GroupMember,
+                         offsets: Mapping[Any, Any]) -> _TxnOffsetCommitRequestV3:
+    """A TxnOffsetCommit v3 request: offsets (TopicPartition -> OffsetAndMetadata) committed as
+    `member`, so the group coordinator refuses them from a generation that is gone."""
+    by_topic: dict[str, list[tuple[Any, ...]]] = {}
+    for tp, offset in sorted(offsets.items()):
+        by_topic.setdefault(tp.topic, []).append(
+            (tp.partition, offset.offset, -1, offset.metadata, {}))
+    return _TxnOffsetCommitRequestV3((
+        transactional_id, group_id, producer_id, producer_epoch, member.generation_id,
+        member.member_id, member.group_instance_id,
+        [(topic, partitions, {}) for topic, partitions in by_topic.items()], {}))
+
+
+class _MemberTxnOffsetCommitHandler(TxnOffsetCommitHandler):
+    """aiokafka's TxnOffsetCommit handler, sending v3 with the member the commit began with."""
+
+    def __init__(self, sender: Any, offsets: Any, group_id: str, member: GroupMember) -> None:
+        super().__init__(sender, offsets, group_id)
+        self._member = member
+
+    def create_request(self) -> Any:
+        manager = self._sender._txn_manager
+        return txn_offset_commit_v3(manager.transactional_id, self._group_id,
+                                    manager.producer_id, manager.producer_epoch,
+                                    self._member, self._offsets)
+
+    def handle_response(self, resp: Any) -> Any:
+        codes = {code for _, partitions, _ in resp.topics for _, code, _ in partitions}
+        if codes & _MEMBER_STALE_CODES:
+            self._sender._txn_manager.error_transaction(MemberStale(
+                f"group {self._group_id} refused the offsets of generation "
+                f"{self._member.generation_id} (error codes {sorted(codes)}): this worker was "
+                "removed from the group"))
+            return None
+        if _REBALANCE_IN_PROGRESS in codes:
+            return self._default_backoff  # the same generation is asked again
+        # Every other answer as aiokafka reads a v0 response.
+        return super().handle_response(SimpleNamespace(errors=[
+            (topic, [(partition, code) for partition, code, _ in partitions])
+            for topic, partitions, _ in resp.topics]))
+
+
+class _MemberOffsets:
+    """Makes one aiokafka producer send its transaction's offsets as TxnOffsetCommit v3.
+
+    aiokafka 0.14 sends TxnOffsetCommit v0 (group id only), which any process can use to commit
+    a group's offsets: a worker removed from the group (a zombie) could still commit. Its sender
+    builds the request in `_do_txn_offset_commit` (private); this replaces that method on one
+    producer's sender with the same steps and a handler that sends v3 with `member`."""
+
+    def __init__(self, producer: Any) -> None:
+        self.member: GroupMember | None = None
+        sender = producer._sender
+
+        async def do_txn_offset_commit(offsets: Any, group_id: str) -> None:
+            if not offsets:
+                return
+            member = self.member
+            if member is None:
+                raise InvariantViolation("transaction offsets sent with no group member")
+            try:
+                node_id = await sender._find_coordinator(CoordinationType.GROUP, group_id)
+            except GroupAuthorizationFailedError as exc:
+                sender._txn_manager.error_transaction(exc)
+                return
+            await _MemberTxnOffsetCommitHandler(sender, offsets, group_id, member).do(node_id)
+
+        sender._do_txn_offset_commit = do_txn_offset_commit
+
+
+async def send_member_offsets(producer: Any, offsets: Mapping[Any, int], group_id: str,
+                              member: GroupMember) -> None:
+    """producer.send_offsets_to_transaction, as `member` of `group_id` (KIP-447, workaround 13).
+    Raises MemberStale when the group has moved on without this worker."""
+    member_offsets: _MemberOffsets | None = getattr(producer, "_sardis_member_offsets", None)
+    if member_offsets is None:
+        member_offsets = _MemberOffsets(producer)
+        producer._sardis_member_offsets = member_offsets
+    member_offsets.member = member
+    await producer.send_offsets_to_transaction(offsets, group_id)
+
+
+def new_worker_producer(app: Any, transactional_id: str) -> Any:
+    """An aiokafka transactional producer with Faust's settings (connection, security, linger,
+    batch size, the short retry backoff of workaround 9), for the worker's one transaction."""
+    producer = app.producer._new_producer(transactional_id=transactional_id)
+    producer._txn_manager.transaction_timeout_ms = WORKER_TRANSACTION_TIMEOUT_MS
+    return producer
+
+
+class _OffsetFetchResponse_v7(Response):
+    API_KEY = 9
+    API_VERSION = 7
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("topics", CompactArray(
+            ("name", CompactString("utf-8")),
+            ("partitions", CompactArray(
+                ("partition_index", Int32),
+                ("committed_offset", Int64),
+                ("committed_leader_epoch", Int32),
+                ("metadata", CompactString("utf-8")),
+                ("error_code", Int16),
+                ("tags", TaggedFields))),
+            ("tags", TaggedFields))),
+        ("error_code", Int16),
+        ("tags", TaggedFields))
+
+
+class _OffsetFetchRequest_v7(RequestStruct):
+    # clients/src/main/resources/common/message/OffsetFetchRequest.json, version 7.
+    FLEXIBLE_VERSION = True
+    API_KEY = 9
+    API_VERSION = 7
+    RESPONSE_TYPE = _OffsetFetchResponse_v7
+    SCHEMA = Schema(
+        ("group_id", CompactString("utf-8")),
+        ("topics", CompactArray(
+            ("name", CompactString("utf-8")),
+            ("partition_indexes", CompactArray(Int32)),
+            ("tags", TaggedFields))),
+        ("require_stable", Boolean),
+        ("tags", TaggedFields))
+
+
+class _OffsetFetchRequestV7(Request[_OffsetFetchRequest_v7]):
+    API_KEY = 9
+
+    def __init__(self, group_id: str, partitions: Mapping[str, Sequence[int]]) -> None:
+        self._fields: tuple[Any, ...] = (group_id, [(topic, sorted(indexes), {})
+                                   for topic, indexes in sorted(partitions.items())], True, {})
+
+    def build(self, request_struct_class: type[_OffsetFetchRequest_v7]) -> _OffsetFetchRequest_v7:
+        return request_struct_class(*self._fields)
+
+
+async def _unstable_partitions(client: Any, group_id: str,
+                               partitions: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """One OffsetFetch v7 with require_stable: the partitions whose offsets a transaction holds."""
+    node_id = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
+    response = await client.send(node_id, _OffsetFetchRequestV7(group_id, partitions))
+    codes = {response.error_code} | {code for _, parts, _ in response.topics
+                                     for *_, code, _ in parts}
+    if codes & _COORDINATOR_RETRY_CODES:  # ask again; the lookup above finds the coordinator
+        return {topic: list(indexes) for topic, indexes in partitions.items()}
+    unexpected = codes - {0, _UNSTABLE_OFFSET_COMMIT}
+    if unexpected:
+        raise InvariantViolation(f"OffsetFetch for group {group_id} answered error codes "
+                                 f"{sorted(unexpected)}")
+    unstable: dict[str, list[int]] = {}
+    for topic, parts, _ in response.topics:
+        for partition, *_, code, _ in parts:
+            if code == _UNSTABLE_OFFSET_COMMIT:
+                unstable.setdefault(topic, []).append(partition)
+    return unstable
+
+
+async def wait_offsets_stable(client: Any, group_id: str,
+                              partitions: Mapping[str, Sequence[int]]) -> int:
+    """Wait until no open transaction holds offsets of `partitions` (workaround 14); returns how
+    many times it asked. aiokafka's consumer fetches offsets without require_stable (OffsetFetch
+    v3), so it would read an offset older than one a removed worker's open transaction may still
+    commit, and tables recovered before that commit would miss its changelog records."""
+    deadline_s = time.monotonic() + STABLE_OFFSETS_WAIT_S
+    pending = {topic: list(indexes) for topic, indexes in partitions.items() if indexes}
+    asked = 0
+    while pending:
+        pending = await _unstable_partitions(client, group_id, pending)
+        asked += 1
+        if pending and time.monotonic() > deadline_s:
+            raise OffsetsHeld(f"offsets of {pending} still held by an open transaction after "
+                              f"{STABLE_OFFSETS_WAIT_S:.0f} s", retriable=True)
+        if pending:
+            await asyncio.sleep(STABLE_OFFSETS_RETRY_S)
+    return asked
 
 
 class Committer(Protocol):
@@ -213,6 +510,10 @@ class Committer(Protocol):
 
     async def commit(self, transactions: Mapping[str, Mapping[Any, int]], group_id: str,
                      start_new_transaction: bool) -> None: ...
+
+    async def on_assigned(self, assigned: Any) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class LedgerProducer(AIOKafkaProducer):
@@ -232,18 +533,8 @@ def ledger_transport(anchor_topic: str, committer: Committer) -> type[AIOKafkaTr
         async def send(self, topic: str, key: bytes | None, value: bytes | None,
                        partition: int | None, timestamp: float | None, headers: Any,
                        *, transactional_id: str | None = None) -> Any:
-            target = partition if partition is not None else \
-                self.consumer.key_partition(topic, key, None)
-            if target is None:
-                raise InvariantViolation(f"exactly-once send to {topic} with no partition")
-            assignor = self.app.assignor
-            try:
-                group = assignor.group_for_topic(topic)
-            except KeyError:
-                group = assignor.group_for_topic(anchor_topic)
-            return await self.producer.send(
-                topic, key, value, target, timestamp, headers,
-                transactional_id=transactional_id_for(self.app.conf.id, group, target))
+            raise InvariantViolation(f"a record for {topic} sent through Faust, not through "
+                                     "the commit protocol (it would never commit)")
 
         async def commit(self, offsets: Any, start_new_transaction: bool = True) -> bool:
             """Faust's commit, replaced: offsets grouped by the transaction that owns them, then
@@ -260,8 +551,9 @@ def ledger_transport(anchor_topic: str, committer: Committer) -> type[AIOKafkaTr
             async with self._commit_lock:
                 try:
                     await committer.commit(by_transactional_id, group_id, start_new_transaction)
-                except ProducerFenced as exc:
-                    # As Faust does: another worker owns these partitions now.
+                except (ProducerFenced, MemberStale) as exc:
+                    # As Faust does: another worker owns these partitions now (or another
+                    # process took this worker's transactional id).
                     await self.app.crash(exc)
             return True
 
@@ -287,6 +579,13 @@ def ledger_transport(anchor_topic: str, committer: Committer) -> type[AIOKafkaTr
             consumer: Any = self.consumer
             await consumer.force_commit(start_new_transaction=False)
             await super().on_rebalance(assigned, revoked, newly_assigned)
+            # Before tables recover (Faust runs them after this): the worker's producer fences
+            # its previous incarnation, and no removed worker's transaction holds offsets.
+            await committer.on_assigned(assigned)
+
+        async def on_stop(self) -> None:
+            """After the consumer's last commit (Faust stops this service after it)."""
+            await committer.stop()
 
     class LedgerTransport(AIOKafkaTransport):
         TransactionManager = LedgerTransactionManager
@@ -301,12 +600,6 @@ def transaction_producers(app: Any) -> Mapping[str, Any]:
     producer: Faust has no public accessor, and the outbox must send into exactly those)."""
     producers: Mapping[str, Any] = app.producer._transaction_producers
     return producers
-
-
-def transaction_lock(app: Any, transactional_id: str) -> asyncio.Lock:
-    """The lock Faust's producer takes around a transaction's calls (private, as above)."""
-    lock: asyncio.Lock = app.producer._trn_locks[transactional_id]
-    return lock
 
 
 def memory_store(table: Any) -> tuple[MutableMapping[bytes, Any], MutableMapping[bytes, int]]:

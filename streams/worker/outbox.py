@@ -9,12 +9,13 @@ holding records until the commit changes no reader's view, and keeping only the 
 compacted key (a table changelog record, a balance) within one transaction changes neither a
 table's recovery nor a compacted topic's final value.
 
-Crash safety is unchanged. Records leave the outbox only into the open transaction of the
-partition that decided them, and the commit protocol (streams/worker/commit.py) flushes the outbox
-under the event lock before it sends any offset; a kill -9 loses the outbox together with the
-open transaction Kafka then aborts. A transaction whose producer Faust replaced (partitions
-revoked in a rebalance) was aborted with the old producer: its held records are dropped, as
-its sends would have been.
+Crash safety is unchanged. Records are held per input partition (by the transactional id of
+Faust's producer for it, which exists only while this worker owns the partition) and leave the
+outbox only into the worker's open transaction; the commit protocol
+(streams/worker/commit.py) flushes the outbox under the event lock before it sends any offset,
+and a kill -9 loses the outbox together with the open transaction Kafka then aborts. Records
+held for a partition that was revoked in a rebalance are dropped: the partition's new owner
+decides its events again from its committed offset.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ Value = bytes | Callable[[], bytes]
 class _Held:
     """What one transaction holds: records in decision order, and last values of compacted keys."""
 
-    producer: Any
+    producer: Any  # Faust's producer for the partition: the token of this worker owning it
     appended: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = field(default_factory=dict)
     latest: dict[tuple[str, int], dict[bytes, Value]] = field(default_factory=dict)
     count: int = 0
@@ -107,12 +108,14 @@ class Outbox:
     def held_count(self) -> int:
         return sum(held.count for held in self._held.values())
 
-    async def flush(self, current_producer: Callable[[str], Any],
+    async def flush(self, current_producer: Callable[[str], Any], into: Any,
                     transactional_id: str | None = None) -> int:
-        """Send what one transaction (or every one) holds into its open transaction.
+        """Send what one input partition (or every one) holds into the worker's open
+        transaction (`into`, an aiokafka producer).
 
-        `current_producer` maps a transactional id to the producer Faust now keeps for it (None
-        once its partitions were revoked). Returns the number of records sent.
+        `current_producer` maps a partition's transactional id to the producer Faust now keeps
+        for it (None once the partition was revoked: what it held is dropped). Returns the
+        number of records sent.
         """
         ids = list(self._held) if transactional_id is None else [transactional_id]
         sent = 0
@@ -123,7 +126,7 @@ class Outbox:
             if current_producer(tid) is not held.producer:
                 self._drop(tid, held, "its producer was stopped or replaced")
                 continue
-            sent += await _send_held(held)
+            sent += await _send_held(held, into)
         return sent
 
     @staticmethod
@@ -132,8 +135,7 @@ class Outbox:
                     "aborted; its offsets were never committed)", held.count, transactional_id, why)
 
 
-async def _send_held(held: _Held) -> int:
-    producer = held.producer
+async def _send_held(held: _Held, producer: Any) -> int:
     sent = 0
     for (topic, partition), items in held.appended.items():
         sent += await send_batches(producer, topic, partition, items)

@@ -19,7 +19,7 @@ from sardis_ledger.streams.worker.commit import (
 ])
 def test_the_idle_window_grows_with_the_transactions_a_commit_ends(
         held_by: list[str], idle_s: float) -> None:
-    commits = CommitProtocol(app=None, anchor_topic="ledger.commands")
+    commits = CommitProtocol(app=None, anchor_topic="ledger.commands", worker_id="w")
     for offset, transactional_id in enumerate(held_by):
         commits.outbox.append(transactional_id, None, "ledger.results", 0, b"k", bytes([offset]))
     assert commits.idle_window_s() == idle_s

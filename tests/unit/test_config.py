@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from sardis_ledger.streams.config import (
     PARTITIONS_DEFAULT,
     SCHEMA_REGISTRY_URL_DEFAULT,
     SECRET_FILE_BYTES_MAX,
+    WORKER_ID_LENGTH_MAX,
     Settings,
     host_port,
+    worker_id,
 )
 from sardis_ledger.streams.errors import ConfigError
 
@@ -127,3 +130,26 @@ def test_host_port(address: str, expected: tuple[str, int]) -> None:
 def test_host_port_rejects_missing_port() -> None:
     with pytest.raises(ConfigError):
         host_port("localhost")
+
+
+@pytest.mark.parametrize(("env", "hostname", "datadir", "expected"), [
+    ({"SARDIS_WORKER_ID": "worker-1"}, "h", "/d", "worker-1"),
+    ({"SARDIS_WORKER_ID": "pod_7.eu"}, "h", "/d", "pod_7.eu"),
+    ({}, "ledger-host", "/var/lib/w", "ledger-host-" + hashlib.sha256(b"/var/lib/w").hexdigest()[:8]),
+    ({}, "odd host!", "/d", "odd-host-" + hashlib.sha256(b"/d").hexdigest()[:8]),
+    ({}, "!!!", "/d", "host-" + hashlib.sha256(b"/d").hexdigest()[:8]),
+])
+def test_worker_id_is_given_or_derived_from_host_and_data_directory(
+        env: dict[str, str], hostname: str, datadir: str, expected: str) -> None:
+    assert worker_id(env, hostname, datadir) == expected
+
+
+def test_workers_with_their_own_data_directories_get_distinct_ids() -> None:
+    assert worker_id({}, "h", "/w/1") != worker_id({}, "h", "/w/2")
+    assert len(worker_id({}, "h" * 500, "/d")) <= WORKER_ID_LENGTH_MAX
+
+
+@pytest.mark.parametrize("given", ["", "has space", "a/b", "x" * (WORKER_ID_LENGTH_MAX + 1)])
+def test_a_malformed_worker_id_is_refused(given: str) -> None:
+    with pytest.raises(ConfigError, match="SARDIS_WORKER_ID"):
+        worker_id({"SARDIS_WORKER_ID": given}, "h", "/d")

@@ -41,14 +41,14 @@ async def test_appended_records_keep_their_order_and_last_values_win() -> None:
     outbox.put_latest("tx-0", producer, "balances", 0, b"acc|USDC", lambda: b"encoded-late")
     assert outbox.held_count() == 7  # five records, one last value per compacted key
 
-    sent = await outbox.flush({"tx-0": producer}.get)
+    sent = await outbox.flush({"tx-0": producer}.get, producer)
 
     assert sent == 7
     assert producer.records("entries", 0) == [(b"acc", f"entry-{i}".encode()) for i in range(5)]
     assert producer.records("accounts-changelog", 0) == [(b"acc", b"state-4")]
     assert producer.records("balances", 0) == [(b"acc|USDC", b"encoded-late")]
     assert outbox.held_count() == 0
-    assert await outbox.flush({"tx-0": producer}.get) == 0  # nothing is sent twice
+    assert await outbox.flush({"tx-0": producer}.get, producer) == 0  # nothing is sent twice
 
 
 async def test_records_beyond_one_batch_are_split_across_batches() -> None:
@@ -57,7 +57,7 @@ async def test_records_beyond_one_batch_are_split_across_batches() -> None:
     values = [bytes([i]) * 200 for i in range(20)]  # ~4 KiB: several 1 KiB batches
     for value in values:
         outbox.append("tx-1", producer, "results", 3, None, value)
-    await outbox.flush({"tx-1": producer}.get)
+    await outbox.flush({"tx-1": producer}.get, producer)
     assert len(producer.sent) > 1
     assert [value for _key, value in producer.records("results", 3)] == values
 
@@ -68,7 +68,7 @@ async def test_a_record_larger_than_a_batch_still_goes_alone() -> None:
     big = b"x" * (BATCH_SIZE_BYTES * 3)
     outbox.append("tx-1", producer, "results", 0, b"k", b"small")
     outbox.append("tx-1", producer, "results", 0, b"k", big)
-    await outbox.flush({"tx-1": producer}.get)
+    await outbox.flush({"tx-1": producer}.get, producer)
     assert producer.records("results", 0) == [(b"k", b"small"), (b"k", big)]
 
 
@@ -79,10 +79,21 @@ async def test_records_of_a_replaced_or_stopped_producer_are_dropped() -> None:
     # Faust replaced tx-2's producer (rebalance): the old transaction was aborted with it.
     outbox.append("tx-2", new, "entries", 2, b"a", b"decided-after")
     outbox.append("tx-3", old, "entries", 3, b"b", b"revoked")
-    sent = await outbox.flush({"tx-2": new}.get)  # tx-3 no longer has a producer
+    sent = await outbox.flush({"tx-2": new}.get, new)  # tx-3 no longer has a producer
     assert sent == 1
     assert new.records("entries", 2) == [(b"a", b"decided-after")]
     assert old.sent == []
+
+
+async def test_every_partition_is_sent_into_the_one_worker_transaction() -> None:
+    a, b, worker = RecordingProducer(), RecordingProducer(), RecordingProducer()
+    outbox = Outbox()
+    outbox.append("tx-a", a, "entries", 0, b"k", b"1")
+    outbox.append("tx-b", b, "entries", 1, b"k", b"2")
+    assert await outbox.flush({"tx-a": a, "tx-b": b}.get, worker) == 2
+    assert worker.records("entries", 0) == [(b"k", b"1")]
+    assert worker.records("entries", 1) == [(b"k", b"2")]
+    assert a.sent == [] and b.sent == []  # Faust's per-partition producers only mark ownership
 
 
 async def test_flush_of_one_transaction_leaves_the_others_held() -> None:
@@ -90,7 +101,7 @@ async def test_flush_of_one_transaction_leaves_the_others_held() -> None:
     outbox = Outbox()
     outbox.append("tx-a", a, "entries", 0, b"k", b"1")
     outbox.append("tx-b", b, "entries", 1, b"k", b"2")
-    assert await outbox.flush({"tx-a": a, "tx-b": b}.get, "tx-a") == 1
+    assert await outbox.flush({"tx-a": a, "tx-b": b}.get, a, "tx-a") == 1
     assert outbox.held_count() == 1
     assert b.sent == []
 
@@ -125,7 +136,7 @@ def test_property_flush_sends_every_record_and_the_last_value_of_every_key(
         else:
             outbox.append("tx", producer, "out", 0, k, v)
             appended.append((k, v))
-    sent = asyncio.run(outbox.flush({"tx": producer}.get))
+    sent = asyncio.run(outbox.flush({"tx": producer}.get, producer))
     assert sent == len(appended) + len(latest)
     assert producer.records("out", 0) == appended
     assert dict(producer.records("table", 0)) == latest
@@ -138,5 +149,5 @@ async def test_empty_transactions_send_nothing(count: int) -> None:
     outbox = Outbox()
     for _ in range(count):
         outbox.append("tx", producer, "out", 0, None, b"v")
-    assert await outbox.flush({"tx": producer}.get) == count
+    assert await outbox.flush({"tx": producer}.get, producer) == count
     assert len(producer.sent) == count

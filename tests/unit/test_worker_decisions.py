@@ -124,7 +124,7 @@ class Worker:
 
     def __init__(self) -> None:
         self.app = FakeApp()
-        self.commits = CommitProtocol(self.app, SETTINGS.topic(LedgerTopic.COMMANDS))
+        self.commits = CommitProtocol(self.app, SETTINGS.topic(LedgerTopic.COMMANDS), "w")
         self.port = Port(self.commits)
         self.tables = AccountTables(FakeTable("accounts"), FakeTable("commands"),
                                     FakeTable("logs"), FakeTable("holds"))
@@ -152,9 +152,10 @@ class Worker:
 
     async def flush(self) -> list[tuple[str, int, str, dict[str, Any]]]:
         producers = self.app.producer._transaction_producers
-        await self.commits.outbox.flush(producers.get)
+        worker_transaction = FakeProducer()
+        await self.commits.outbox.flush(producers.get, worker_transaction)
         out = []
-        for producer in producers.values():
+        for producer in [worker_transaction]:
             for topic, partition, _key, value in producer.sent:
                 if topic.startswith("t.ledger.") and "changelog" not in topic:
                     name, decoded = CODEC.decode(value)
