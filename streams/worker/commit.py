@@ -23,7 +23,7 @@
 # until no open transaction holds the group's offsets before its tables recover (workaround 14).
 # The worker's transactional id is stable per worker (SARDIS_WORKER_ID), so a restarted worker
 # aborts its previous incarnation's transaction at once.
-# When: as soon as the stream is idle (0.5 or 2 ms without a decision), or every COMMIT_INTERVAL_S
+# When: as soon as the stream is idle (0.5 ms without a decision), or every COMMIT_INTERVAL_S
 # while it is busy (`commit_soon`), on Faust's timer as a backstop, and before a rebalance
 # (compat). A kill -9 anywhere loses only the open transaction, which Kafka aborts; its offsets
 # were never committed, so the records are decided again.
@@ -64,13 +64,13 @@ WORKER_ID_ENV: Final[str] = "SARDIS_WORKER_ID"
 # (a busy stream: each commit carries many events, for throughput). Committing after every
 # decision under load made commits tiny and their round trips and markers the main cost: a
 # burst of 10,000 commands fell from 2,066 to 445 commands/s.
-# A commit's cost grows with the transactions it ends (one per input partition with decisions:
-# four round trips and markers each), so the idle window does too. With records held for one
-# transaction only, 0.5 ms (enough for the deciding agent to ack its event): a lone client's
-# command no longer waits 2 ms. With more, 2 ms: 0.5 ms for every commit made 16 clients over
-# 1,000 accounts commit more, smaller commits (413 -> 324 cmd/s, three pairs alternating).
-COMMIT_IDLE_ONE_TRANSACTION_S: Final[float] = 0.0005
-COMMIT_IDLE_S: Final[float] = 0.002
+# The idle window is 0.5 ms, enough for the deciding agent to ack its event. While a commit
+# ended one transaction per input partition touched, 0.5 ms made 16 clients over 1,000 accounts
+# commit more, smaller commits (413 -> 324 cmd/s), so it was 2 ms when records of more than one
+# partition were held; with one transaction per worker, 0.5 ms always gave 567-721 against
+# 467-592 cmd/s (three alternating runs) and two-leg batches the same (424 against 437/s).
+# A shorter busy interval (25 ms) cut two-leg batches from 437 to 260/s, so it stays 100 ms.
+COMMIT_IDLE_S: Final[float] = 0.0005
 COMMIT_INTERVAL_S: Final[float] = 0.1
 # Faust's own commit timer, only a backstop now.
 FAUST_COMMIT_INTERVAL_S: Final[float] = 1.0
@@ -272,11 +272,6 @@ class CommitProtocol:
             if start_new_transaction:
                 await producer.begin_transaction()
 
-    def idle_window_s(self) -> float:
-        """How long commit_soon waits for another decision before it commits (see above)."""
-        return COMMIT_IDLE_ONE_TRANSACTION_S if len(self.outbox.held_ids()) <= 1 \
-            else COMMIT_IDLE_S
-
     async def commit_soon(self) -> None:
         """Commit what was decided as soon as the stream is idle (COMMIT_IDLE_S without a new
         decision), and at least every COMMIT_INTERVAL_S while it is busy, instead of on Faust's
@@ -290,7 +285,7 @@ class CommitProtocol:
             while time.monotonic() - first_s < COMMIT_INTERVAL_S:
                 # Also lets the agent that decided ack its event (it acks when it asks the
                 # stream for the next one), so the commit carries that offset.
-                await asyncio.sleep(self.idle_window_s())
+                await asyncio.sleep(COMMIT_IDLE_S)
                 if self._decisions == seen:
                     break
                 seen = self._decisions

@@ -402,6 +402,13 @@ async def send_member_offsets(producer: Any, offsets: Mapping[Any, int], group_i
                               member: GroupMember) -> None:
     """producer.send_offsets_to_transaction, as `member` of `group_id` (KIP-447, workaround 13).
     Raises MemberStale when the group has moved on without this worker."""
+    if member.generation_id < 0 or not member.member_id:
+        # aiokafka resets its generation to -1 and its member id to "" when the coordinator
+        # no longer knows it; the coordinator checks nothing for offsets sent that way.
+        producer._txn_manager.error_transaction(MemberStale(
+            f"not a member of group {group_id} (generation {member.generation_id}): this "
+            "worker was removed from the group"))
+        raise MemberStale(f"offsets for group {group_id} without a generation")
     member_offsets: _MemberOffsets | None = getattr(producer, "_sardis_member_offsets", None)
     if member_offsets is None:
         member_offsets = _MemberOffsets(producer)

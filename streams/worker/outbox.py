@@ -101,10 +101,6 @@ class Outbox:
         values[key] = value
         return held.count
 
-    def held_ids(self) -> list[str]:
-        """The transactional ids with records held."""
-        return [tid for tid, held in self._held.items() if held.count]
-
     def held_count(self) -> int:
         return sum(held.count for held in self._held.values())
 

@@ -110,3 +110,16 @@ async def test_a_new_assignment_waits_for_offsets_an_open_transaction_holds(
     assert await _committed(settings, group_id, tp) == 11
     # Nothing pending: one request is enough.
     assert await wait_offsets_stable(producer.client, group_id, {topic: [0, 1, 2, 3]}) == 1
+
+
+async def test_offsets_without_a_generation_are_never_sent(
+        settings: Settings, topic: str, producer: AIOKafkaProducer) -> None:
+    """aiokafka's reset member (generation -1, member ""): the coordinator would check nothing."""
+    group_id = settings.topic(f"group-{uuid.uuid4().hex[:6]}")
+    tp = TopicPartition(topic, 3)
+    await producer.begin_transaction()
+    with pytest.raises(MemberStale, match="without a generation"):
+        await send_member_offsets(producer, {tp: OffsetAndMetadata(5, "")}, group_id,
+                                  GroupMember(-1, ""))
+    await producer.abort_transaction()
+    assert await _committed(settings, group_id, tp) is None
