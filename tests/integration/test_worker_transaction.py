@@ -30,6 +30,11 @@ async def topic(settings: Settings) -> str:
 
 
 @pytest.fixture
+def group_id(settings: Settings) -> str:
+    return settings.topic(f"group-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture
 async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
     producer = AIOKafkaProducer(**settings.kafka_connection(),
                                 transactional_id=f"test-worker-{uuid.uuid4().hex[:8]}")
@@ -61,9 +66,8 @@ async def _committed(settings: Settings, group_id: str, tp: TopicPartition) -> i
         await reader.stop()
 
 
-async def test_offsets_of_the_current_member_commit(settings: Settings, topic: str,
+async def test_offsets_of_the_current_member_commit(settings: Settings, topic: str, group_id: str,
                                                     producer: AIOKafkaProducer) -> None:
-    group_id = settings.topic(f"group-{uuid.uuid4().hex[:6]}")
     consumer, member = await _join(settings, topic, group_id)
     tp = TopicPartition(topic, 0)
     try:
@@ -76,9 +80,8 @@ async def test_offsets_of_the_current_member_commit(settings: Settings, topic: s
 
 
 async def test_offsets_of_a_member_removed_from_the_group_are_refused(
-        settings: Settings, topic: str, producer: AIOKafkaProducer) -> None:
+        settings: Settings, topic: str, group_id: str, producer: AIOKafkaProducer) -> None:
     """A zombie: the worker left (here: its consumer stopped), its transaction goes on."""
-    group_id = settings.topic(f"group-{uuid.uuid4().hex[:6]}")
     consumer, member = await _join(settings, topic, group_id)
     await consumer.stop()  # leaves the group: its member id is unknown from now on
     tp = TopicPartition(topic, 1)
@@ -91,8 +94,7 @@ async def test_offsets_of_a_member_removed_from_the_group_are_refused(
 
 
 async def test_a_new_assignment_waits_for_offsets_an_open_transaction_holds(
-        settings: Settings, topic: str, producer: AIOKafkaProducer) -> None:
-    group_id = settings.topic(f"group-{uuid.uuid4().hex[:6]}")
+        settings: Settings, topic: str, group_id: str, producer: AIOKafkaProducer) -> None:
     consumer, member = await _join(settings, topic, group_id)
     tp = TopicPartition(topic, 2)
     try:
@@ -113,9 +115,8 @@ async def test_a_new_assignment_waits_for_offsets_an_open_transaction_holds(
 
 
 async def test_offsets_without_a_generation_are_never_sent(
-        settings: Settings, topic: str, producer: AIOKafkaProducer) -> None:
+        settings: Settings, topic: str, group_id: str, producer: AIOKafkaProducer) -> None:
     """aiokafka's reset member (generation -1, member ""): the coordinator would check nothing."""
-    group_id = settings.topic(f"group-{uuid.uuid4().hex[:6]}")
     tp = TopicPartition(topic, 3)
     await producer.begin_transaction()
     with pytest.raises(MemberStale, match="without a generation"):
