@@ -265,8 +265,9 @@ class CommitProtocol:
                 await producer.abort_transaction()  # no zombie's records stay pending
                 raise
             except ProducerFenced:
-                log.error("transactional id %s was taken by another process: another worker "
-                          "runs with this worker's %s", self.transactional_id, WORKER_ID_ENV)
+                log.error("transaction %s fenced: another process took its id (another worker "
+                          "runs with this worker's %s?) or it outlived its timeout",
+                          self.transactional_id, WORKER_ID_ENV)
                 raise
             await producer.commit_transaction()
             if start_new_transaction:
