@@ -174,11 +174,11 @@ def _batch_legs(text: str) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from sardis_ledger.streams.bench import run_bench
+    from sardis_ledger.streams.bench import BATCH_LEGS_DEFAULT, run_bench
 
     return run_bench(runs=args.runs, commands=args.commands, accounts=args.accounts,
                      hot_commands=args.hot_commands, batches=args.batches,
-                     batch_legs=sorted(set(args.batch_legs or [2])), workers=args.workers,
+                     batch_legs=sorted(set(args.batch_legs or BATCH_LEGS_DEFAULT)), workers=args.workers,
                      scenarios=args.scenario or ["spread", "hot", "batches", "closed", "open"],
                      brokers=sorted(set(args.brokers or [1])),
                      clients=args.clients or [1, 16], rate_per_s=args.rate,

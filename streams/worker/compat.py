@@ -246,7 +246,6 @@ def transactional_id_for(app_id: str, topic_group: int, partition: int) -> str:
     return f"{app_id}-{topic_group}-{partition}"
 
 
-
 # -- workarounds 13 and 14: one transaction per worker (KIP-447) -----------------------------------
 
 # How long the worker's transaction may stay open before the coordinator aborts it (and the

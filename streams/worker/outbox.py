@@ -43,7 +43,8 @@ Value = bytes | Callable[[], bytes]
 
 @dataclass(slots=True)
 class _Held:
-    """What one transaction holds: records in decision order, and last values of compacted keys."""
+    """What one input partition holds: records in decision order, and last values of compacted
+    keys."""
 
     producer: Any  # Faust's producer for the partition: the token of this worker owning it
     appended: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = field(default_factory=dict)
@@ -52,7 +53,8 @@ class _Held:
 
 
 class Outbox:
-    """Held records of every open transaction of one worker, by transactional id."""
+    """Records one worker holds for its transaction, per input partition (by the transactional id
+    of Faust's producer for it)."""
 
     def __init__(self, *, records_max: int = OUTBOX_RECORDS_MAX) -> None:
         self._held: dict[str, _Held] = {}
@@ -127,8 +129,9 @@ class Outbox:
 
     @staticmethod
     def _drop(transactional_id: str, held: _Held, why: str) -> None:
-        log.warning("dropping %s record(s) held for transaction %s: %s (that transaction was "
-                    "aborted; its offsets were never committed)", held.count, transactional_id, why)
+        log.warning("dropping %s record(s) held for partition transaction %s: %s (its offsets "
+                    "were never committed; its owner decides them again)", held.count,
+                    transactional_id, why)
 
 
 async def _send_held(held: _Held, producer: Any) -> int:

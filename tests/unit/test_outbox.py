@@ -76,7 +76,8 @@ async def test_records_of_a_replaced_or_stopped_producer_are_dropped() -> None:
     old, new = RecordingProducer(), RecordingProducer()
     outbox = Outbox()
     outbox.append("tx-2", old, "entries", 2, b"a", b"decided-before-rebalance")
-    # Faust replaced tx-2's producer (rebalance): the old transaction was aborted with it.
+    # Faust replaced tx-2's producer (rebalance): records decided before it are not this
+    # worker's to commit any more.
     outbox.append("tx-2", new, "entries", 2, b"a", b"decided-after")
     outbox.append("tx-3", old, "entries", 3, b"b", b"revoked")
     sent = await outbox.flush({"tx-2": new}.get, new)  # tx-3 no longer has a producer
