@@ -9,13 +9,13 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 import faust
-from faust.types import EventT, StreamT
+from faust.types import StreamT
 
 from sardis_ledger.streams import batches, core, metrics, records
 from sardis_ledger.streams.config import Settings, worker_id
@@ -43,6 +43,7 @@ from sardis_ledger.streams.worker.compat import (
     use_preloaded_store,
 )
 from sardis_ledger.streams.worker.coordinator import BATCH_TICK_INTERVAL_S, Coordinator
+from sardis_ledger.streams.worker.polls import PollQueue
 from sardis_ledger.streams.worker.ports import Command
 from sardis_ledger.streams.worker.preload import ChangelogPreloader
 from sardis_ledger.streams.worker.reconciler import RECONCILE_TICK_INTERVAL_S, Reconciler
@@ -59,6 +60,8 @@ MAX_POLL_RECORDS = 2000
 SESSION_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 1.0
 TABLE_STANDBY_REPLICAS = 0
+# Records decided under one hold of the event lock: a commit waits at most this many decisions.
+DECIDE_CHUNK_MAX = 32
 # Held by a running worker in its data directory: the id derived from the directory is its own.
 WORKER_ID_LOCK_FILE = ".worker-id.lock"
 
@@ -131,7 +134,10 @@ class LedgerWorker:
                                       self._worker_id(datadir))
         # Every table's store reads its changelog in bulk on a rebalance (compat workaround 12).
         self.preloader = ChangelogPreloader(settings)
-        transport = ledger_transport(settings.topic(LedgerTopic.COMMANDS), self.commits)
+        # Faust's fetcher hands each poll here whole; _decide_polls decides it (compat 16).
+        self.polls = PollQueue()
+        transport = ledger_transport(settings.topic(LedgerTopic.COMMANDS), self.commits,
+                                     self.polls)
         self.app.transport = transport(self.app.conf.broker_consumer, self.app)
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes,
                                "key_serializer": "raw", "value_serializer": "raw"}
@@ -168,13 +174,13 @@ class LedgerWorker:
         self.coordinator_topic = settings.topic(LedgerTopic.INTERNAL_COORDINATOR)
         # full topic name -> the ledger topic it is (prefix removed), for the input rules
         self.topic_kinds = {settings.topic(t): t for t in LedgerTopic}
-        self.app.agent(commands_topic, name="ledger")(self._agent)
-        self.app.agent(batches_topic, name="batches")(self._agent)
+        self.app.agent(commands_topic, name="ledger")(self._subscribed)
+        self.app.agent(batches_topic, name="batches")(self._subscribed)
         # tx_hash:log_index -> the join of a chain transfer and the entries that claim it
         # (co-partitioned with chain.transfers and ledger.internal.chain-claims, so with ledger.commands)
         self.reconciler = Reconciler(self, self._raw_table(joins, table_options))
         self.app.agent(self.app.topic(*self.reconciler.topics, partitions=settings.partitions,
-                                      internal=False, **raw), name="reconciler")(self._agent)
+                                      internal=False, **raw), name="reconciler")(self._subscribed)
         self.app.timer(RECONCILE_TICK_INTERVAL_S, name="reconcile-ticks")(self.reconciler.ticks)
         self.coordinator = Coordinator(self, self.batch_state)
         self.account_partition = AccountPartition(
@@ -188,6 +194,7 @@ class LedgerWorker:
         self._gap_consumer: Any = None
         self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
         self.app.task(self.commits.commit_soon)
+        self.app.task(self._decide_polls)
         worker = self
 
         class OwnClients(faust.Service):
@@ -261,20 +268,54 @@ class LedgerWorker:
         use_preloaded_store(table, self.preloader)
         return table
 
-    async def _agent(self, stream: StreamT[bytes]) -> None:
+    async def _subscribed(self, stream: StreamT[bytes]) -> None:
+        """The agents' body. Agents subscribe Faust's consumer to the input topics (its assignor
+        keeps them co-partitioned with the tables), but records reach the worker a poll at a
+        time (`_decide_polls`, compat workaround 16), never through a stream. An event here
+        would be acked by Faust without a decision: stop."""
         async for event in stream.events():
-            async with self.commits.event_lock:
-                try:
-                    await self.handle(event)
-                except Exception as exc:
-                    # Not a decision (those stop in _decide_one): reading a gap failed. Deciding
-                    # later records without it would break per-account order, so stop too.
-                    message = event.message
-                    log.critical("handling %s:%s@%s failed before its decision; exiting so the "
-                                 "open transactions abort", message.topic, message.partition,
-                                 message.offset, exc_info=exc)
-                    logging.shutdown()
-                    os._exit(EXIT_BROKEN)
+            message = event.message
+            log.critical("%s:%s@%s was delivered through a Faust stream, not a poll; exiting "
+                         "so that it is not committed undecided", message.topic,
+                         message.partition, message.offset)
+            logging.shutdown()
+            os._exit(EXIT_BROKEN)
+
+    async def _decide_polls(self) -> None:
+        """The worker's decider: every poll's records, in offset order per partition."""
+        while True:
+            records, generation = await self.polls.get()
+            await self._decide_poll(records, generation)
+
+    async def _decide_poll(self, records: Mapping[Any, Sequence[Any]], generation: int) -> None:
+        """Decide a poll's records in chunks of DECIDE_CHUNK_MAX under the event lock (a commit
+        waits at most a chunk), marking each chunk's offsets done for Faust's commit. A
+        rebalance that began meanwhile ends the poll: what is left is fetched again from the
+        committed offsets, or read as a gap, by the partitions' owners."""
+        consumer: Any = self.app.consumer
+        for tp, batch in records.items():
+            for start in range(0, len(batch), DECIDE_CHUNK_MAX):
+                if not consumer.flow_active or self.app.consumer_generation_id != generation:
+                    return
+                async with self.commits.event_lock:
+                    first = self._next_offset(tp.topic, tp.partition)
+                    for record in batch[start:start + DECIDE_CHUNK_MAX]:
+                        await self._handle_or_stop(Command.of(record))
+                    self._acknowledge(tp.topic, tp.partition,
+                                      self._next_offset(tp.topic, tp.partition), first=first)
+                await asyncio.sleep(0)  # the commit task, timers and rebalances get their turn
+
+    async def _handle_or_stop(self, command: Command) -> None:
+        try:
+            await self.handle(command)
+        except Exception as exc:
+            # Not a decision (those stop in _decide_one): reading a gap failed. Deciding later
+            # records without it would break per-account order, so stop too.
+            log.critical("handling %s:%s@%s failed before its decision; exiting so the open "
+                         "transaction aborts", command.topic, command.partition, command.offset,
+                         exc_info=exc)
+            logging.shutdown()
+            os._exit(EXIT_BROKEN)
 
     def _fail_stop(self, command: Command, exc: BaseException) -> NoReturn:
         """Deciding `command` raised: a bug or corrupt state, never bad input (that is rejected
@@ -410,8 +451,10 @@ class LedgerWorker:
                 f"offset {committed} is committed: table recovery is incomplete; not deciding "
                 "again")
 
-    def _acknowledge(self, topic: str, partition: int, next_offset: int) -> None:
-        """Tell Faust's consumer that every offset of `partition` below next_offset is done.
+    def _acknowledge(self, topic: str, partition: int, next_offset: int,
+                     first: int | None = None) -> None:
+        """Tell Faust's consumer that every offset of `partition` below next_offset is done
+        (from its committed offset, or from `first` while none is committed).
 
         Faust commits the longest run of acked offsets that starts at its committed offset. Offsets
         decided without Faust delivering them (gap fill, catch-up) would otherwise never be acked
@@ -426,6 +469,8 @@ class LedgerWorker:
         # aiokafka's send_offsets_to_transaction, which accepts only TopicPartition.
         tp = TopicPartition(topic, partition)
         committed = consumer._committed_offset.get(tp)
+        if committed is None:
+            committed = first
         if committed is None or committed >= next_offset:
             return
         acked_index = consumer._acked_index[tp]
@@ -484,9 +529,8 @@ class LedgerWorker:
 
     # ------------------------------------------------------------------ per command
 
-    async def handle(self, event: EventT) -> None:
+    async def handle(self, message: Command) -> None:
         """Decide one delivered record, after any records the consumer skipped before it."""
-        message = event.message
         partition: int = message.partition
         next_offset = self._next_offset(message.topic, partition)
         if message.offset > next_offset:
@@ -502,7 +546,7 @@ class LedgerWorker:
                                                     message.offset):
                     await self._decide_one(skipped)
             self._acknowledge(message.topic, partition, message.offset)
-        await self._decide_one(Command.of(message))
+        await self._decide_one(message)
 
     async def _dispatch(self, command: Command) -> None:
         """Decode a record, check it may be on its topic, decide it; then record its offset
