@@ -182,6 +182,9 @@ class LedgerWorker:
         self.app.agent(self.app.topic(*self.reconciler.topics, partitions=settings.partitions,
                                       internal=False, **raw), name="reconciler")(self._subscribed)
         self.app.timer(RECONCILE_TICK_INTERVAL_S, name="reconcile-ticks")(self.reconciler.ticks)
+        self.polls.topics = frozenset((self.commands_topic, self.internal_commands_topic,
+                                       self.batches_topic, self.coordinator_topic,
+                                       *self.reconciler.topics))
         self.coordinator = Coordinator(self, self.batch_state)
         self.account_partition = AccountPartition(
             self, self.commits, AccountTables(self.accounts, self.commands, self.logs, self.holds),

@@ -222,8 +222,10 @@ class LedgerConsumerThread(AIOKafkaConsumerThread):
 
 
 class PollSink(Protocol):
-    """Takes a poll's records: aiokafka ConsumerRecords per partition, in offset order, and the
-    consumer group generation they were fetched in."""
+    """Takes a poll's records of the worker's input topics: aiokafka ConsumerRecords per
+    partition, in offset order, and the consumer group generation they were fetched in."""
+
+    topics: frozenset[str]  # the input topics whose records go to `put`
 
     async def put(self, records: Mapping[Any, Sequence[Any]], generation: int) -> None: ...
 
@@ -234,10 +236,11 @@ def _ledger_consumer(sink: PollSink) -> type[AIOKafkaConsumer]:
             return LedgerConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
         async def _drain_messages(self, fetcher: Any) -> None:
-            """Faust's fetch loop, handing each poll to `sink` whole (workaround 16). Records of
-            partitions that are not active (paused during a recovery) are left out, as Faust
-            does; a poll fetched while the flow stopped (a rebalance began) seeks back to the
-            committed offsets instead, as Faust's getmany does."""
+            """Faust's fetch loop, handing each poll's input records to `sink` whole
+            (workaround 16); changelog records (Faust's table recovery reads them with this
+            consumer) still go to Faust one by one. Records of partitions that are not active
+            are left out, as Faust does; a poll fetched while the flow stopped (a rebalance
+            began) seeks back to the committed offsets instead, as Faust's getmany does."""
             consumer_stopped, fetcher_stopped = self._stopped.is_set, fetcher._stopped.is_set
             try:
                 while not (consumer_stopped() or fetcher_stopped()):
@@ -249,13 +252,28 @@ def _ledger_consumer(sink: PollSink) -> type[AIOKafkaConsumer]:
                         await self.perform_seek()
                         continue
                     generation = self.app.consumer_generation_id
-                    live = {tp: batch for tp, batch in records.items()
-                            if batch and (active is None or tp in active)}
-                    if live:
-                        await sink.put(live, generation)
+                    inputs: dict[Any, Sequence[Any]] = {}
+                    for tp, batch in records.items():
+                        if not batch or (active is not None and tp not in active):
+                            continue
+                        if tp.topic in sink.topics:
+                            inputs[tp] = batch
+                        else:
+                            await self._deliver_to_faust(tp, batch, generation)
+                    if inputs:
+                        await sink.put(inputs, generation)
             except self.consumer_stopped_errors:
                 if not self.transport.app.should_stop:
                     raise
+
+        async def _deliver_to_faust(self, tp: Any, batch: Sequence[Any], generation: int) -> None:
+            """Faust's own per-record delivery, for records of topics that are not inputs."""
+            for record in batch:
+                if not self.flow_active or self.app.consumer_generation_id != generation:
+                    return
+                await self.wait_first(self.callback(self._to_message(tp, record)),
+                                      self.suspend_flow.wait())
+                self._read_offset[tp] = record.offset
 
     return LedgerConsumer
 
