@@ -48,7 +48,7 @@ test-integration: install ## integration tests only (starts the servers it needs
 test-secure: install ## only the secured-stack tests (part of make test too; starts the secured stack)
 	$(BIN)/python -m pytest tests/integration/test_secure_stack.py
 
-test-cluster: install ## every 3-broker failure test (a broker, the commands leader, the controller, workers killed; CI runs the first)
+test-cluster: install ## every 3-broker failure test (a broker, the commands leader, the controller, workers killed; CI runs the first and the last)
 	SARDIS_TEST_CLUSTER_SCENARIOS=all $(BIN)/python -m pytest tests/integration/test_cluster.py
 
 test-wheel: install ## build the wheel (imports moved in a temp copy), install it in fresh venvs per extra, check each command and the sizes

@@ -60,7 +60,9 @@ T = TypeVar("T")
 # shortest. A comma list picks some.
 SCENARIOS_ENV = "SARDIS_TEST_CLUSTER_SCENARIOS"
 ALL_SCENARIOS = ("broker", "commands-leader", "controller", "workers")
-CI_SCENARIOS = ("broker",)
+# The workers scenario guards rebalances of the worker's poll hand-off (it found changelog
+# records sent to the decider); ~4 min.
+CI_SCENARIOS = ("broker", "workers")
 COMMANDS = 20_000
 COMMAND_ACCOUNTS = 200
 BATCHES = 2_000
