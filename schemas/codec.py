@@ -480,6 +480,55 @@ class _Writer:
         self.record_unions = _record_union_fields(schema)
 
 
+class _Fields:
+    """Writes some of a record's fields, in schema order, as fastavro writes a record of them."""
+
+    __slots__ = ("names", "record_unions", "schema")
+
+    def __init__(self, name: str, fields: list[Any], named: Mapping[str, Any]) -> None:
+        try:
+            self.schema = cast(dict[str, Any], parse_schema(
+                {"type": "record", "name": name, "fields": fields}, named_schemas=dict(named)))
+        except SchemaParseException as exc:
+            raise CodecError("invalid_schema", f"{name}: {exc}") from exc
+        self.names = tuple(str(field["name"]) for field in fields)
+        self.record_unions = _record_union_fields(self.schema)
+
+    def write(self, buffer: io.BytesIO, record: Mapping[str, Any]) -> None:
+        part = {name: record[name] for name in self.names if name in record}
+        for field, record_type in self.record_unions:
+            value = part.get(field)
+            if isinstance(value, Mapping):
+                part[field] = (record_type, value)
+        fastavro.schemaless_writer(buffer, self.schema, part, strict_allow_default=True)
+
+
+class _Split:
+    """A record type cut around one ["null", R] field, for encode_embedding: the fields
+    before it, the union's branch index of R (a zigzag varint), R's writer, the fields after."""
+
+    __slots__ = ("after", "before", "branch", "embedded")
+
+    def __init__(self, writer: _Writer, field: str,
+                 writer_of: Callable[[str], _Writer]) -> None:
+        fields = list(writer.schema["fields"])
+        names = [str(f["name"]) for f in fields]
+        if field not in names:
+            raise CodecError("invalid_record", f"{writer.short_name} has no field {field!r}")
+        index = names.index(field)
+        kind = fields[index]["type"]
+        branches = kind if isinstance(kind, list) else []
+        if len(branches) != 2 or "null" not in branches:
+            raise CodecError("invalid_record", f"{writer.short_name}.{field} is not [null, record]")
+        position = 1 - branches.index("null")
+        branch = branches[position]
+        self.embedded = writer_of(str(branch["name"] if isinstance(branch, dict) else branch))
+        self.branch = bytes([position * 2])  # zigzag varint of 0 or 1
+        named = cast(Mapping[str, Any], writer.schema.get("__named_schemas", {}))
+        self.before = _Fields(f"{writer.full_name}_before_{field}", fields[:index], named)
+        self.after = _Fields(f"{writer.full_name}_after_{field}", fields[index + 1:], named)
+
+
 def schema_text(parsed_schema: Mapping[str, Any]) -> str:
     """The one JSON text of a parsed schema that the ledger registers with a schema registry.
 
@@ -537,6 +586,7 @@ class AvroCodec:
         self._by_id: dict[int, _Writer] = {}
         self._bound_ids: set[int] = set()
         self._refused_ids: dict[int, tuple[str, str]] = {}  # id -> (reason, detail)
+        self._splits: dict[tuple[str, str], _Split] = {}  # (record, field) -> encode_embedding's
         short_names: dict[str, list[_Writer]] = {}
         for full_name, schema in schemas.items():
             writer = self._add(_Writer(full_name, schema))
@@ -567,6 +617,57 @@ class AvroCodec:
             raise CodecError("unknown_schema", f"no schema named {record_name!r}")
         return writer
 
+    def _header(self, writer: _Writer) -> bytes:
+        if self.framing is Framing.CONFLUENT:
+            if writer.confluent_header is None:
+                raise CodecError("unregistered_schema", f"{writer.short_name} has no schema id: "
+                                 "this process did not register it (streams/wire.py)")
+            return writer.confluent_header
+        return writer.header
+
+    def encode_embedding(self, record_name: str, record: dict[str, Any], field: str,
+                         message: bytes) -> bytes:
+        """encode(record_name, record) with `field`, a ["null", R] union that `record` leaves
+        out, holding the R that `message` holds: a message this codec encoded, whose body is
+        copied instead of encoded again. The bytes are the same as encode's, because Avro
+        binary is a record's fields in order and a union value is its branch index, then the
+        value (a Result repeats its entry: 16 us to encode, 4-5 us this way)."""
+        writer = self._writer(record_name)
+        split = self._split(writer, field)
+        embedded_header = self._header(split.embedded)
+        if not message.startswith(embedded_header):
+            raise CodecError("invalid_record", f"{field} of {writer.short_name} must be an "
+                             f"encoded {split.embedded.short_name}")
+        if record.get(field) is not None:
+            raise CodecError("invalid_record", f"{field} comes from the message, not the record")
+        buffer = io.BytesIO()
+        buffer.write(self._header(writer))
+        try:
+            _run_plan(writer.encode_plan, record)
+            split.before.write(buffer, record)
+            buffer.write(split.branch)
+            buffer.write(memoryview(message)[len(embedded_header):])
+            split.after.write(buffer, record)
+        except _ENCODE_ERRORS as exc:
+            raise CodecError("invalid_record", f"{writer.short_name}: {exc}") from exc
+        return self._bounded(writer, buffer.getvalue())
+
+    def _split(self, writer: _Writer, field: str) -> _Split:
+        split = self._splits.get((writer.full_name, field))
+        if split is None:
+            split = self._splits[(writer.full_name, field)] = _Split(writer, field, self._writer)
+        return split
+
+    @staticmethod
+    def _bounded(writer: _Writer, data: bytes) -> bytes:
+        if len(data) > MESSAGE_SIZE_MAX_BYTES:
+            # Consumers refuse these, so refuse to produce them.
+            raise CodecError(
+                "message_too_large",
+                f"{writer.short_name} encodes to {len(data)} bytes, max {MESSAGE_SIZE_MAX_BYTES}",
+            )
+        return data
+
     def encode(self, record_name: str, record: dict[str, Any]) -> bytes:
         """`record` as `record_name` (short or full name), in the codec's framing.
 
@@ -578,12 +679,7 @@ class AvroCodec:
             raise CodecError(
                 "invalid_record", f"{writer.short_name} needs a mapping, got {type(record)}"
             )
-        header = writer.header
-        if self.framing is Framing.CONFLUENT:
-            if writer.confluent_header is None:
-                raise CodecError("unregistered_schema", f"{writer.short_name} has no schema id: "
-                                 "this process did not register it (streams/wire.py)")
-            header = writer.confluent_header
+        header = self._header(writer)
         buffer = io.BytesIO()
         buffer.write(header)
         try:
@@ -599,14 +695,7 @@ class AvroCodec:
             fastavro.schemaless_writer(buffer, writer.schema, record, strict_allow_default=True)
         except _ENCODE_ERRORS as exc:
             raise CodecError("invalid_record", f"{writer.short_name}: {exc}") from exc
-        data = buffer.getvalue()
-        if len(data) > MESSAGE_SIZE_MAX_BYTES:
-            # Consumers refuse these, so refuse to produce them.
-            raise CodecError(
-                "message_too_large",
-                f"{writer.short_name} encodes to {len(data)} bytes, max {MESSAGE_SIZE_MAX_BYTES}",
-            )
-        return data
+        return self._bounded(writer, buffer.getvalue())
 
     def decode(self, data: bytes | bytearray | memoryview | None) -> tuple[str, dict[str, Any]]:
         """(short record name, record) of a message in either framing; CodecError if it is not

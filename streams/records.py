@@ -211,8 +211,11 @@ def parse_entry(record: Mapping[str, Any], currencies: Mapping[str, Currency]) -
     return problem if problem is not None else entry_from_wire(record, currencies)
 
 
-def outcome_to_wire(outcome: Outcome, currencies: Mapping[str, Currency]) -> dict[str, Any]:
-    entry = outcome.entry
+def outcome_to_wire(outcome: Outcome, currencies: Mapping[str, Currency], *,
+                    with_entry: bool = True) -> dict[str, Any]:
+    """The Result of an outcome; without its entry when the caller copies the entry's encoded
+    bytes into the Result instead (schemas/codec.py encode_embedding)."""
+    entry = outcome.entry if with_entry else None
     return {
         "command_id": outcome.command_id,
         "status": str(outcome.status),

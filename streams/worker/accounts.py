@@ -170,11 +170,12 @@ class AccountPartition:
             record = records.record_from_bytes(seen)
             outcome = core.replay(record, core.payload_digest(command))
             metrics.decided("replayed", outcome.reason or "", source.timestamp_ms)
+            entry_message = None
             if outcome is record.outcome and outcome.entry is not None:
                 # Re-emit: if a crash lost the first emission despite exactly-once, this restores
                 # it; consumers dedupe by entry_id, so a second copy is harmless.
-                await self._entry(outcome.entry, partition)
-            await self.result(outcome, partition)
+                entry_message = await self._entry(outcome.entry, partition)
+            await self.result(outcome, partition, entry_message)
             return False
         account_key = command.account_key.encode()
         log_key = str(partition).encode()
@@ -198,27 +199,40 @@ class AccountPartition:
                 await self._tree_head(partition, log_head, now_ms)
                 log_head = core.LogHead(log_head.frontier, log_head.frontier.tree_size, now_ms,
                                         next_offset)
-            await self._entry(entry, partition)
+            entry_message = await self._entry(entry, partition)
             await self._balance(command, decision.state, partition)
         else:
+            entry_message = None
             log_head = core.LogHead(log_head.frontier, log_head.head_tree_size,
                                     log_head.head_published_at_ms, next_offset)
         if entry is not None or source.topic == self.commands_topic:
             self.commits.put(self.logs, log_key, records.log_to_bytes(log_head), partition)
-        await self.result(decision.outcome, partition)
+        await self.result(decision.outcome, partition, entry_message)
         metrics.decided(decision.outcome.status, decision.outcome.reason or "", now_ms)
         return source.topic == self.commands_topic
 
-    async def _entry(self, entry: core.Entry, partition: int) -> None:
+    async def _entry(self, entry: core.Entry, partition: int) -> bytes:
+        """Emit an entry; returns its encoded message (its Result copies it)."""
         value = self.port.encode("Entry", records.entry_to_wire(entry,
                                                                  self.currencies[entry.currency]))
         self.commits.produce(self.settings.topic(LedgerTopic.ENTRIES), entry.account_id.encode(),
                             value, partition)
         await self.claim(entry, value, partition)
+        return value
 
-    async def result(self, outcome: core.Outcome, partition: int) -> None:
-        self.port.send(LedgerTopic.RESULTS, outcome.command_id.encode(), "Result",
-                         records.outcome_to_wire(outcome, self.currencies), partition)
+    async def result(self, outcome: core.Outcome, partition: int,
+                     entry_message: bytes | None = None) -> None:
+        """Emit a command's Result. With the outcome's entry already encoded (`entry_message`),
+        the Result copies its bytes instead of encoding the entry again (same bytes)."""
+        if entry_message is None or outcome.entry is None:
+            self.port.send(LedgerTopic.RESULTS, outcome.command_id.encode(), "Result",
+                           records.outcome_to_wire(outcome, self.currencies), partition)
+            return
+        record = records.outcome_to_wire(outcome, self.currencies, with_entry=False)
+        self.commits.produce(self.settings.topic(LedgerTopic.RESULTS),
+                             outcome.command_id.encode(),
+                             self.port.encode_embedding("Result", record, "entry", entry_message),
+                             partition)
 
     async def _balance(self, command: core.PostEntry, state: core.AccountState, partition: int) -> None:
         await self._balance_of(command.account_id, command.currency, state, partition)

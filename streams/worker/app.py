@@ -652,6 +652,10 @@ class LedgerWorker:
     def encode(self, record_name: str, record: dict[str, Any]) -> bytes:
         return self.codec.encode(record_name, record)
 
+    def encode_embedding(self, record_name: str, record: dict[str, Any], field: str,
+                         message: bytes) -> bytes:
+        return self.codec.encode_embedding(record_name, record, field, message)
+
     def put(self, table: Any, key: bytes, value: bytes, partition: int) -> None:
         self.commits.put(table, key, value, partition)
 

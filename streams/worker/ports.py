@@ -59,6 +59,12 @@ class WorkerPort(Protocol):
         """A record in the worker's wire format."""
         ...
 
+    def encode_embedding(self, record_name: str, record: dict[str, Any], field: str,
+                         message: bytes) -> bytes:
+        """encode, with `field` (a [null, record] union left out of `record`) holding the
+        record that `message`, already encoded, holds (schemas/codec.py)."""
+        ...
+
     def send(self, topic: str, key: bytes, record_name: str, record: dict[str, Any],
              partition: int, *, transaction_of: int | None = None) -> None:
         """A record encoded with the worker's codec (ledger topic name, prefix added)."""

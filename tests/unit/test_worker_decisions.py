@@ -106,6 +106,10 @@ class Port:
     def encode(self, record_name: str, record: dict[str, Any]) -> bytes:
         return CODEC.encode(record_name, record)
 
+    def encode_embedding(self, record_name: str, record: dict[str, Any], field: str,
+                         message: bytes) -> bytes:
+        return CODEC.encode_embedding(record_name, record, field, message)
+
     def send(self, topic: str, key: bytes, record_name: str, record: dict[str, Any],
              partition: int, *, transaction_of: int | None = None) -> None:
         self.produce(SETTINGS.topic(topic), key, CODEC.encode(record_name, record), partition,
