@@ -136,8 +136,7 @@ class LedgerWorker:
         self.preloader = ChangelogPreloader(settings)
         # Faust's fetcher hands each poll here whole; _decide_polls decides it (compat 16).
         self.polls = PollQueue()
-        transport = ledger_transport(settings.topic(LedgerTopic.COMMANDS), self.commits,
-                                     self.polls)
+        transport = ledger_transport(self.commits, self.polls)
         self.app.transport = transport(self.app.conf.broker_consumer, self.app)
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes,
                                "key_serializer": "raw", "value_serializer": "raw"}
@@ -174,17 +173,14 @@ class LedgerWorker:
         self.coordinator_topic = settings.topic(LedgerTopic.INTERNAL_COORDINATOR)
         # full topic name -> the ledger topic it is (prefix removed), for the input rules
         self.topic_kinds = {settings.topic(t): t for t in LedgerTopic}
-        self.app.agent(commands_topic, name="ledger")(self._subscribed)
-        self.app.agent(batches_topic, name="batches")(self._subscribed)
+        self._subscribe(commands_topic, "ledger")
+        self._subscribe(batches_topic, "batches")
         # tx_hash:log_index -> the join of a chain transfer and the entries that claim it
         # (co-partitioned with chain.transfers and ledger.internal.chain-claims, so with ledger.commands)
         self.reconciler = Reconciler(self, self._raw_table(joins, table_options))
-        self.app.agent(self.app.topic(*self.reconciler.topics, partitions=settings.partitions,
-                                      internal=False, **raw), name="reconciler")(self._subscribed)
+        self._subscribe(self.app.topic(*self.reconciler.topics, partitions=settings.partitions,
+                                       internal=False, **raw), "reconciler")
         self.app.timer(RECONCILE_TICK_INTERVAL_S, name="reconcile-ticks")(self.reconciler.ticks)
-        self.polls.topics = frozenset((self.commands_topic, self.internal_commands_topic,
-                                       self.batches_topic, self.coordinator_topic,
-                                       *self.reconciler.topics))
         self.coordinator = Coordinator(self, self.batch_state)
         self.account_partition = AccountPartition(
             self, self.commits, AccountTables(self.accounts, self.commands, self.logs, self.holds),
@@ -270,6 +266,11 @@ class LedgerWorker:
         table.value_serializer = "raw"
         use_preloaded_store(table, self.preloader)
         return table
+
+    def _subscribe(self, channel: Any, name: str) -> None:
+        """An agent on `channel`'s input topics, whose records reach the decider in polls."""
+        self.app.agent(channel, name=name)(self._subscribed)
+        self.polls.topics |= frozenset(channel.topics)
 
     async def _subscribed(self, stream: StreamT[bytes]) -> None:
         """The agents' body. Agents subscribe Faust's consumer to the input topics (its assignor

@@ -64,7 +64,7 @@ WORKER_ID_ENV: Final[str] = "SARDIS_WORKER_ID"
 # (a busy stream: each commit carries many events, for throughput). Committing after every
 # decision under load made commits tiny and their round trips and markers the main cost: a
 # burst of 10,000 commands fell from 2,066 to 445 commands/s.
-# The idle window is 0.5 ms, enough for the deciding agent to ack its event. While a commit
+# The idle window is 0.5 ms (a decider between two polls leaves it open). While a commit
 # ended one transaction per input partition touched, 0.5 ms made 16 clients over 1,000 accounts
 # commit more, smaller commits (413 -> 324 cmd/s), so it was 2 ms when records of more than one
 # partition were held; with one transaction per worker, 0.5 ms always gave 567-721 against
@@ -284,8 +284,6 @@ class CommitProtocol:
             first_s = time.monotonic()
             seen = self._decisions
             while time.monotonic() - first_s < COMMIT_INTERVAL_S:
-                # Also lets the agent that decided ack its event (it acks when it asks the
-                # stream for the next one), so the commit carries that offset.
                 await asyncio.sleep(COMMIT_IDLE_S)
                 if self._decisions == seen:
                     break

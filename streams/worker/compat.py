@@ -611,8 +611,7 @@ class LedgerProducer(AIOKafkaProducer):
         return {**super()._settings_extra(), "retry_backoff_ms": TRANSACTION_RETRY_BACKOFF_MS}
 
 
-def ledger_transport(anchor_topic: str, committer: Committer,
-                     sink: PollSink) -> type[AIOKafkaTransport]:
+def ledger_transport(committer: Committer, sink: PollSink) -> type[AIOKafkaTransport]:
     """A Transport class whose sends keep their partition and transaction, whose commits are
     the ledger's commit protocol (`committer`), whose rebalances commit first, and whose
     consumer hands whole polls to `sink`."""

@@ -19,8 +19,8 @@ class PollQueue:
 
     def __init__(self) -> None:
         self._polls: asyncio.Queue[Poll] = asyncio.Queue(maxsize=POLLS_WAITING_MAX)
-        # The input topics (full names) whose records come here; the worker sets them once its
-        # agents are defined. Other topics' records (changelogs) stay Faust's.
+        # The input topics (full names) whose records come here: the worker adds each agent's
+        # topics as it defines the agent. Other topics' records (changelogs) stay Faust's.
         self.topics: frozenset[str] = frozenset()
 
     async def put(self, records: Mapping[Any, Sequence[Any]], generation: int) -> None:

@@ -12,8 +12,7 @@ async def test_polls_come_out_whole_and_in_order() -> None:
     first = {("t", 0): [0, 1, 2]}
     second = {("t", 1): [5], ("t", 0): [3]}
     await polls.put(first, 7)
-    taking = asyncio.ensure_future(polls.get())
-    assert await taking == (first, 7)
+    assert await polls.get() == (first, 7)
     await polls.put(second, 8)
     records, generation = await polls.get()
     assert records is second and generation == 8
