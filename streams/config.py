@@ -49,6 +49,9 @@ SECRET_FILE_BYTES_MAX = 4096
 # (streams/topic_policy.py); a number is checked against that count.
 REPLICATION_AUTO = "auto"
 REPLICATION_FACTOR_MAX = 7
+# SARDIS_LOCAL_BATCHES: 1 (the default) decides a batch whole in one event when the worker owns
+# every partition it touches (streams/worker/local.py); 0 always runs the distributed protocol.
+LOCAL_BATCHES_DEFAULT = 1
 
 # Variables that may instead name a file holding the secret (NAME_FILE, e.g. a container secret).
 SECRET_ENV_NAMES = (
@@ -78,6 +81,7 @@ ENV_NAMES = (
     "SARDIS_SCHEMA_REGISTRY_USER",
     "SARDIS_SCHEMA_REGISTRY_PASSWORD",
     "SARDIS_REPLICATION_FACTOR",
+    "SARDIS_LOCAL_BATCHES",
     "SARDIS_PG_PASSWORD",
     *kafka_security.ENV_NAMES,
 )
@@ -105,6 +109,7 @@ class Settings:
     schema_registry_user: str = ""
     schema_registry_password: str = field(default="", repr=False)
     replication_factor: int | None = None  # None: chosen from the broker count at start
+    local_batches: bool = True  # a batch whose partitions one worker owns: decided in one event
     kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     @classmethod
@@ -151,6 +156,7 @@ class Settings:
             schema_registry_user=registry_user,
             schema_registry_password=registry_password,
             replication_factor=_replication_factor(env),
+            local_batches=_whole(env, "SARDIS_LOCAL_BATCHES", LOCAL_BATCHES_DEFAULT, 0, 1) == 1,
             kafka_security=kafka_security.from_env(env, _secret),
         )
 
@@ -184,6 +190,7 @@ class Settings:
             "SARDIS_SCHEMA_REGISTRY_PASSWORD": self.schema_registry_password,
             "SARDIS_REPLICATION_FACTOR": (REPLICATION_AUTO if self.replication_factor is None
                                           else str(self.replication_factor)),
+            "SARDIS_LOCAL_BATCHES": str(int(self.local_batches)),
             **self.kafka_security.as_env(),
             # The values above win over any *_FILE the parent had (both set is an error).
             **{f"{name}_FILE": "" for name in SECRET_ENV_NAMES},

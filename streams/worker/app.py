@@ -43,6 +43,7 @@ from sardis_ledger.streams.worker.compat import (
     use_preloaded_store,
 )
 from sardis_ledger.streams.worker.coordinator import BATCH_TICK_INTERVAL_S, Coordinator
+from sardis_ledger.streams.worker.local import LocalDelivery
 from sardis_ledger.streams.worker.polls import PollQueue
 from sardis_ledger.streams.worker.ports import Command
 from sardis_ledger.streams.worker.preload import ChangelogPreloader
@@ -181,10 +182,17 @@ class LedgerWorker:
         self._subscribe(self.app.topic(*self.reconciler.topics, partitions=settings.partitions,
                                        internal=False, **raw), "reconciler")
         self.app.timer(RECONCILE_TICK_INTERVAL_S, name="reconcile-ticks")(self.reconciler.ticks)
-        self.coordinator = Coordinator(self, self.batch_state)
+        # A batch whose partitions this worker all owns is decided whole in one event.
+        self.local = LocalDelivery(settings, enabled=settings.local_batches,
+                                   owned_partitions=self.owned_partitions,
+                                   flow_active=self._flow_active,
+                                   encode=self.codec.encode, decode=self.wire.decode)
+        self.coordinator = Coordinator(self, self.batch_state, self.local)
         self.account_partition = AccountPartition(
             self, self.commits, AccountTables(self.accounts, self.commands, self.logs, self.holds),
             self._claim)
+        self.local.route(LedgerTopic.INTERNAL_COMMANDS, self.account_partition.record)
+        self.local.route(LedgerTopic.INTERNAL_COORDINATOR, self.coordinator.record)
         self.app.timer(BATCH_TICK_INTERVAL_S, name="batch-ticks")(self.coordinator.ticks)
         self._tick_producer: Any = None
         # One long-lived consumer reads gaps: most gaps are a transaction marker or two
@@ -232,6 +240,11 @@ class LedgerWorker:
                         os.getpid())
             return f"{derived}-{os.getpid()}"
         return derived
+
+    def _flow_active(self) -> bool:
+        """False from the moment a rebalance begins until the worker decides again."""
+        consumer: Any = self.app.consumer
+        return bool(consumer.flow_active)
 
     def owned_partitions(self, topic: str) -> frozenset[int]:
         """The partitions of an input topic this worker owns now."""
@@ -666,6 +679,9 @@ class LedgerWorker:
 
     def send(self, topic: str, key: bytes, record_name: str, record: dict[str, Any],
              partition: int, *, transaction_of: int | None = None) -> None:
+        if self.local.takes(topic):
+            self.local.hold(topic, key, record_name, record, partition)
+            return
         value = self.codec.encode(record_name, record)
         self.commits.produce(self.settings.topic(topic), key, value, partition,
                             transaction_of=transaction_of)

@@ -18,6 +18,7 @@ from sardis_ledger.streams import batches, core, metrics, records
 from sardis_ledger.streams.errors import InvariantViolation
 from sardis_ledger.streams.topics import LedgerTopic
 from sardis_ledger.streams.worker.compat import table_items, table_value
+from sardis_ledger.streams.worker.local import LocalDelivery
 from sardis_ledger.streams.worker.ports import Command, WorkerPort
 
 log = logging.getLogger("sardis.worker")
@@ -32,8 +33,10 @@ BATCH_NO_DEADLINE_MS: Final[int] = 2**62
 class Coordinator:
     """Decides ledger.batches and ledger.internal.coordinator records of owned partitions."""
 
-    def __init__(self, port: WorkerPort, batch_state: Any) -> None:
+    def __init__(self, port: WorkerPort, batch_state: Any,
+                 local: LocalDelivery | None = None) -> None:
         self.port = port
+        self.local = local  # decides a batch whole when this worker owns all its partitions
         self.settings = port.settings
         self.currencies = port.currencies
         self.batch_state = batch_state
@@ -140,6 +143,18 @@ class Coordinator:
         if step.outcome is not None:
             await self.batch_result(step.outcome, partition)
 
+    async def _start(self, command: Command, step: batches.Step, partition: int) -> None:
+        """Apply the step that starts a batch (its reserves). When this worker owns every
+        partition the batch touches, its whole protocol runs in this event
+        (streams/worker/local.py); otherwise its messages go over the internal topics."""
+        leg_partitions = {core.partition_for(reserve.leg.account_id, self.settings.partitions)
+                          for reserve in step.reserves}
+        if self.local is not None and step.reserves and \
+                self.local.can_decide(partition, leg_partitions, len(step.reserves)):
+            await self.local.decide(command, len(step.reserves), lambda: self._apply(step, partition))
+        else:
+            await self._apply(step, partition)
+
     async def batch_result(self, outcome: batches.BatchOutcome, partition: int) -> None:
         self.port.send(LedgerTopic.RESULTS, outcome.result_key.encode(), "Result",
                          records.batch_outcome_to_wire(outcome, self.currencies), partition)
@@ -166,7 +181,7 @@ class Coordinator:
             if outcome is not None:
                 await self.batch_result(outcome, partition)
             return
-        await self._apply(step, partition)
+        await self._start(command, step, partition)
 
     async def _rollback_batch(self, command: Command, record: dict[str, Any], partition: int) -> None:
         parsed = batches.parse_rollback(record)
@@ -189,10 +204,11 @@ class Coordinator:
             return
         legs = self._legs(original) if original is not None \
             and original.status is batches.BatchStatus.COMMITTED else []
-        await self._apply(batches.rollback(original, legs, parsed, None,
-                                           coordinator_partition=partition,
-                                           now_ms=max(command.timestamp_ms,
-                                                      time.time_ns() // 1_000_000)), partition)
+        await self._start(command, batches.rollback(original, legs, parsed, None,
+                                                    coordinator_partition=partition,
+                                                    now_ms=max(command.timestamp_ms,
+                                                               time.time_ns() // 1_000_000)),
+                          partition)
 
     async def _leg_report(self, command: Command, record: dict[str, Any]) -> None:
         """An account's answer for one leg: validated, matched with the leg this coordinator

@@ -6,6 +6,7 @@ import asyncio
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,16 @@ FUNDING = Decimal("1000")
 def worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
     asyncio.run(create_topics(settings))
     process = WorkerProcess(settings, tmp_path)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def distributed_worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
+    """A worker that runs every batch's two-phase protocol over Kafka (SARDIS_LOCAL_BATCHES=0),
+    as it does for a batch whose partitions several workers own."""
+    asyncio.run(create_topics(settings))
+    process = WorkerProcess(replace(settings, local_batches=False), tmp_path)
     yield process
     process.stop()
 
@@ -115,7 +126,7 @@ async def test_batch_commits_across_partitions_rejects_with_failing_leg_and_roll
 
 
 async def test_timeout_voids_a_batch_and_releases_its_hold(
-    settings: Settings, worker: WorkerProcess
+    settings: Settings, distributed_worker: WorkerProcess
 ) -> None:
     """A leg that answers too late: the credit leg's partition is held shut by an open
     transaction, so the batch's 300 ms timeout passes first; the coordinator voids the batch and
@@ -123,6 +134,7 @@ async def test_timeout_voids_a_batch_and_releases_its_hold(
     busy = "acc_busy"
     assert core.partition_for(busy, settings.partitions) != \
         core.partition_for("acc_hold", settings.partitions)
+    worker = distributed_worker
     worker.start()
     await fund(settings, ["acc_hold"])
     # A read_committed consumer stops at the first offset of an open transaction (the last
@@ -206,9 +218,24 @@ async def wait_no_holds(settings: Settings, timeout_s: float = 120) -> dict[str,
         await asyncio.sleep(2)
 
 
+@pytest.mark.parametrize("local_batches", [True, False], ids=["local", "distributed"])
 async def test_kill_9_during_batches_every_batch_all_or_nothing(
-    settings: Settings, worker: WorkerProcess
+    settings: Settings, tmp_path: Path, local_batches: bool
 ) -> None:
+    """Batches decided whole in one event (one worker owns every partition) and batches run
+    over Kafka's internal topics (SARDIS_LOCAL_BATCHES=0) survive kill -9 alike."""
+    await create_topics(settings)
+    worker = WorkerProcess(replace(settings, local_batches=local_batches), tmp_path)
+    try:
+        await _kill_9_during_batches(settings, worker)
+        # One worker owns every partition: a local worker sent no reserve or settle over Kafka.
+        internal = await read_topic(settings, "ledger.internal.commands", idle_s=3, timeout_s=120)
+        assert (len(internal) == 0) == local_batches, len(internal)
+    finally:
+        worker.stop()
+
+
+async def _kill_9_during_batches(settings: Settings, worker: WorkerProcess) -> None:
     accounts = [f"acct-{i}" for i in range(60)]
     planned = plan_batches(seed=5, count=2000, accounts=accounts)
     worker.start()

@@ -14,6 +14,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sardis_ledger.schemas.codec import AvroCodec
 from sardis_ledger.streams import batches, core
@@ -24,6 +26,7 @@ from sardis_ledger.streams.worker.accounts import AccountPartition, AccountTable
 from sardis_ledger.streams.worker.commit import CommitProtocol
 from sardis_ledger.streams.worker.compat import transactional_id_for
 from sardis_ledger.streams.worker.coordinator import Coordinator
+from sardis_ledger.streams.worker.local import LOCAL_BATCH_LEGS_MAX, LocalDelivery
 from sardis_ledger.streams.worker.ports import Command
 
 PARTITIONS = 4
@@ -87,14 +90,16 @@ class FakeApp:
 class Port:
     """The worker's side of WorkerPort, recording dead letters."""
 
-    def __init__(self, commits: CommitProtocol) -> None:
+    def __init__(self, commits: CommitProtocol, owned: frozenset[int]) -> None:
         self.settings = SETTINGS
         self.currencies: Mapping[str, Currency] = currency_table()
         self.commits = commits
         self.dead_letters: list[str] = []
+        self.owned = owned
+        self.local: LocalDelivery | None = None
 
     def owned_partitions(self, topic: str) -> frozenset[int]:
-        return frozenset(range(PARTITIONS))
+        return self.owned
 
     def put(self, table: Any, key: bytes, value: bytes, partition: int) -> None:
         self.commits.put(table, key, value, partition)
@@ -112,6 +117,9 @@ class Port:
 
     def send(self, topic: str, key: bytes, record_name: str, record: dict[str, Any],
              partition: int, *, transaction_of: int | None = None) -> None:
+        if self.local is not None and self.local.takes(topic):
+            self.local.hold(topic, key, record_name, record, partition)
+            return
         self.produce(SETTINGS.topic(topic), key, CODEC.encode(record_name, record), partition,
                      transaction_of=transaction_of)
 
@@ -126,16 +134,28 @@ class Port:
 class Worker:
     """Account side and coordinator wired as streams.worker.app wires them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, local: bool = False,
+                 owned: frozenset[int] = frozenset(range(PARTITIONS))) -> None:
         self.app = FakeApp()
         self.commits = CommitProtocol(self.app, SETTINGS.topic(LedgerTopic.COMMANDS), "w")
-        self.port = Port(self.commits)
+        self.port = Port(self.commits, owned)
         self.tables = AccountTables(FakeTable("accounts"), FakeTable("commands"),
                                     FakeTable("logs"), FakeTable("holds"))
         self.claims: list[str] = []
         self.accounts = AccountPartition(self.port, self.commits, self.tables, self._claim)
-        self.coordinator = Coordinator(self.port, FakeTable("batch_state"))
+        self.local = LocalDelivery(SETTINGS, enabled=local,
+                                   owned_partitions=self.port.owned_partitions,
+                                   flow_active=lambda: True, encode=CODEC.encode,
+                                   decode=self._decode)
+        self.port.local = self.local
+        self.coordinator = Coordinator(self.port, FakeTable("batch_state"), self.local)
+        self.local.route(LedgerTopic.INTERNAL_COMMANDS, self.accounts.record)
+        self.local.route(LedgerTopic.INTERNAL_COORDINATOR, self.coordinator.record)
         self.offset = 0
+
+    @staticmethod
+    async def _decode(value: bytes) -> tuple[str, dict[str, Any]]:
+        return CODEC.decode(value)
 
     async def _claim(self, entry: core.Entry, value: bytes, partition: int) -> None:
         self.claims.append(entry.entry_id)
@@ -253,3 +273,166 @@ async def test_a_two_leg_batch_reserves_reports_and_posts_both_legs() -> None:
     assert [(r["status"], r["batch_id"]) for r in results] == [("committed", BATCH)]
     assert worker.balance_minor(ALICE) == 600 and worker.balance_minor(BOB) == 400
     assert worker.port.dead_letters == []
+
+
+# ------------------------------------------------------------------ batches decided in one event
+
+CAROL = _on(1, "carol_")
+LEG: dict[str, Any] = {"currency": "USD", "reference": None, "metadata": {}, "allow_overdraft": False}
+
+
+def submit(batch_id: str, *legs: tuple[str, str, str]) -> dict[str, Any]:
+    return {"batch_id": batch_id, "require_balanced": True, "timeout_ms": 60_000,
+            "legs": [{**LEG, "account_id": account, "entry_type": entry_type,
+                      "amount": Decimal(amount)} for account, entry_type, amount in legs]}
+
+
+def on_coordinator(batch_id_prefix: str, partition: int) -> str:
+    return _on(partition, batch_id_prefix, batches.coordinator_partition)
+
+
+async def decide_fed_back(worker: Worker, topic: LedgerTopic, partition: int, name: str,
+                          record: dict[str, Any]) -> list[tuple[str, int, str, dict[str, Any]]]:
+    """Decide a record, then every internal record it leads to, as Kafka would deliver them;
+    returns every output that is not an internal record."""
+    pending = await worker.deliver(topic, partition, name, record)
+    outputs: list[tuple[str, int, str, dict[str, Any]]] = []
+    for _round in range(8):
+        following = []
+        for out in pending:
+            if out[0] in ("ledger.internal.commands", "ledger.internal.coordinator"):
+                following += await worker.deliver(LedgerTopic(out[0]), out[1], out[2], out[3])
+            else:
+                outputs.append(out)
+        pending = following
+    if pending:
+        raise AssertionError(f"the protocol did not end: {pending}")
+    return outputs
+
+
+def internal(outputs: list[tuple[str, int, str, dict[str, Any]]]) -> list[str]:
+    return [name for topic, _p, name, _r in outputs if topic.startswith("ledger.internal.")]
+
+
+async def test_a_batch_this_worker_owns_is_decided_whole_in_the_event_that_submits_it() -> None:
+    worker = Worker(local=True)
+    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10"))
+    batch_id = on_coordinator("bat_local_", 0)
+    outputs = await worker.deliver(LedgerTopic.BATCHES, 0, "SubmitBatch", submit(
+        batch_id, (ALICE, "debit", "4"), (BOB, "credit", "3"), (CAROL, "credit", "1")))
+    assert internal(outputs) == []  # nothing went over Kafka
+    assert [(r["status"], r["batch_id"]) for r in named(outputs, "Result")] == \
+        [("committed", batch_id)]
+    assert sorted((e["account_id"], e["leg_index"]) for e in named(outputs, "Entry")) == \
+        sorted([(ALICE, 0), (BOB, 1), (CAROL, 2)])
+    assert (worker.balance_minor(ALICE), worker.balance_minor(BOB),
+            worker.balance_minor(CAROL)) == (600, 300, 100)
+    assert worker.local.batches == 1 and worker.port.dead_letters == []
+
+
+async def test_a_refused_leg_voids_a_local_batch_and_releases_every_hold() -> None:
+    worker = Worker(local=True)
+    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10"))
+    batch_id = on_coordinator("bat_void_", 1)
+    outputs = await worker.deliver(LedgerTopic.BATCHES, 1, "SubmitBatch", submit(
+        batch_id, (ALICE, "debit", "4"), (CAROL, "debit", "1"), (BOB, "credit", "5")))
+    assert internal(outputs) == [] and named(outputs, "Entry") == []
+    assert [(r["status"], r["reason"], r["failed_leg_index"])
+            for r in named(outputs, "Result")] == [("rejected", "insufficient_funds", 1)]
+    from sardis_ledger.streams import records
+
+    state = records.state_from_bytes(worker.tables.accounts.data.data.get(
+        core.account_key(ALICE, "USD").encode()))
+    assert state.balance_minor == state.available_minor == 1000  # the hold is released
+
+
+async def test_a_batch_with_a_partition_owned_elsewhere_runs_the_distributed_protocol() -> None:
+    worker = Worker(local=True, owned=frozenset({0}))  # CAROL's partition 1 is another worker's
+    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10"))
+    batch_id = on_coordinator("bat_far_", 0)
+    outputs = await worker.deliver(LedgerTopic.BATCHES, 0, "SubmitBatch", submit(
+        batch_id, (ALICE, "debit", "4"), (CAROL, "credit", "4")))
+    assert internal(outputs) == ["ReserveLeg", "ReserveLeg"] and named(outputs, "Result") == []
+    assert worker.local.batches == 0
+
+
+async def test_a_batch_over_the_local_leg_limit_runs_the_distributed_protocol() -> None:
+    worker = Worker(local=True)
+    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "100"))
+    legs = [(ALICE, "debit", str(LOCAL_BATCH_LEGS_MAX))] + \
+        [(BOB, "credit", "1")] * LOCAL_BATCH_LEGS_MAX
+    batch_id = on_coordinator("bat_big_", 0)
+    outputs = await worker.deliver(LedgerTopic.BATCHES, 0, "SubmitBatch", submit(batch_id, *legs))
+    assert internal(outputs).count("ReserveLeg") == LOCAL_BATCH_LEGS_MAX + 1
+    assert worker.local.batches == 0
+
+
+ACCOUNTS = (ALICE, BOB, CAROL, MALLORY)
+LEG_PLAN = st.tuples(st.sampled_from(ACCOUNTS), st.sampled_from(("debit", "credit")),
+                     st.integers(min_value=1, max_value=900))
+OPERATION = st.one_of(
+    st.tuples(st.just("fund"), st.sampled_from(ACCOUNTS), st.integers(1, 2_000)),
+    st.tuples(st.just("batch"), st.lists(LEG_PLAN, min_size=1, max_size=4)),
+    st.tuples(st.just("rollback"), st.integers(0, 7)),
+)
+
+
+async def run_plan(plan: list[tuple[Any, ...]], *, local: bool) -> dict[str, Any]:
+    """Decide a plan of fundings, batches and rollbacks; everything a client could see."""
+    worker = Worker(local=local)
+    seen: dict[str, Any] = {"results": [], "entries": {}, "balances": {}}
+    submitted: list[str] = []
+    for index, operation in enumerate(plan):
+        if operation[0] == "fund":
+            _kind, account, amount = operation
+            topic, partition, name = LedgerTopic.COMMANDS, core.partition_for(account, PARTITIONS), \
+                "PostEntry"
+            record = post(f"f{index}", account, "credit", f"{amount}.25")
+        elif operation[0] == "batch":
+            batch_id = f"bat_{index}"
+            submitted.append(batch_id)
+            topic, name = LedgerTopic.BATCHES, "SubmitBatch"
+            partition = batches.coordinator_partition(batch_id, PARTITIONS)
+            # Balanced per currency: the last leg takes what the others leave over.
+            legs = [(a, t, f"{m}.5") for a, t, m in operation[1]]
+            net = sum(Decimal(m) * (1 if t == "credit" else -1) for _a, t, m in legs)
+            legs.append((BOB, "debit" if net > 0 else "credit", str(abs(net) or 1)))
+            if net == 0:
+                legs.append((BOB, "debit", "1"))
+            record = submit(batch_id, *legs)
+        else:
+            if not submitted:
+                continue
+            batch_id = submitted[operation[1] % len(submitted)]
+            topic, name = LedgerTopic.BATCHES, "RollbackBatch"
+            partition = batches.coordinator_partition(batch_id, PARTITIONS)
+            record = {"command_id": f"rb{index}", "batch_id": batch_id, "reason": "test",
+                      "force": False}
+        for _out_topic, out_partition, out_name, out in await decide_fed_back(
+                worker, topic, partition, name, record):
+            if out_name == "Result":
+                seen["results"].append(out)
+            elif out_name == "Entry":
+                seen["entries"][out["entry_id"]] = out
+            elif out_name == "Balance":
+                seen["balances"][(out_partition, out["account_id"], out["currency"])] = out
+    seen["dead_letters"] = worker.port.dead_letters
+    seen["local_batches"] = worker.local.batches
+    return seen
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(OPERATION, min_size=1, max_size=10))
+def test_local_and_distributed_batches_decide_the_same(plan: list[tuple[Any, ...]]) -> None:
+    """Deciding a batch whole in one event is only a faster transport: every result, entry
+    (ids, amounts, sequences, Merkle leaves) and final balance is what the distributed protocol
+    gives when Kafka delivers its messages."""
+    import asyncio
+
+    distributed = asyncio.run(run_plan(plan, local=False))
+    local = asyncio.run(run_plan(plan, local=True))
+    assert distributed["local_batches"] == 0
+    # Every submitted batch starts (and settles) in its own event.
+    assert local["local_batches"] >= sum(1 for operation in plan if operation[0] == "batch")
+    for key in ("results", "entries", "balances", "dead_letters"):
+        assert local[key] == distributed[key], key
