@@ -44,6 +44,12 @@ ANCHORED_TREE_SIZE = Gauge(
     ["partition"])
 BATCHES_PENDING = Gauge(
     "sardis_batches_pending", "Batches this worker coordinates that are neither posted nor voided")
+BATCHES_STARTED = Counter(
+    "sardis_batches_started", "Batches this worker started coordinating, by how: one_event (it "
+    "owns every partition of the batch: decided whole in one event) or protocol (over the "
+    "internal topics)", ["how"])
+for _how in ("one_event", "protocol"):
+    BATCHES_STARTED.labels(_how)  # both series exist (at 0) before the first batch
 SINK_ENTRIES_WRITTEN = Counter(
     "sardis_sink_entries_written", "Entries a sink wrote to its store", ["sink"])
 CHAIN_TRANSFERS_PUBLISHED = Counter(
@@ -59,6 +65,7 @@ EXPORTED_NAMES: Final[frozenset[str]] = frozenset({
     "sardis_consumer_lag_records", "sardis_dead_letters_total", "sardis_discrepancies_open",
     "sardis_immudb_proof_failures_total", "sardis_merkle_tree_size_entries",
     "sardis_anchored_tree_size_entries", "sardis_batches_pending",
+    "sardis_batches_started_total",
     "sardis_sink_entries_written_total", "sardis_chain_transfers_published_total",
     "sardis_chain_next_block", "sardis_ready",
 })

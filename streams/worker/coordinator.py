@@ -152,8 +152,11 @@ class Coordinator:
         if self.local is not None and step.reserves and \
                 self.local.can_decide(partition, leg_partitions, len(step.reserves)):
             await self.local.decide(command, len(step.reserves), lambda: self._apply(step, partition))
+            metrics.BATCHES_STARTED.labels("one_event").inc()
         else:
             await self._apply(step, partition)
+            if step.reserves:
+                metrics.BATCHES_STARTED.labels("protocol").inc()
 
     async def batch_result(self, outcome: batches.BatchOutcome, partition: int) -> None:
         self.port.send(LedgerTopic.RESULTS, outcome.result_key.encode(), "Result",
