@@ -62,8 +62,12 @@ MAX_POLL_RECORDS = 2000
 SESSION_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 1.0
 TABLE_STANDBY_REPLICAS = 0
-# Records decided under one hold of the event lock: a commit waits at most this many decisions.
+# Records decided under one hold of the event lock: a commit waits at most this many decisions,
+# and at most DECIDE_CHUNK_S of deciding (plus the record in hand). One record can be a whole
+# batch decided in its event (streams/worker/local.py), ~1 ms for two legs and ~30 ms for 64,
+# so 32 records could hold the lock for a second.
 DECIDE_CHUNK_MAX = 32
+DECIDE_CHUNK_S = 0.010
 # Held by a running worker in its data directory: the id derived from the directory is its own.
 WORKER_ID_LOCK_FILE = ".worker-id.lock"
 
@@ -314,22 +318,35 @@ class LedgerWorker:
             await self._decide_poll(records, generation)
 
     async def _decide_poll(self, records: Mapping[Any, Sequence[Any]], generation: int) -> None:
-        """Decide a poll's records in chunks of DECIDE_CHUNK_MAX under the event lock (a commit
-        waits at most a chunk), marking each chunk's offsets done for Faust's commit. A
-        rebalance that began meanwhile ends the poll: what is left is fetched again from the
-        committed offsets, or read as a gap, by the partitions' owners."""
+        """Decide a poll's records in chunks (DECIDE_CHUNK_MAX, DECIDE_CHUNK_S) under the event
+        lock (a commit waits at most a chunk), marking each chunk's offsets done for Faust's
+        commit. A rebalance that began meanwhile ends the poll: what is left is fetched again
+        from the committed offsets, or read as a gap, by the partitions' owners."""
         consumer: Any = self.app.consumer
         for tp, batch in records.items():
-            for start in range(0, len(batch), DECIDE_CHUNK_MAX):
+            start = 0
+            while start < len(batch):
                 if not consumer.flow_active or self.app.consumer_generation_id != generation:
                     return
                 async with self.commits.event_lock:
                     first = self._next_offset(tp.topic, tp.partition)
-                    for record in batch[start:start + DECIDE_CHUNK_MAX]:
-                        await self._handle_or_stop(Command.of(record))
+                    start = await self._decide_chunk(batch, start)
                     self._acknowledge(tp.topic, tp.partition,
                                       self._next_offset(tp.topic, tp.partition), first=first)
                 await asyncio.sleep(0)  # the commit task, timers and rebalances get their turn
+
+    async def _decide_chunk(self, batch: Sequence[Any], start: int) -> int:
+        """Decide records of one partition from `start`: at most DECIDE_CHUNK_MAX, and none
+        begun after DECIDE_CHUNK_S. Returns the index of the first record left."""
+        deadline_s = time.monotonic() + DECIDE_CHUNK_S
+        end = min(len(batch), start + DECIDE_CHUNK_MAX)
+        index = start
+        while index < end:
+            await self._handle_or_stop(Command.of(batch[index]))
+            index += 1
+            if time.monotonic() >= deadline_s:
+                break
+        return index
 
     async def _handle_or_stop(self, command: Command) -> None:
         try:
