@@ -25,7 +25,7 @@ from sardis_ledger.streams.topics import LedgerTopic
 from sardis_ledger.streams.worker.accounts import AccountPartition, AccountTables
 from sardis_ledger.streams.worker.commit import CommitProtocol
 from sardis_ledger.streams.worker.compat import transactional_id_for
-from sardis_ledger.streams.worker.coordinator import Coordinator
+from sardis_ledger.streams.worker.coordinator import Coordinator, ParsedValues
 from sardis_ledger.streams.worker.local import LOCAL_BATCH_LEGS_MAX, LocalDelivery
 from sardis_ledger.streams.worker.ports import Command
 
@@ -436,3 +436,35 @@ def test_local_and_distributed_batches_decide_the_same(plan: list[tuple[Any, ...
     assert local["local_batches"] >= sum(1 for operation in plan if operation[0] == "batch")
     for key in ("results", "entries", "balances", "dead_letters"):
         assert local[key] == distributed[key], key
+
+
+def test_parsed_values_hold_what_their_bytes_hold_and_stay_bounded() -> None:
+    parsed = ParsedValues(lambda data: data.decode(), limit=2)
+    assert parsed.get(b"a") == "a"
+    parsed.put(b"b", "b")
+    parsed.put(b"c", "c")  # the oldest (b"a") is forgotten, then parsed again
+    assert (parsed.get(b"b"), parsed.get(b"c"), parsed.get(b"a")) == ("b", "c", "a")
+
+
+async def test_every_cached_batch_value_is_what_parsing_its_bytes_gives() -> None:
+    """The coordinator keeps the header and leg records it writes, by their bytes; reading the
+    bytes back must give an equal value, or a cache hit would decide from another state."""
+    from sardis_ledger.streams import records
+
+    worker = Worker(local=True)
+    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10"))
+    committed, refused = on_coordinator("bat_cache_", 0), on_coordinator("bat_cache_no_", 1)
+    await worker.deliver(LedgerTopic.BATCHES, 0, "SubmitBatch", submit(
+        committed, (ALICE, "debit", "4"), (BOB, "credit", "3"), (CAROL, "credit", "1")))
+    await worker.deliver(LedgerTopic.BATCHES, 1, "SubmitBatch", submit(
+        refused, (CAROL, "debit", "9"), (BOB, "credit", "9")))
+    await worker.deliver(LedgerTopic.BATCHES, 0, "RollbackBatch", {
+        "command_id": "rb1", "batch_id": committed, "reason": "test", "force": False})
+    stored = worker.coordinator.batch_state.data.data
+    headers = [data for key, data in stored.items() if key.startswith(b"b:")]
+    legs = [data for key, data in stored.items() if key.startswith(b"l:")]
+    assert len(headers) == 3 and len(legs) == 8  # 3 + 2 legs, and the compensation's 3
+    for data in headers:
+        assert worker.coordinator.parsed_headers.get(data) == records.header_from_bytes(data)
+    for data in legs:
+        assert worker.coordinator.parsed_legs.get(data) == records.leg_record_from_bytes(data)
