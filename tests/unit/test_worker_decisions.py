@@ -8,18 +8,20 @@ account side and the coordinator send each other are fed back in, as Kafka would
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from sardis_ledger.schemas.codec import AvroCodec
-from sardis_ledger.streams import batches, core
+from sardis_ledger.streams import batches, core, records
 from sardis_ledger.streams.config import Settings
+from sardis_ledger.streams.errors import CodecError
 from sardis_ledger.streams.money import Currency, currency_table
 from sardis_ledger.streams.topics import LedgerTopic
 from sardis_ledger.streams.worker.accounts import AccountPartition, AccountTables
@@ -188,8 +190,6 @@ class Worker:
         return out
 
     def balance_minor(self, account_id: str, currency: str = "USD") -> int:
-        from sardis_ledger.streams import records
-
         key = core.account_key(account_id, currency).encode()
         state = records.state_from_bytes(self.tables.accounts.data.data.get(key))
         return state.balance_minor
@@ -310,13 +310,19 @@ async def decide_fed_back(worker: Worker, topic: LedgerTopic, partition: int, na
     return outputs
 
 
+async def funded(alice: str = "10", **options: Any) -> Worker:
+    """A worker (local batches unless told otherwise) whose ALICE holds `alice` USD."""
+    worker = Worker(**{"local": True, **options})
+    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", alice))
+    return worker
+
+
 def internal(outputs: list[tuple[str, int, str, dict[str, Any]]]) -> list[str]:
     return [name for topic, _p, name, _r in outputs if topic.startswith("ledger.internal.")]
 
 
 async def test_a_batch_this_worker_owns_is_decided_whole_in_the_event_that_submits_it() -> None:
-    worker = Worker(local=True)
-    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10"))
+    worker = await funded()
     batch_id = on_coordinator("bat_local_", 0)
     outputs = await worker.deliver(LedgerTopic.BATCHES, 0, "SubmitBatch", submit(
         batch_id, (ALICE, "debit", "4"), (BOB, "credit", "3"), (CAROL, "credit", "1")))
@@ -331,24 +337,20 @@ async def test_a_batch_this_worker_owns_is_decided_whole_in_the_event_that_submi
 
 
 async def test_a_refused_leg_voids_a_local_batch_and_releases_every_hold() -> None:
-    worker = Worker(local=True)
-    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10"))
+    worker = await funded()
     batch_id = on_coordinator("bat_void_", 1)
     outputs = await worker.deliver(LedgerTopic.BATCHES, 1, "SubmitBatch", submit(
         batch_id, (ALICE, "debit", "4"), (CAROL, "debit", "1"), (BOB, "credit", "5")))
     assert internal(outputs) == [] and named(outputs, "Entry") == []
     assert [(r["status"], r["reason"], r["failed_leg_index"])
             for r in named(outputs, "Result")] == [("rejected", "insufficient_funds", 1)]
-    from sardis_ledger.streams import records
-
     state = records.state_from_bytes(worker.tables.accounts.data.data.get(
         core.account_key(ALICE, "USD").encode()))
     assert state.balance_minor == state.available_minor == 1000  # the hold is released
 
 
 async def test_a_batch_with_a_partition_owned_elsewhere_runs_the_distributed_protocol() -> None:
-    worker = Worker(local=True, owned=frozenset({0}))  # CAROL's partition 1 is another worker's
-    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10"))
+    worker = await funded(owned=frozenset({0}))  # CAROL's partition 1 is another worker's
     batch_id = on_coordinator("bat_far_", 0)
     outputs = await worker.deliver(LedgerTopic.BATCHES, 0, "SubmitBatch", submit(
         batch_id, (ALICE, "debit", "4"), (CAROL, "credit", "4")))
@@ -357,8 +359,7 @@ async def test_a_batch_with_a_partition_owned_elsewhere_runs_the_distributed_pro
 
 
 async def test_a_batch_over_the_local_leg_limit_runs_the_distributed_protocol() -> None:
-    worker = Worker(local=True)
-    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "100"))
+    worker = await funded("100")
     legs = [(ALICE, "debit", str(LOCAL_BATCH_LEGS_MAX))] + \
         [(BOB, "credit", "1")] * LOCAL_BATCH_LEGS_MAX
     batch_id = on_coordinator("bat_big_", 0)
@@ -427,8 +428,6 @@ def test_local_and_distributed_batches_decide_the_same(plan: list[tuple[Any, ...
     """Deciding a batch whole in one event is only a faster transport: every result, entry
     (ids, amounts, sequences, Merkle leaves) and final balance is what the distributed protocol
     gives when Kafka delivers its messages."""
-    import asyncio
-
     distributed = asyncio.run(run_plan(plan, local=False))
     local = asyncio.run(run_plan(plan, local=True))
     assert distributed["local_batches"] == 0
@@ -449,10 +448,7 @@ def test_parsed_values_hold_what_their_bytes_hold_and_stay_bounded() -> None:
 async def test_every_cached_batch_value_is_what_parsing_its_bytes_gives() -> None:
     """The coordinator keeps the header and leg records it writes, by their bytes; reading the
     bytes back must give an equal value, or a cache hit would decide from another state."""
-    from sardis_ledger.streams import records
-
-    worker = Worker(local=True)
-    await worker.deliver(LedgerTopic.COMMANDS, 0, "PostEntry", post("c1", ALICE, "credit", "10"))
+    worker = await funded()
     committed, refused = on_coordinator("bat_cache_", 0), on_coordinator("bat_cache_no_", 1)
     await worker.deliver(LedgerTopic.BATCHES, 0, "SubmitBatch", submit(
         committed, (ALICE, "debit", "4"), (BOB, "credit", "3"), (CAROL, "credit", "1")))
@@ -468,3 +464,88 @@ async def test_every_cached_batch_value_is_what_parsing_its_bytes_gives() -> Non
         assert worker.coordinator.parsed_headers.get(data) == records.header_from_bytes(data)
     for data in legs:
         assert worker.coordinator.parsed_legs.get(data) == records.leg_record_from_bytes(data)
+
+
+# A leg a worker accepts, and one of any shape the schema allows (often refused).
+VALID_LEG = st.fixed_dictionaries({
+    "account_id": st.sampled_from((ALICE, BOB, CAROL, MALLORY)),
+    "currency": st.just("USD"),
+    "entry_type": st.sampled_from(("debit", "credit", "fee", "refund", "adjustment")),
+    "amount": st.decimals(min_value=Decimal("0.01"), max_value=2_000, places=2),
+    "reference": st.none() | st.text(max_size=5),
+    "metadata": st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+    "allow_overdraft": st.booleans(),
+})
+HOSTILE_LEG = st.fixed_dictionaries({
+    "account_id": st.sampled_from((ALICE, CAROL, "", "x" * 200, "a\tb")),
+    "currency": st.sampled_from(("USD", "USDC", "XXX", "")),
+    "entry_type": st.sampled_from(("debit", "credit", "x")),
+    "amount": st.decimals(min_value=-1, max_value=10**12, places=2, allow_nan=False,
+                          allow_infinity=False) | st.decimals(min_value=0, max_value=1, places=5),
+    "reference": st.none() | st.text(max_size=5),
+    "metadata": st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+    "allow_overdraft": st.booleans(),
+})
+SIGNS = {"debit": -1, "fee": -1, "credit": 1, "refund": 1, "adjustment": 1}
+
+
+def balancing_leg(legs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A BOB USD leg that balances the USD legs (an unbalanced batch is refused before it starts)."""
+    net = sum(SIGNS.get(leg["entry_type"], 0) * leg["amount"] for leg in legs
+              if leg["currency"] == "USD")
+    return {"account_id": BOB, "currency": "USD", "entry_type": "debit" if net > 0 else "credit",
+            "amount": abs(net) or Decimal("1"), "reference": None, "metadata": {},
+            "allow_overdraft": True}
+
+
+def usd_sums(worker: Worker) -> dict[str, int]:
+    return {a: worker.balance_minor(a) for a in (ALICE, BOB, CAROL, MALLORY)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(legs=st.lists(VALID_LEG, min_size=1, max_size=6), hostile=st.none() | HOSTILE_LEG,
+       balance=st.booleans(), require_balanced=st.booleans(),
+       timeout_ms=st.sampled_from((60_000,) * 4 + (-1, 50, 4_000_000)))
+def test_hostile_batches_decided_in_one_event_never_reach_the_bug_path(
+        legs: list[dict[str, Any]], hostile: dict[str, Any] | None, balance: bool,
+        require_balanced: bool, timeout_ms: int) -> None:
+    """A client writes ledger.batches: whatever legs it sends, a batch decided whole in one
+    event ends with its result and no hold left pending; a refused batch moves no money, a
+    balanced committed one moves none in total, and its rollback puts every balance back. No
+    record reaches an InvariantViolation (which stops a worker)."""
+    async def run() -> None:
+        worker = await funded("1000")
+        batch_id = on_coordinator("bat_hostile_", 0)
+        legs_sent = legs if hostile is None else [*legs, hostile]
+        record = {"batch_id": batch_id, "require_balanced": require_balanced,
+                  "timeout_ms": timeout_ms,
+                  "legs": [*legs_sent, balancing_leg(legs_sent)] if balance else legs_sent}
+        try:
+            CODEC.encode("SubmitBatch", record)
+        except CodecError:
+            event("not encodable")
+            return  # no consumer could decode it: test_input_fuzz covers such bytes
+        before = usd_sums(worker)
+        outputs = await worker.deliver(LedgerTopic.BATCHES, 0, "SubmitBatch", record)
+        if worker.local.batches == 0:
+            event(f"refused before it started: {worker.port.dead_letters}")
+            return
+        assert internal(outputs) == []
+        result = next(r for r in named(outputs, "Result") if r["command_id"] == batch_id)
+        event(f"decided in one event: {result['status']}")
+        holds = [records.hold_from_bytes(v) for v in worker.tables.holds.data.data.values()]
+        assert holds and all(h is not None and h.status is not batches.HoldStatus.PENDING
+                             for h in holds)
+        after = usd_sums(worker)
+        if result["status"] != "committed":
+            assert after == before
+            return
+        if require_balanced:
+            assert sum(after.values()) == sum(before.values())
+        reversal = await worker.deliver(LedgerTopic.BATCHES, 0, "RollbackBatch", {
+            "command_id": "rb1", "batch_id": batch_id, "reason": "test", "force": True})
+        rolled = next(r for r in named(reversal, "Result") if r["command_id"] == "rb1")
+        assert rolled["status"] == "committed" and usd_sums(worker) == before
+        assert worker.port.dead_letters == []
+
+    asyncio.run(run())
