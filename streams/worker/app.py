@@ -38,7 +38,6 @@ from sardis_ledger.streams.worker.compat import (
     CONTROL_OFFSETS,
     StoppingWorker,
     ledger_transport,
-    pause_changelog_fetches,
     record_control_batches,
     table_value,
     use_preloaded_store,
@@ -135,14 +134,6 @@ class LedgerWorker:
             table_standby_replicas=TABLE_STANDBY_REPLICAS,
         )
         record_control_batches()
-        # Recovery done: stop aiokafka fetching changelogs Faust has paused (compat 17).
-        app = self.app
-
-        async def on_rebalance_complete(_sender: Any, /, *_args: Any, signal: Any,
-                                        **_kwargs: Any) -> None:
-            pause_changelog_fetches(app)
-
-        self.app.on_rebalance_complete.connect(on_rebalance_complete)
         # Every effect of an event, and every commit, go through the commit protocol.
         self.commits = CommitProtocol(self.app, settings.topic(LedgerTopic.COMMANDS),
                                       self._worker_id(datadir))

@@ -79,16 +79,6 @@
    sent them to the decider too, and every worker of the cluster test crashed on a rebalance).
    Faust's agents stay registered, so the consumer subscribes to their topics and the assignor
    keeps them co-partitioned with the tables, but no record reaches them.
-17. Changelog partitions are paused in aiokafka after recovery (pause_changelog_fetches).
-   Faust pauses a partition only in its own bookkeeping: its getmany asks aiokafka for the
-   records of the partitions it has not paused, but aiokafka's fetcher goes on fetching every
-   assigned partition. After recovery the worker's fetches named 109 partitions: the 72 of its
-   inputs, the leader topic, and 36 partitions of changelogs that were empty when assigned,
-   fetched again in every request (a changelog with records is fetched once, and up to
-   max_partition_fetch_bytes of it then stays buffered, unread). Under 1,000 commands/s the
-   worker sent ~175 such fetches a second, and fetching was ~40% of its busy CPU. Recovery
-   reads changelogs before this runs, and a rebalance gives aiokafka new, unpaused partition
-   states, so the next recovery reads them again.
 """
 from __future__ import annotations
 
@@ -210,30 +200,6 @@ class _RecordingPartitionRecords(fetcher.PartitionRecords):
     def __init__(self, tp: Any, records: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(tp, _ControlBatchRecorder(records, tp.topic, tp.partition),
                          *args, **kwargs)
-
-
-def pause_changelog_fetches(app: Any) -> None:
-    """Pause every assigned changelog partition in aiokafka, not only in Faust (workaround 17).
-    Called when recovery has completed; standby partitions (none by default) stay fetched."""
-    from aiokafka import TopicPartition
-
-    consumer: Any = app.consumer
-    changelogs = app.tables.changelog_topics
-    standbys = set(app.assignor.assigned_standbys())
-    partitions = [TopicPartition(tp.topic, tp.partition) for tp in consumer.assignment()
-                  if tp.topic in changelogs and tp not in standbys]
-    thread = consumer._thread
-    if partitions:
-        # aiokafka's pause creates a future on the running loop: the consumer thread's.
-        thread.thread_loop.call_soon_threadsafe(_pause_assigned, thread, partitions)
-
-
-def _pause_assigned(thread: Any, partitions: Sequence[Any]) -> None:
-    client = thread._consumer
-    if client is None:
-        return
-    assigned = client.assignment()  # it may have changed since the call was queued
-    client.pause(*[tp for tp in partitions if tp in assigned])
 
 
 def record_control_batches() -> None:
