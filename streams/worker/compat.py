@@ -248,6 +248,13 @@ def _ledger_consumer(sink: PollSink) -> type[AIOKafkaConsumer]:
             consumer_stopped, fetcher_stopped = self._stopped.is_set, fetcher._stopped.is_set
             try:
                 while not (consumer_stopped() or fetcher_stopped()):
+                    # The generation the poll is asked in, read before it: a poll fetched before
+                    # a rebalance may return after the new assignment's recovery resumed the flow,
+                    # and tagged with the new generation its records were decided while that
+                    # recovery re-applied changelogs over the tables (a credit's balance was lost
+                    # in the three-worker kill -9 test). Such a poll is dropped: the recovery ends
+                    # by seeking every input partition back to its committed offset.
+                    generation = self.app.consumer_generation_id
                     records, active = await self._wait_next_records(POLL_TIMEOUT_S)
                     await asyncio.sleep(0)
                     if not records or self.should_stop:
@@ -255,7 +262,8 @@ def _ledger_consumer(sink: PollSink) -> type[AIOKafkaConsumer]:
                     if not self.flow_active:
                         await self.perform_seek()
                         continue
-                    generation = self.app.consumer_generation_id
+                    if self.app.consumer_generation_id != generation:
+                        continue
                     inputs: dict[Any, Sequence[Any]] = {}
                     for tp, batch in records.items():
                         if not batch or (active is not None and tp not in active):
