@@ -42,10 +42,12 @@
 12. Changelogs preloaded in bulk (PreloadedMemoryStore, streams/worker/preload.py). Faust's
    recovery applies changelog records one event at a time (~7,500 records/s: 262 s for the
    tables of 1,000,000 accounts after a kill -9), and its memory store reports no persisted
-   offset, so every restart replays everything that way. The store reads its newly owned
-   changelog partitions in bulk when a rebalance hands them over (Faust's tables.on_rebalance
-   runs after the transactional producers have fenced a killed worker, before recovery) and
-   reports how far it read as its persisted offset; Faust's recovery starts there.
+   offset, so every restart and every rebalance (Faust's revoke everything, kept partitions
+   too) replays everything that way, and then waits two idle 5 s polls before it takes the
+   transaction marker ending each changelog for read. The store reads every changelog partition
+   it owns in bulk on each rebalance (Faust's tables.on_rebalance runs after the transactional
+   producers have fenced a killed worker, before recovery) and reports how far it read as its
+   persisted offset; Faust's recovery starts there.
 13. Offsets committed as a group member (send_member_offsets, TxnOffsetCommit v3, KIP-447).
    The worker runs one transaction per process instead of Faust's one per input partition
    (streams/worker/commit.py). Faust's design fences a removed worker (a zombie) through the
@@ -83,6 +85,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Container, Iterator, Mapping, MutableMapping, Sequence
@@ -117,6 +120,8 @@ from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from sardis_ledger.streams.errors import InvariantViolation, LedgerError
 from sardis_ledger.streams.shutdown import arm_stop_deadline
 from sardis_ledger.streams.worker.preload import ChangelogPreloader, Target
+
+log = logging.getLogger(__name__)
 
 # aiokafka waits retry_backoff_ms (default 100) when the coordinator answers a transaction's
 # AddOffsetsToTxn or a second AddPartitionsToTxn with CONCURRENT_TRANSACTIONS, i.e. while it still
@@ -248,12 +253,11 @@ def _ledger_consumer(sink: PollSink) -> type[AIOKafkaConsumer]:
             consumer_stopped, fetcher_stopped = self._stopped.is_set, fetcher._stopped.is_set
             try:
                 while not (consumer_stopped() or fetcher_stopped()):
-                    # The generation the poll is asked in, read before it: a poll fetched before
-                    # a rebalance may return after the new assignment's recovery resumed the flow,
-                    # and tagged with the new generation its records were decided while that
-                    # recovery re-applied changelogs over the tables (a credit's balance was lost
-                    # in the three-worker kill -9 test). Such a poll is dropped: the recovery ends
-                    # by seeking every input partition back to its committed offset.
+                    if not self.flow_active:
+                        await self.wait(self.can_resume_flow)  # type: ignore[arg-type]  # as Faust
+                        continue
+                    # The generation the poll is asked in, with the flow active, so the active
+                    # partitions it asks for are that generation's (see _poll_crossed_rebalance).
                     generation = self.app.consumer_generation_id
                     records, active = await self._wait_next_records(POLL_TIMEOUT_S)
                     await asyncio.sleep(0)
@@ -263,25 +267,58 @@ def _ledger_consumer(sink: PollSink) -> type[AIOKafkaConsumer]:
                         await self.perform_seek()
                         continue
                     if self.app.consumer_generation_id != generation:
+                        await self._poll_crossed_rebalance(records)
                         continue
-                    inputs: dict[Any, Sequence[Any]] = {}
-                    for tp, batch in records.items():
-                        if not batch or (active is not None and tp not in active):
-                            continue
-                        if tp.topic in sink.topics:
-                            inputs[tp] = batch
-                        else:
-                            await self._deliver_to_faust(tp, batch, generation)
-                    if inputs:
-                        await sink.put(inputs, generation)
+                    await self._hand_over(records, active, generation)
             except self.consumer_stopped_errors:
                 if not self.transport.app.should_stop:
                     raise
 
+        async def _hand_over(self, records: Mapping[Any, Sequence[Any]],
+                             active: Container[Any] | None, generation: int) -> None:
+            """Input records to `sink` in one put, every other topic's to Faust."""
+            inputs: dict[Any, Sequence[Any]] = {}
+            for tp, batch in records.items():
+                if not batch or (active is not None and tp not in active):
+                    continue
+                if tp.topic in sink.topics:
+                    inputs[tp] = batch
+                else:
+                    await self._deliver_to_faust(tp, batch, generation)
+            if inputs:
+                await sink.put(inputs, generation)
+
+        async def _poll_crossed_rebalance(self, records: Mapping[Any, Sequence[Any]]) -> None:
+            """A poll asked before a rebalance returned after it: undo it.
+
+            Its records are current (aiokafka returns nothing fetched before a seek or a
+            reassignment) but it asked for the old generation's active partitions, so it can
+            hold input records of partitions the new assignment's recovery has paused: decided
+            then, the recovery's changelog re-read overwrote their account state (a credit was
+            lost in the three-worker kill -9 test). Dropping such a poll (002732f) was worse:
+            aiokafka had moved past its records, so the recovery never got its changelog
+            records and stalled until the next rebalance, and clients waited ~60 s for the
+            stall check (tests/integration/test_rebalance.py). Each partition is sought back to
+            its first record, so the next poll, asked in the new generation, fetches them."""
+            offsets = {tp: batch[0].offset for tp, batch in records.items() if batch}
+            log.info("a poll crossed a rebalance; %d partitions sought back to its first records",
+                     len(offsets))
+            await self._seek_back(offsets)
+
+        async def _seek_back(self, offsets: Mapping[Any, int]) -> None:
+            """Seek still-assigned partitions back to records taken from aiokafka but not
+            delivered (a revoked partition's records are its new owner's to fetch)."""
+            assigned = self.assignment()
+            for tp, offset in offsets.items():
+                if tp in assigned:
+                    await self.seek(tp, offset)
+
         async def _deliver_to_faust(self, tp: Any, batch: Sequence[Any], generation: int) -> None:
-            """Faust's own per-record delivery, for records of topics that are not inputs."""
+            """Faust's own per-record delivery, for records of topics that are not inputs; a
+            rebalance that begins meanwhile seeks the rest back (see _poll_crossed_rebalance)."""
             for record in batch:
                 if not self.flow_active or self.app.consumer_generation_id != generation:
+                    await self._seek_back({tp: record.offset})
                     return
                 await self.wait_first(self.callback(self._to_message(tp, record)),
                                       self.suspend_flow.wait())
