@@ -85,13 +85,13 @@ class PreloadReport:
 
 
 class ChangelogPreloader:
-    """Reads the changelog partitions a worker newly owns into its tables' memory stores, once per
-    rebalance (every table's store asks; the first ask reads for all of them in one consumer)."""
+    """Reads every changelog partition a worker owns after a rebalance into its tables' memory
+    stores, once per rebalance (every table's store asks; the first ask reads for all of them in
+    one consumer)."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._targets: dict[str, Target] = {}
-        self._owned: set[tuple[str, int]] = set()
         self._generation: int | None = None
         self._offsets: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()
@@ -101,29 +101,34 @@ class ChangelogPreloader:
 
     def persisted_offset(self, topic: str, partition: int) -> int | None:
         """The last offset the preload applied for a partition it read in this rebalance, or None
-        (then Faust keeps its own offset: a partition kept across a rebalance is not re-read)."""
+        (then Faust's recovery reads the partition from its start)."""
         return self._offsets.get((topic, partition))
 
     async def on_rebalance(self, generation_id: int, actives: Iterable[tuple[str, int]]) -> None:
-        """Read the changelog partitions that are active here now and were not before."""
+        """Read the changelog partitions that are active here now, kept ones included.
+
+        Faust's rebalances revoke everything, so its recovery replays a kept partition's
+        changelog from the start too, one event at a time, and then waits two idle 5 s polls
+        before it takes the transaction marker that ends every changelog for read (recovery
+        took >= 10 s after every rebalance: tests/integration/test_rebalance.py). Read again
+        here, a kept partition's state is its committed changelog, whatever the worker decided
+        before the rebalance, and Faust's recovery has nothing left to read."""
         async with self._lock:
             if generation_id == self._generation:
                 return
             self._generation = generation_id
-            mine = {(topic, partition) for topic, partition in actives if topic in self._targets}
-            newly = mine - self._owned
-            self._owned = mine
+            owned = {(topic, partition) for topic, partition in actives if topic in self._targets}
             self._offsets = {}
-            if not newly:
+            if not owned:
                 return
             for topic, target in self._targets.items():
-                partitions = {p for t, p in newly if t == topic}
+                partitions = {p for t, p in owned if t == topic}
                 if partitions:  # dropping scans every key of the table
                     drop_partitions(target, partitions)
-            report = await self._read(sorted(newly))
+            report = await self._read(sorted(owned))
             self._offsets = report.offsets
             log.info("changelog preload: %d records from %d partitions in %.1f s%s", report.records,
-                     len(newly), report.seconds, "" if report.complete else
+                     len(owned), report.seconds, "" if report.complete else
                      " (incomplete: Faust's recovery reads the rest)")
 
     async def _read(self, wanted: list[tuple[str, int]]) -> PreloadReport:
