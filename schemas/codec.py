@@ -49,7 +49,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, cast
@@ -432,6 +432,91 @@ def _record_union_fields(parsed: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(found)
 
 
+
+# --- The read form: what decode returns for a record this codec encodes, without the bytes. ---
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# Field defaults the read form fills in as decode does (immutable ones shared, the rest copied).
+_READ_DEFAULT_TYPES: Final = (type(None), bool, int, str)
+_ReadConvert = Callable[[Any], Any]
+
+
+def _timestamp_read(value: Any) -> datetime:
+    """A timestamp-millis value as decode returns it: an aware UTC datetime, truncated to the
+    millisecond as fastavro writes it."""
+    if isinstance(value, datetime):
+        delta = value - _EPOCH  # a naive datetime raises TypeError here, as encode refuses it
+        value = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    return _EPOCH + timedelta(milliseconds=value)
+
+
+def _read_default(default: Any) -> Callable[[], Any]:
+    if isinstance(default, _READ_DEFAULT_TYPES):
+        return lambda: default
+    if default == [] or default == {}:
+        return lambda: type(default)()
+    raise CodecError("invalid_schema", f"the read form has no default {default!r}")
+
+
+def _read_converter(schema: Any, named: Mapping[str, Any],
+                    records: dict[str, _ReadConvert]) -> _ReadConvert | None:
+    """How decode's value of `schema` differs from the value encode was given: a conversion,
+    or None when decode returns an equal value (a StrEnum as str, a Decimal at the schema's
+    scale, an int for a double: equal under ==)."""
+    if isinstance(schema, list):
+        converts = [c for b in schema if b != "null"
+                    if (c := _read_converter(b, named, records)) is not None]
+        if not converts:
+            return None
+        if len(converts) > 1 or len(schema) > 2:
+            raise CodecError("invalid_schema", f"the read form takes [null, T] unions: {schema}")
+        inner = converts[0]
+        return lambda value: None if value is None else inner(value)
+    if isinstance(schema, str):
+        return _read_converter(named[schema], named, records) if schema in named else None
+    if not isinstance(schema, dict):
+        return None
+    kind, logical = schema.get("type"), schema.get("logicalType")
+    if kind == "long" and logical == "timestamp-millis":
+        return _timestamp_read
+    if kind == "record":
+        return _record_read(schema, named, records)
+    if kind in ("array", "map"):
+        each = _read_converter(schema["items" if kind == "array" else "values"], named, records)
+        if kind == "array":
+            return list if each is None else (lambda value: [each(item) for item in value])
+        return dict if each is None else (lambda value: {k: each(v) for k, v in value.items()})
+    return None
+
+
+def _record_read(schema: Mapping[str, Any], named: Mapping[str, Any],
+                 records: dict[str, _ReadConvert]) -> _ReadConvert:
+    """A record as decode returns it: a new dict of every field in schema order, defaults
+    filled in, each value converted."""
+    name = str(schema["name"])
+    if name in records:
+        return records[name]
+    fields: list[tuple[str, Callable[[], Any] | None, _ReadConvert | None]] = []
+
+    def convert(record: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for field, default, field_convert in fields:
+            if field in record:
+                value = record[field]
+            elif default is not None:
+                value = default()
+            else:
+                raise CodecError("invalid_record", f"{name} needs field {field!r}")
+            out[field] = value if field_convert is None or value is None else field_convert(value)
+        return out
+
+    records[name] = convert  # registered before filling, so recursive types terminate
+    for field in schema["fields"]:
+        default = _read_default(field["default"]) if "default" in field else None
+        fields.append((str(field["name"]), default,
+                       _read_converter(field["type"], named, records)))
+    return convert
+
 # --- The codec. ---
 
 # What fastavro raises for a record that does not fit its schema.
@@ -460,6 +545,7 @@ class _Writer:
         "fingerprint",
         "full_name",
         "header",
+        "read_form",
         "reader_schema",
         "record_unions",
         "schema",
@@ -478,6 +564,7 @@ class _Writer:
         self.encode_plan = _compile_plan(schema, encode=True)
         self.decode_plan = _compile_plan(current or schema, encode=False)
         self.record_unions = _record_union_fields(schema)
+        self.read_form: _ReadConvert | None = None  # compiled on first use (AvroCodec.read_form)
 
 
 class _Fields:
@@ -696,6 +783,21 @@ class AvroCodec:
         except _ENCODE_ERRORS as exc:
             raise CodecError("invalid_record", f"{writer.short_name}: {exc}") from exc
         return self._bounded(writer, buffer.getvalue())
+
+    def read_form(self, record_name: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        """What decode(encode(record_name, record)) returns, equal under ==, computed from the
+        record without encoding it: for records this process built and hands to its own
+        handlers (streams/worker/local.py). Runs none of encode's checks: a record read this
+        way must be one its reader validates, as it validates what it reads from a topic."""
+        writer = self._writer(record_name)
+        convert = writer.read_form
+        if convert is None:
+            named = cast(Mapping[str, Any], writer.schema.get("__named_schemas", {}))
+            convert = writer.read_form = _record_read(writer.schema, named, {})
+        try:
+            return cast(dict[str, Any], convert(record))
+        except _ENCODE_ERRORS as exc:
+            raise CodecError("invalid_record", f"{writer.short_name}: {exc}") from exc
 
     def decode(self, data: bytes | bytearray | memoryview | None) -> tuple[str, dict[str, Any]]:
         """(short record name, record) of a message in either framing; CodecError if it is not

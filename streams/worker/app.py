@@ -43,7 +43,7 @@ from sardis_ledger.streams.worker.compat import (
     use_preloaded_store,
 )
 from sardis_ledger.streams.worker.coordinator import BATCH_TICK_INTERVAL_S, Coordinator
-from sardis_ledger.streams.worker.local import LocalDelivery
+from sardis_ledger.streams.worker.local import LOCAL_OFFSET, LocalDelivery
 from sardis_ledger.streams.worker.polls import PollQueue
 from sardis_ledger.streams.worker.ports import Command
 from sardis_ledger.streams.worker.preload import ChangelogPreloader
@@ -190,7 +190,7 @@ class LedgerWorker:
         self.local = LocalDelivery(settings, enabled=settings.local_batches,
                                    owned_partitions=self.owned_partitions,
                                    flow_active=self._flow_active,
-                                   encode=self.codec.encode, decode=self.wire.decode)
+                                   encode=self.codec.encode, read_form=self.codec.read_form)
         self.coordinator = Coordinator(self, self.batch_state, self.local)
         self.account_partition = AccountPartition(
             self, self.commits, AccountTables(self.accounts, self.commands, self.logs, self.holds),
@@ -713,10 +713,17 @@ class LedgerWorker:
                          "DeadLetter",
                          records.dead_letter(reason=str(reason), detail=detail, topic=command.topic,
                                              partition=command.partition, offset=command.offset,
-                                             key=command.key, payload=command.value,
+                                             key=command.key, payload=self._payload(command),
                                              command_id=command_id,
                                              failed_at_ms=command.timestamp_ms),
                          command.partition)
+
+
+    def _payload(self, command: Command) -> bytes:
+        """A record's bytes; a message decided in its batch's event has none until asked."""
+        if command.offset == LOCAL_OFFSET and not command.value:
+            return self.local.payload(command)
+        return command.value
 
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:

@@ -21,14 +21,14 @@ from hypothesis import strategies as st
 from sardis_ledger.schemas.codec import AvroCodec
 from sardis_ledger.streams import batches, core, records
 from sardis_ledger.streams.config import Settings
-from sardis_ledger.streams.errors import CodecError
+from sardis_ledger.streams.errors import CodecError, InvariantViolation
 from sardis_ledger.streams.money import Currency, currency_table
 from sardis_ledger.streams.topics import LedgerTopic
 from sardis_ledger.streams.worker.accounts import AccountPartition, AccountTables
 from sardis_ledger.streams.worker.commit import CommitProtocol
 from sardis_ledger.streams.worker.compat import transactional_id_for
 from sardis_ledger.streams.worker.coordinator import Coordinator, ParsedValues
-from sardis_ledger.streams.worker.local import LOCAL_BATCH_LEGS_MAX, LocalDelivery
+from sardis_ledger.streams.worker.local import LOCAL_BATCH_LEGS_MAX, LOCAL_OFFSET, LocalDelivery
 from sardis_ledger.streams.worker.ports import Command
 
 PARTITIONS = 4
@@ -133,6 +133,22 @@ class Port:
         self.dead_letters.append(str(reason))
 
 
+def same_read_values(form: Any, decoded: Any) -> bool:
+    """Equal, and of the same types (a StrEnum may stand for a str; Decimals also have the same
+    digits and exponent)."""
+    if isinstance(decoded, dict):
+        return isinstance(form, dict) and list(form) == list(decoded) and all(
+            same_read_values(form[k], decoded[k]) for k in decoded)
+    if isinstance(decoded, list):
+        return isinstance(form, list) and len(form) == len(decoded) and all(
+            same_read_values(a, b) for a, b in zip(form, decoded, strict=True))
+    if isinstance(decoded, Decimal):
+        return isinstance(form, Decimal) and form.as_tuple() == decoded.as_tuple()
+    if type(decoded) is str:
+        return isinstance(form, str) and form == decoded
+    return type(form) is type(decoded) and form == decoded
+
+
 class Worker:
     """Account side and coordinator wired as streams.worker.app wires them."""
 
@@ -148,7 +164,7 @@ class Worker:
         self.local = LocalDelivery(SETTINGS, enabled=local,
                                    owned_partitions=self.port.owned_partitions,
                                    flow_active=lambda: True, encode=CODEC.encode,
-                                   decode=self._decode)
+                                   read_form=self._read_form)
         self.port.local = self.local
         self.coordinator = Coordinator(self.port, FakeTable("batch_state"), self.local)
         self.local.route(LedgerTopic.INTERNAL_COMMANDS, self.accounts.record)
@@ -156,8 +172,14 @@ class Worker:
         self.offset = 0
 
     @staticmethod
-    async def _decode(value: bytes) -> tuple[str, dict[str, Any]]:
-        return CODEC.decode(value)
+    def _read_form(record_name: str, record: dict[str, Any]) -> dict[str, Any]:
+        """The codec's read form, checked against the Avro round trip it replaces: every local
+        message of every test here (the hostile batches too) is compared."""
+        form = CODEC.read_form(record_name, record)
+        name, decoded = CODEC.decode(CODEC.encode(record_name, record))
+        if name != record_name or not same_read_values(form, decoded):
+            raise AssertionError(f"read form of {record_name} {form!r} != decoded {decoded!r}")
+        return form
 
     async def _claim(self, entry: core.Entry, value: bytes, partition: int) -> None:
         self.claims.append(entry.entry_id)
@@ -347,6 +369,30 @@ async def test_a_refused_leg_voids_a_local_batch_and_releases_every_hold() -> No
     state = records.state_from_bytes(worker.tables.accounts.data.data.get(
         core.account_key(ALICE, "USD").encode()))
     assert state.balance_minor == state.available_minor == 1000  # the hold is released
+
+
+async def test_a_message_decided_in_its_event_has_bytes_only_when_its_dead_letter_asks() -> None:
+    delivery = LocalDelivery(SETTINGS, enabled=True,
+                             owned_partitions=lambda topic: frozenset(range(PARTITIONS)),
+                             flow_active=lambda: True, encode=CODEC.encode,
+                             read_form=CODEC.read_form)
+    seen: list[tuple[int, bytes, tuple[str, dict[str, Any]]]] = []
+
+    async def dead_letters(command: Command, name: str, record: dict[str, Any]) -> None:
+        seen.append((command.offset, command.value, CODEC.decode(delivery.payload(command))))
+
+    delivery.route(LedgerTopic.INTERNAL_COORDINATOR, dead_letters)
+    report = {"batch_id": "bat_1", "leg_index": 0, "kind": "posted", "reason": None,
+              "detail": None, "entry": None}
+    root = Command(SETTINGS.topic(LedgerTopic.BATCHES), 0, 7, b"k", b"x", NOW_MS)
+
+    async def start() -> None:
+        delivery.hold(LedgerTopic.INTERNAL_COORDINATOR, b"bat_1", "LegReport", report, 0)
+
+    await delivery.decide(root, 1, start)
+    assert seen == [(LOCAL_OFFSET, b"", ("LegReport", report))]
+    with pytest.raises(InvariantViolation):
+        delivery.payload(root)  # not a local message, and none is being delivered
 
 
 async def test_a_batch_with_a_partition_owned_elsewhere_runs_the_distributed_protocol() -> None:
