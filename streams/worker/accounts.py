@@ -18,6 +18,7 @@ from sardis_ledger.streams import batches, core, metrics, records
 from sardis_ledger.streams.topics import LedgerTopic
 from sardis_ledger.streams.worker.commit import CommitProtocol
 from sardis_ledger.streams.worker.compat import table_value
+from sardis_ledger.streams.worker.entry_messages import EntryMessages
 from sardis_ledger.streams.worker.ports import Command, WorkerPort
 
 
@@ -35,8 +36,10 @@ class AccountPartition:
     """Decides ledger.commands and ledger.internal.commands records of owned partitions."""
 
     def __init__(self, port: WorkerPort, commits: CommitProtocol, tables: AccountTables,
-                 claim: Callable[[core.Entry, bytes, int], Awaitable[None]]) -> None:
+                 claim: Callable[[core.Entry, bytes, int], Awaitable[None]],
+                 entry_messages: EntryMessages) -> None:
         self.port = port
+        self.entry_messages = entry_messages  # kept for the batch Results that repeat them
         self.commits = commits
         self.settings = port.settings
         self.currencies = port.currencies
@@ -213,8 +216,7 @@ class AccountPartition:
 
     async def _entry(self, entry: core.Entry, partition: int) -> bytes:
         """Emit an entry; returns its encoded message (its Result copies it)."""
-        value = self.port.encode("Entry", records.entry_to_wire(entry,
-                                                                 self.currencies[entry.currency]))
+        value = self.entry_messages.encode(entry)
         self.commits.produce(self.settings.topic(LedgerTopic.ENTRIES), entry.account_id.encode(),
                             value, partition)
         await self.claim(entry, value, partition)

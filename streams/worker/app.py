@@ -43,6 +43,7 @@ from sardis_ledger.streams.worker.compat import (
     use_preloaded_store,
 )
 from sardis_ledger.streams.worker.coordinator import BATCH_TICK_INTERVAL_S, Coordinator
+from sardis_ledger.streams.worker.entry_messages import EntryMessages
 from sardis_ledger.streams.worker.local import LOCAL_OFFSET, LocalDelivery
 from sardis_ledger.streams.worker.polls import PollQueue
 from sardis_ledger.streams.worker.ports import Command
@@ -191,10 +192,11 @@ class LedgerWorker:
                                    owned_partitions=self.owned_partitions,
                                    flow_active=self._flow_active,
                                    encode=self.codec.encode, read_form=self.codec.read_form)
-        self.coordinator = Coordinator(self, self.batch_state, self.local)
+        entry_messages = EntryMessages(self._encode_entry)
+        self.coordinator = Coordinator(self, self.batch_state, entry_messages, self.local)
         self.account_partition = AccountPartition(
             self, self.commits, AccountTables(self.accounts, self.commands, self.logs, self.holds),
-            self._claim)
+            self._claim, entry_messages)
         self.local.route(LedgerTopic.INTERNAL_COMMANDS, self.account_partition.record)
         self.local.route(LedgerTopic.INTERNAL_COORDINATOR, self.coordinator.record)
         self.app.timer(BATCH_TICK_INTERVAL_S, name="batch-ticks")(self.coordinator.ticks)
@@ -684,7 +686,7 @@ class LedgerWorker:
         return self.codec.encode(record_name, record)
 
     def encode_embedding(self, record_name: str, record: dict[str, Any], field: str,
-                         message: bytes) -> bytes:
+                         message: bytes | Sequence[bytes]) -> bytes:
         return self.codec.encode_embedding(record_name, record, field, message)
 
     def put(self, table: Any, key: bytes, value: bytes, partition: int) -> None:
@@ -718,6 +720,10 @@ class LedgerWorker:
                                              failed_at_ms=command.timestamp_ms),
                          command.partition)
 
+
+    def _encode_entry(self, entry: core.Entry) -> bytes:
+        return self.codec.encode("Entry", records.entry_to_wire(entry,
+                                                                self.currencies[entry.currency]))
 
     def _payload(self, command: Command) -> bytes:
         """A record's bytes; a message decided in its batch's event has none until asked."""

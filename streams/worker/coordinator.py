@@ -19,6 +19,7 @@ from sardis_ledger.streams import batches, core, metrics, records
 from sardis_ledger.streams.errors import InvariantViolation
 from sardis_ledger.streams.topics import LedgerTopic
 from sardis_ledger.streams.worker.compat import table_items, table_value
+from sardis_ledger.streams.worker.entry_messages import EntryMessages
 from sardis_ledger.streams.worker.local import LocalDelivery
 from sardis_ledger.streams.worker.ports import Command, WorkerPort
 
@@ -64,9 +65,10 @@ class ParsedValues(Generic[T]):
 class Coordinator:
     """Decides ledger.batches and ledger.internal.coordinator records of owned partitions."""
 
-    def __init__(self, port: WorkerPort, batch_state: Any,
+    def __init__(self, port: WorkerPort, batch_state: Any, entry_messages: EntryMessages,
                  local: LocalDelivery | None = None) -> None:
         self.port = port
+        self.entry_messages = entry_messages  # the legs' encoded entries, for batch Results
         self.local = local  # decides a batch whole when this worker owns all its partitions
         self.settings = port.settings
         self.currencies = port.currencies
@@ -196,8 +198,12 @@ class Coordinator:
                 metrics.BATCHES_STARTED.labels("protocol").inc()
 
     async def batch_result(self, outcome: batches.BatchOutcome, partition: int) -> None:
-        self.port.send(LedgerTopic.RESULTS, outcome.result_key.encode(), "Result",
-                         records.batch_outcome_to_wire(outcome, self.currencies), partition)
+        """Emit a batch's Result, copying each leg's encoded entry (same bytes as encoding it)."""
+        record = records.batch_outcome_to_wire(outcome, self.currencies, with_entries=False)
+        messages = [self.entry_messages.message(entry) for entry in outcome.entries]
+        self.port.produce(self.settings.topic(LedgerTopic.RESULTS), outcome.result_key.encode(),
+                          self.port.encode_embedding("Result", record, "entries", messages),
+                          partition)
 
     async def _submit_batch(self, command: Command, record: dict[str, Any], partition: int) -> None:
         parsed = batches.parse_submit_batch(record, self.currencies)

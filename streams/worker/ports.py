@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,9 +60,10 @@ class WorkerPort(Protocol):
         ...
 
     def encode_embedding(self, record_name: str, record: dict[str, Any], field: str,
-                         message: bytes) -> bytes:
-        """encode, with `field` (a [null, record] union left out of `record`) holding the
-        record that `message`, already encoded, holds (schemas/codec.py)."""
+                         message: bytes | Sequence[bytes]) -> bytes:
+        """encode, with `field` (a [null, record] union, or an array of records, left out of
+        `record`) holding the record(s) that `message`, already encoded, holds
+        (schemas/codec.py)."""
         ...
 
     def send(self, topic: str, key: bytes, record_name: str, record: dict[str, Any],

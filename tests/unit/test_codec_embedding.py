@@ -1,4 +1,5 @@
-"""encode_embedding: a Result that copies its already encoded Entry is byte for byte encode's."""
+"""encode_embedding: a Result that copies its already encoded Entry (or a batch's Entries) is
+byte for byte encode's."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def test_same_bytes_as_encoding_the_entry_again(codec: AvroCodec, entry: dict[st
 
 @pytest.mark.parametrize(("record_name", "field", "message_of", "reason"), [
     ("Result", "entry", "Balance", "must be an encoded Entry"),  # another record's message
-    ("Result", "status", "Entry", "is not [null, record]"),  # not a [null, record] union
+    ("Result", "status", "Entry", "is neither [null, record] nor array"),  # a string field
     ("Result", "nope", "Entry", "no field 'nope'"),
 ])
 def test_refuses_what_it_cannot_copy(record_name: str, field: str, message_of: str,
@@ -87,3 +88,39 @@ def test_the_record_must_leave_the_field_out() -> None:
     message = SINGLE.encode("Entry", ENTRY)
     with pytest.raises(CodecError, match="comes from the message"):
         SINGLE.encode_embedding("Result", _result(ENTRY, "c", None), "entry", message)
+
+
+def _batch_result(entries: list[dict[str, Any]], batch_id: str) -> dict[str, Any]:
+    return {"command_id": batch_id, "status": "committed", "reason": None, "detail": None,
+            "entry": None, "batch_id": batch_id, "failed_leg_index": None, "entries": entries}
+
+
+@pytest.mark.parametrize("codec", [SINGLE, CONFLUENT], ids=["single-object", "confluent"])
+@settings(max_examples=60, deadline=None)
+@given(batch=st.lists(entries(), max_size=12), batch_id=_text)
+def test_a_batch_result_copying_its_entries_is_the_same_bytes(
+        codec: AvroCodec, batch: list[dict[str, Any]], batch_id: str) -> None:
+    messages = [codec.encode("Entry", entry) for entry in batch]
+    spliced = codec.encode_embedding("Result", _batch_result([], batch_id), "entries", messages)
+    assert spliced == codec.encode("Result", _batch_result(batch, batch_id))
+    name, decoded = codec.decode(spliced)
+    assert name == "Result"
+    assert [e["entry_id"] for e in decoded["entries"]] == [e["entry_id"] for e in batch]
+
+
+def test_an_array_takes_a_sequence_of_messages_and_a_union_one() -> None:
+    message = SINGLE.encode("Entry", ENTRY)
+    with pytest.raises(CodecError, match="takes a sequence of messages"):
+        SINGLE.encode_embedding("Result", _batch_result([], "b"), "entries", message)
+    with pytest.raises(CodecError, match="takes one"):
+        SINGLE.encode_embedding("Result", _result(None, "c", None), "entry", [message])
+    with pytest.raises(CodecError, match="comes from the message"):
+        SINGLE.encode_embedding("Result", _batch_result([ENTRY], "b"), "entries", [message])
+
+
+@pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 1000])
+def test_array_counts_past_one_varint_byte(count: int) -> None:
+    batch = [dict(ENTRY, leg_index=i % 100) for i in range(count)]
+    messages = [SINGLE.encode("Entry", entry) for entry in batch]
+    assert SINGLE.encode_embedding("Result", _batch_result([], "b"), "entries", messages) == \
+        SINGLE.encode("Result", _batch_result(batch, "b"))

@@ -9,7 +9,7 @@ account side and the coordinator send each other are fed back in, as Kafka would
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -28,6 +28,7 @@ from sardis_ledger.streams.worker.accounts import AccountPartition, AccountTable
 from sardis_ledger.streams.worker.commit import CommitProtocol
 from sardis_ledger.streams.worker.compat import transactional_id_for
 from sardis_ledger.streams.worker.coordinator import Coordinator, ParsedValues
+from sardis_ledger.streams.worker.entry_messages import EntryMessages
 from sardis_ledger.streams.worker.local import LOCAL_BATCH_LEGS_MAX, LOCAL_OFFSET, LocalDelivery
 from sardis_ledger.streams.worker.ports import Command
 
@@ -114,7 +115,7 @@ class Port:
         return CODEC.encode(record_name, record)
 
     def encode_embedding(self, record_name: str, record: dict[str, Any], field: str,
-                         message: bytes) -> bytes:
+                         message: bytes | Sequence[bytes]) -> bytes:
         return CODEC.encode_embedding(record_name, record, field, message)
 
     def send(self, topic: str, key: bytes, record_name: str, record: dict[str, Any],
@@ -160,13 +161,18 @@ class Worker:
         self.tables = AccountTables(FakeTable("accounts"), FakeTable("commands"),
                                     FakeTable("logs"), FakeTable("holds"))
         self.claims: list[str] = []
-        self.accounts = AccountPartition(self.port, self.commits, self.tables, self._claim)
+        currencies = self.port.currencies
+        entry_messages = EntryMessages(lambda entry: CODEC.encode("Entry", records.entry_to_wire(
+            entry, currencies[entry.currency])))
+        self.accounts = AccountPartition(self.port, self.commits, self.tables, self._claim,
+                                         entry_messages)
         self.local = LocalDelivery(SETTINGS, enabled=local,
                                    owned_partitions=self.port.owned_partitions,
                                    flow_active=lambda: True, encode=CODEC.encode,
                                    read_form=self._read_form)
         self.port.local = self.local
-        self.coordinator = Coordinator(self.port, FakeTable("batch_state"), self.local)
+        self.coordinator = Coordinator(self.port, FakeTable("batch_state"), entry_messages,
+                                       self.local)
         self.local.route(LedgerTopic.INTERNAL_COMMANDS, self.accounts.record)
         self.local.route(LedgerTopic.INTERNAL_COORDINATOR, self.coordinator.record)
         self.offset = 0
