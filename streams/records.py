@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 from sardis_ledger.streams import merkle
 from sardis_ledger.streams.batches import (
@@ -48,6 +48,10 @@ from sardis_ledger.streams.money import Currency, to_minor, to_wire
 from sardis_ledger.streams.packing import Packer, Unpacker
 
 TABLE_VALUE_VERSION = 1
+# One compact encoder for every table value: json.dumps with separators builds a new encoder
+# per call (~0.7 us of ~3-5 us, and a two-leg batch writes ~15 values). Same bytes. No cycle
+# check: table values are trees this module builds.
+_TABLE_JSON: Final = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
 def _ms(value: Any) -> int:
@@ -284,8 +288,8 @@ def dead_letter(*, reason: str, detail: str, topic: str, partition: int, offset:
 
 
 def state_to_bytes(state: AccountState) -> bytes:
-    return json.dumps([TABLE_VALUE_VERSION, state.balance_minor, state.pending_debit_minor,
-                       state.sequence, state.last_committed_at_ms], separators=(",", ":")).encode()
+    return _TABLE_JSON.encode([TABLE_VALUE_VERSION, state.balance_minor, state.pending_debit_minor,
+                               state.sequence, state.last_committed_at_ms]).encode()
 
 
 def state_from_bytes(data: bytes | None) -> AccountState:
@@ -465,7 +469,7 @@ def _leg_from_json(data: dict[str, Any]) -> Leg:
 
 
 def _dumps(value: dict[str, Any]) -> bytes:
-    return json.dumps({"v": TABLE_VALUE_VERSION, **value}, separators=(",", ":")).encode()
+    return _TABLE_JSON.encode({"v": TABLE_VALUE_VERSION, **value}).encode()
 
 
 def _loads(data: bytes, what: str) -> dict[str, Any]:
