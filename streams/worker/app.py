@@ -205,6 +205,8 @@ class LedgerWorker:
         # (coordinators write ledger.commands and accounts write ledger.batches in transactions),
         # and starting a consumer per gap cost about a second each.
         self._gap_consumer: Any = None
+        self._owned_generation: int | None = None  # owned_partitions' cache, per generation
+        self._owned: dict[str, frozenset[int]] = {}
         self.app.timer(CATCH_UP_INTERVAL_S, name="catch-up")(self._catch_up)
         self.app.task(self.commits.commit_soon)
         self.app.task(self._decide_polls)
@@ -253,9 +255,19 @@ class LedgerWorker:
         return bool(consumer.flow_active)
 
     def owned_partitions(self, topic: str) -> frozenset[int]:
-        """The partitions of an input topic this worker owns now."""
-        return frozenset(tp.partition for tp in self.app.assignor.assigned_actives()
-                         if tp.topic == topic)
+        """The partitions of an input topic this worker owns now, kept per consumer group
+        generation: Faust's assigned_actives() builds a set of every assigned partition on each
+        call (~9% of the worker's CPU in two-leg batch bursts, two calls a batch). The assignor
+        takes a new assignment before the generation it belongs to is set, so an entry kept for
+        a generation never holds an older assignment."""
+        generation = self.app.consumer_generation_id
+        if generation != self._owned_generation:
+            self._owned_generation, self._owned = generation, {}
+        owned = self._owned.get(topic)
+        if owned is None:
+            owned = self._owned[topic] = frozenset(
+                tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic)
+        return owned
 
     async def close_clients(self) -> None:
         """Stop the tick producer, the gap, chain-head and quarantine consumers (best effort)."""
