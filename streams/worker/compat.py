@@ -47,7 +47,9 @@
    transaction marker ending each changelog for read. The store reads every changelog partition
    it owns in bulk on each rebalance (Faust's tables.on_rebalance runs after the transactional
    producers have fenced a killed worker, before recovery) and reports how far it read as its
-   persisted offset; Faust's recovery starts there.
+   persisted offset; Faust's recovery starts there. It first waits (at most 15 s) until no
+   transaction is in flight on those partitions: a commit's markers land after its EndTxn
+   returns, and an end read before them would leave that commit's records out.
 13. Offsets committed as a group member (send_member_offsets, TxnOffsetCommit v3, KIP-447).
    The worker runs one transaction per process instead of Faust's one per input partition
    (streams/worker/commit.py). Faust's design fences a removed worker (a zombie) through the

@@ -35,6 +35,11 @@ PRELOAD_DEADLINE_S: Final = 240.0
 PRELOAD_IDLE_POLLS_MAX: Final = 20
 PRELOAD_PROGRESS_INTERVAL_S: Final = 5.0
 PRELOAD_REQUEST_TIMEOUT_MS: Final = 30_000
+# How long the preload waits for transactions in flight on the partitions it reads to settle
+# (their markers written), and how often it looks. A commit's markers take milliseconds; a
+# transaction still open after this is left to Faust's recovery, as before.
+PRELOAD_SETTLE_S: Final = 15.0
+PRELOAD_SETTLE_POLL_S: Final = 0.05
 
 
 @dataclass
@@ -134,31 +139,40 @@ class ChangelogPreloader:
     async def _read(self, wanted: list[tuple[str, int]]) -> PreloadReport:
         report = PreloadReport()
         started = time.monotonic()
-        consumer = AIOKafkaConsumer(**self._settings.kafka_connection(), isolation_level="read_committed",
+        consumer = AIOKafkaConsumer(**self._settings.kafka_connection(),
+                                    isolation_level="read_committed",
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     fetch_max_bytes=PRELOAD_FETCH_MAX_BYTES,
                                     max_partition_fetch_bytes=PRELOAD_PARTITION_FETCH_MAX_BYTES,
                                     request_timeout_ms=PRELOAD_REQUEST_TIMEOUT_MS)
+        # Only lists high watermarks (read_uncommitted ends), for _settled_ends.
+        watermarks = AIOKafkaConsumer(**self._settings.kafka_connection(),
+                                      isolation_level="read_uncommitted",
+                                      enable_auto_commit=False,
+                                      request_timeout_ms=PRELOAD_REQUEST_TIMEOUT_MS)
         try:
             await consumer.start()
-            await self._read_with(consumer, [TopicPartition(t, p) for t, p in wanted], report)
+            await watermarks.start()
+            tps = [TopicPartition(t, p) for t, p in wanted]
+            await self._read_with(consumer, tps, await _settled_ends(consumer, watermarks, tps),
+                                  report)
         except Exception:  # an accelerator only: Faust's recovery reads whatever is left
             report.complete = False
             log.warning("changelog preload stopped early; Faust's recovery reads the rest",
                         exc_info=True)
         finally:
-            try:
-                await consumer.stop()
-            except Exception:  # closing a consumer that failed must not hide the preload's result
-                log.warning("closing the changelog preload consumer", exc_info=True)
+            for client in (consumer, watermarks):
+                try:
+                    await client.stop()
+                except Exception:  # closing a failed consumer must not hide the preload's result
+                    log.warning("closing a changelog preload consumer", exc_info=True)
         report.seconds = time.monotonic() - started
         return report
 
     async def _read_with(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition],
-                         report: PreloadReport) -> None:
+                         ends: dict[TopicPartition, int], report: PreloadReport) -> None:
         consumer.assign(tps)
         starts = await consumer.beginning_offsets(tps)
-        ends = await consumer.end_offsets(tps)  # read_committed: the last stable offsets
         remaining = {tp for tp in tps if (ends.get(tp) or 0) > (starts.get(tp) or 0)}
         total = sum(ends[tp] - starts[tp] for tp in remaining)
         await consumer.seek_to_beginning(*remaining)
@@ -187,3 +201,29 @@ class ChangelogPreloader:
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + PRELOAD_PROGRESS_INTERVAL_S
                 log.info("changelog preload: %d of about %d records", report.records, total)
+
+
+async def _settled_ends(stable: AIOKafkaConsumer, watermarks: AIOKafkaConsumer,
+                        tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The partitions' last stable offsets once no transaction is in flight on them (the last
+    stable offset equals the high watermark), waiting at most PRELOAD_SETTLE_S.
+
+    Why: a transaction's markers are written after its EndTxn returns, and on a cluster a
+    changelog's marker can land after the group's offsets are stable. A last stable offset read
+    before it stops short of that commit's records: the worker's own commit at the rebalance's
+    start, or the previous owner's last one. The tables would lack them. Reading the stable ends
+    before the watermarks errs towards waiting: a marker landing in between makes one more
+    round."""
+    deadline = time.monotonic() + PRELOAD_SETTLE_S
+    while True:
+        ends = await stable.end_offsets(tps)  # read_committed: the last stable offsets
+        highs = await watermarks.end_offsets(tps)
+        unsettled = sorted(f"{tp.topic}:{tp.partition}" for tp in tps if ends[tp] < highs[tp])
+        if not unsettled:
+            return dict(ends)
+        if time.monotonic() >= deadline:
+            log.warning("changelog preload: a transaction is still open on %s after %.0f s; "
+                        "reading to the last stable offsets, as Faust's recovery would",
+                        ", ".join(unsettled[:5]), PRELOAD_SETTLE_S)
+            return dict(ends)
+        await asyncio.sleep(PRELOAD_SETTLE_POLL_S)
