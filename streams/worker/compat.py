@@ -47,7 +47,7 @@
    transaction marker ending each changelog for read. The store reads every changelog partition
    it owns in bulk on each rebalance (Faust's tables.on_rebalance runs after the transactional
    producers have fenced a killed worker, before recovery) and reports how far it read as its
-   persisted offset; Faust's recovery starts there. It first waits (at most 15 s) until no
+   persisted offset; Faust's recovery starts there. It first waits (at most 3 s) until no
    transaction is in flight on those partitions: a commit's markers land after its EndTxn
    returns, and an end read before them would leave that commit's records out.
 13. Offsets committed as a group member (send_member_offsets, TxnOffsetCommit v3, KIP-447).

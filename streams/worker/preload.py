@@ -36,9 +36,11 @@ PRELOAD_IDLE_POLLS_MAX: Final = 20
 PRELOAD_PROGRESS_INTERVAL_S: Final = 5.0
 PRELOAD_REQUEST_TIMEOUT_MS: Final = 30_000
 # How long the preload waits for transactions in flight on the partitions it reads to settle
-# (their markers written), and how often it looks. A commit's markers take milliseconds; a
-# transaction still open after this is left to Faust's recovery, as before.
-PRELOAD_SETTLE_S: Final = 15.0
+# (their markers written), and how often it looks. A commit's markers take milliseconds. A
+# transaction still open after this is most likely a killed worker's, which Kafka aborts after
+# its timeout (60 s): its records are not committed, so reading to the last stable offset is
+# right, and waiting longer would only delay the failover.
+PRELOAD_SETTLE_S: Final = 3.0
 PRELOAD_SETTLE_POLL_S: Final = 0.05
 
 

@@ -13,7 +13,7 @@ from sardis_ledger.streams.config import Settings
 from sardis_ledger.streams.worker.preload import PRELOAD_SETTLE_S, ChangelogPreloader, Target
 
 # How long the transaction stays open while the preload waits (well under PRELOAD_SETTLE_S).
-OPEN_FOR_S = 1.5
+OPEN_FOR_S = 0.7
 
 
 async def test_the_preload_waits_for_a_transaction_in_flight_and_reads_its_records(
