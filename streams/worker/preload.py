@@ -156,6 +156,10 @@ class ChangelogPreloader:
             await consumer.start()
             await watermarks.start()
             tps = [TopicPartition(t, p) for t, p in wanted]
+            # Assigned first: an unassigned consumer's end_offsets waited ~0.6 s each for the
+            # topics' metadata (preloads took 1.2 s instead of 0.1 s).
+            consumer.assign(tps)
+            watermarks.assign(tps)
             await self._read_with(consumer, tps, await _settled_ends(consumer, watermarks, tps),
                                   report)
         except Exception:  # an accelerator only: Faust's recovery reads whatever is left
@@ -173,7 +177,6 @@ class ChangelogPreloader:
 
     async def _read_with(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition],
                          ends: dict[TopicPartition, int], report: PreloadReport) -> None:
-        consumer.assign(tps)
         starts = await consumer.beginning_offsets(tps)
         remaining = {tp for tp in tps if (ends.get(tp) or 0) > (starts.get(tp) or 0)}
         total = sum(ends[tp] - starts[tp] for tp in remaining)
