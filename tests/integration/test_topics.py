@@ -4,10 +4,12 @@ unsafe topics are allowed."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from sardis_ledger.streams.topics import TopicError, create_topics, ensure_topic
 from sardis_ledger.streams.worker_process import READY_MARKER, ChildProcess
 
 CLI_TIMEOUT_S = 120
+PARTITIONS_VISIBLE_S = 30.0  # how long added partitions may take to show in metadata
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -80,6 +83,22 @@ async def test_topics_check_names_what_can_lose_data_and_the_worker_refuses_it(
         worker.stop()
 
 
+async def _wait_partition_counts(admin: AIOKafkaAdminClient, names: list[str],
+                                 count: int) -> None:
+    """Until the brokers' metadata shows the new partitions with leaders: CreatePartitions
+    returns before every broker has them (a CI run described 4 right after, and the check then
+    found nothing to refuse)."""
+    deadline = time.monotonic() + PARTITIONS_VISIBLE_S
+    while True:
+        described = await admin.describe_topics(names)
+        if all(len(t["partitions"]) == count and all(p["leader"] >= 0 for p in t["partitions"])
+               for t in described):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"partitions not at {count} after {PARTITIONS_VISIBLE_S} s")
+        await asyncio.sleep(0.2)
+
+
 async def test_partitions_added_under_the_ledger_are_refused_even_when_allowed(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -97,6 +116,7 @@ async def test_partitions_added_under_the_ledger_are_refused_even_when_allowed(
     try:
         names = [n for n in await admin.list_topics() if n.startswith(settings.topic_prefix)]
         await admin.create_partitions({name: NewPartitions(6) for name in names})
+        await _wait_partition_counts(admin, names, 6)
     finally:
         await admin.close()
     counted = await ensure_topics(before, create=False)
