@@ -432,7 +432,6 @@ def _record_union_fields(parsed: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(found)
 
 
-
 # --- The read form: what decode returns for a record this codec encodes, without the bytes. ---
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -516,6 +515,7 @@ def _record_read(schema: Mapping[str, Any], named: Mapping[str, Any],
         fields.append((str(field["name"]), default,
                        _read_converter(field["type"], named, records)))
     return convert
+
 
 # --- The codec. ---
 

@@ -571,10 +571,9 @@ def report_to_wire(report: LegReport, currencies: Mapping[str, Currency]) -> dic
             "entry": None if entry is None else entry_to_wire(entry, currencies[entry.currency])}
 
 
-def batch_outcome_to_wire(outcome: BatchOutcome, currencies: Mapping[str, Currency], *,
-                          with_entries: bool = True) -> dict[str, Any]:
-    """The Result of a batch; without its entries when the caller copies their encoded bytes
-    into the Result instead (schemas/codec.py encode_embedding)."""
+def batch_outcome_to_wire(outcome: BatchOutcome) -> dict[str, Any]:
+    """The Result of a batch, its entries left out: the caller copies their encoded Entry
+    records into it (schemas/codec.py encode_embedding; streams/worker/entry_messages.py)."""
     return {
         "command_id": outcome.result_key,
         "status": str(Status.COMMITTED if outcome.committed else Status.REJECTED),
@@ -583,8 +582,7 @@ def batch_outcome_to_wire(outcome: BatchOutcome, currencies: Mapping[str, Curren
         "entry": None,
         "batch_id": outcome.batch_id,
         "failed_leg_index": outcome.failed_leg_index,
-        "entries": [entry_to_wire(e, currencies[e.currency]) for e in outcome.entries]
-        if with_entries else [],
+        "entries": [],
     }
 
 

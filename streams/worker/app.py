@@ -732,14 +732,13 @@ class LedgerWorker:
                                              failed_at_ms=command.timestamp_ms),
                          command.partition)
 
-
     def _encode_entry(self, entry: core.Entry) -> bytes:
         return self.codec.encode("Entry", records.entry_to_wire(entry,
                                                                 self.currencies[entry.currency]))
 
     def _payload(self, command: Command) -> bytes:
         """A record's bytes; a message decided in its batch's event has none until asked."""
-        if command.offset == LOCAL_OFFSET and not command.value:
+        if command.offset == LOCAL_OFFSET:
             return self.local.payload(command)
         return command.value
 

@@ -199,7 +199,7 @@ class Coordinator:
 
     async def batch_result(self, outcome: batches.BatchOutcome, partition: int) -> None:
         """Emit a batch's Result, copying each leg's encoded entry (same bytes as encoding it)."""
-        record = records.batch_outcome_to_wire(outcome, self.currencies, with_entries=False)
+        record = records.batch_outcome_to_wire(outcome)
         messages = [self.entry_messages.message(entry) for entry in outcome.entries]
         self.port.produce(self.settings.topic(LedgerTopic.RESULTS), outcome.result_key.encode(),
                           self.port.encode_embedding("Result", record, "entries", messages),

@@ -31,6 +31,7 @@ from sardis_ledger.streams.worker.coordinator import Coordinator, ParsedValues
 from sardis_ledger.streams.worker.entry_messages import EntryMessages
 from sardis_ledger.streams.worker.local import LOCAL_BATCH_LEGS_MAX, LOCAL_OFFSET, LocalDelivery
 from sardis_ledger.streams.worker.ports import Command
+from tests.unit.read_forms import same_read_values
 
 PARTITIONS = 4
 NOW_MS = 1_767_225_600_000
@@ -132,22 +133,6 @@ class Port:
 
     def dead_letter(self, command: Command, reason: str, detail: str, command_id: Any) -> None:
         self.dead_letters.append(str(reason))
-
-
-def same_read_values(form: Any, decoded: Any) -> bool:
-    """Equal, and of the same types (a StrEnum may stand for a str; Decimals also have the same
-    digits and exponent)."""
-    if isinstance(decoded, dict):
-        return isinstance(form, dict) and list(form) == list(decoded) and all(
-            same_read_values(form[k], decoded[k]) for k in decoded)
-    if isinstance(decoded, list):
-        return isinstance(form, list) and len(form) == len(decoded) and all(
-            same_read_values(a, b) for a, b in zip(form, decoded, strict=True))
-    if isinstance(decoded, Decimal):
-        return isinstance(form, Decimal) and form.as_tuple() == decoded.as_tuple()
-    if type(decoded) is str:
-        return isinstance(form, str) and form == decoded
-    return type(form) is type(decoded) and form == decoded
 
 
 class Worker:
